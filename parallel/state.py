@@ -1,0 +1,124 @@
+"""Process groups: the world, and megatron-core's tensor/pipeline/data-parallel groups inside it.
+
+megatron-core's `parallel_state` is the one owner of the groups; `MegatronMpu` hands the same groups to DeepSpeed,
+so ZeRO partitions over the data-parallel group and gradient norms count tensor-parallel shards once.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+
+@dataclass(frozen=True)
+class Layout:
+    """This rank's place in the (tp, pp, dp) grid."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    device: torch.device
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == 0
+
+
+def launch_world_size() -> int:
+    """The world size the launcher announced (torchrun, SLURM, MPI), known before any process group exists."""
+    for key in ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if os.environ.get(key):
+            return int(os.environ[key])
+    return 1
+
+
+def pick_device(backend: str) -> tuple[torch.device, str]:
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and backend in ("auto", "nccl")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank), "nccl"
+    if backend == "nccl":
+        raise RuntimeError("parallel.backend: nccl was asked for but no CUDA device is available")
+    return torch.device("cpu"), "gloo"
+
+
+def init_world(backend: str = "auto", timeout_s: int = 600) -> tuple[torch.device, str]:
+    """Create the default process group from the launcher's environment (env:// rendezvous)."""
+    device, backend = pick_device(backend)
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return device, backend
+
+
+def init_model_parallel(tp: int, pp: int, device: torch.device) -> Layout:
+    """(Re)build megatron-core's groups for a (tp, pp) layout; DP is what is left of the world."""
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    return Layout(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        tp=tp,
+        pp=pp,
+        dp=ps.get_data_parallel_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+        device=device,
+    )
+
+
+def shutdown() -> None:
+    """Tear the groups down; gloo aborts at interpreter exit otherwise."""
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def dp_group():
+    return ps.get_data_parallel_group()
+
+
+def tp_group():
+    return ps.get_tensor_model_parallel_group()
+
+
+class MegatronMpu:
+    """DeepSpeed's `mpu` interface over megatron-core's groups (model parallel = TP x PP)."""
+
+    get_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+    get_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
+    get_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
+    get_pipeline_model_parallel_rank = staticmethod(ps.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(ps.get_pipeline_model_parallel_world_size)
+    get_pipeline_model_parallel_group = staticmethod(ps.get_pipeline_model_parallel_group)
+    get_data_parallel_rank = staticmethod(ps.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(ps.get_data_parallel_world_size)
+    get_data_parallel_group = staticmethod(ps.get_data_parallel_group)
+
+
+def all_reduce_mean(value: torch.Tensor, group=None) -> torch.Tensor:
+    """Mean of a tensor over a group (for logging: losses and rates)."""
+    out = value.detach().clone()
+    dist.all_reduce(out, group=group)
+    return out / dist.get_world_size(group)

@@ -1,0 +1,32 @@
+"""Whole tensors from tensor-parallel shards, using the layout megatron-core records on each parameter."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+
+def tp_layout(param: torch.Tensor) -> tuple[int, int] | None:
+    """(partition dim, stride) of a TP-sharded parameter, None for a replicated one."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return None
+    return param.partition_dim, getattr(param, "partition_stride", 1)
+
+
+def gather_tp(shard: torch.Tensor, dim: int, stride: int = 1, group=None) -> torch.Tensor:
+    """Undo megatron's strided split: each rank holds `stride` chunks, chunk j of rank r is global chunk j*tp + r."""
+    group = group or ps.get_tensor_model_parallel_group()
+    world = dist.get_world_size(group)
+    if world == 1:
+        return shard.clone()
+    parts = [torch.empty_like(shard) for _ in range(world)]
+    dist.all_gather(parts, shard.contiguous(), group=group)
+    chunks = [p.chunk(stride, dim=dim) for p in parts]
+    return torch.cat([chunks[r][j] for j in range(stride) for r in range(world)], dim=dim)
+
+
+def full_tensor(param: torch.Tensor, value: torch.Tensor | None = None) -> torch.Tensor:
+    """The unsharded form of `value` (default: the parameter itself) laid out like `param`."""
+    value = param.detach() if value is None else value
+    layout = tp_layout(param)
+    return value.clone() if layout is None else gather_tp(value, *layout)

@@ -1,0 +1,44 @@
+"""skiptron: one import namespace (`skiptron.*`) mapped from the top-level folders."""
+from setuptools import setup
+
+PACKAGES = {
+    "skiptron.training": "training",
+    "skiptron.parallel": "parallel",
+    "skiptron.tools": "tools",
+    "skiptron.configs": "configs",
+}
+
+setup(
+    name="skiptron",
+    version="0.1.0",
+    description="Distributed LLM pretraining with learned, load-balanced per-token layer skipping",
+    python_requires=">=3.10",
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
+    package_data={"skiptron.configs": ["*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.15",
+        "megatron-core>=0.12",
+        "webdataset>=0.2.90",
+        "tokenizers>=0.19",
+        "pydantic>=2.5",
+        "pyyaml>=6",
+        "rich>=13",
+        "tensorboard>=2.14",
+        "matplotlib>=3.7",
+        "numpy>=1.24",
+    ],
+    extras_require={
+        "mpi": ["mpi4py>=3.1"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6"],
+    },
+    entry_points={
+        "console_scripts": [
+            "skiptron-train=skiptron.tools.train:main",
+            "skiptron-data=skiptron.tools.data:main",
+            "skiptron-plot=skiptron.tools.plot:main",
+            "skiptron-bench=skiptron.tools.bench:main",
+        ]
+    },
+)

@@ -1,0 +1,193 @@
+"""FLOPs accounting, MetricsLogger outputs and skiptron-plot."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from skiptron.tools.plot import main as plot_main
+from skiptron.tools.plot import plot_runs
+from skiptron.training.flops import model_flops_per_token, peak_flops
+from skiptron.training.metrics import MetricsLogger, read_metrics
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- flops
+
+
+def test_flops_tiny_config_by_hand():
+    # h=4, f=8, 2 heads, 1 kv head (kv width 2), vocab 10, seq 3, 2 layers.
+    qkvo = 2 * 4 * 4 + 2 * 2 * 4 * 2 + 2 * 4 * 4  # q, k+v, out = 96
+    attention = 2 * 2 * 3 * 4  # 48
+    mlp = 2 * 3 * 4 * 8  # 192
+    head = 2 * 4 * 10  # 80
+    expected = 3 * (2 * (qkvo + attention + mlp) + head)
+    got = model_flops_per_token(2, 4, 8, 2, 10, 3, num_kv_heads=1)
+    assert got == pytest.approx(expected)
+
+
+def test_flops_exec_rate_scales_only_the_blocks():
+    args = (2, 4, 8, 2, 10, 3)
+    head = 3 * 2 * 4 * 10
+    full = model_flops_per_token(*args)
+    half = model_flops_per_token(*args, exec_rate=0.5)
+    assert half - head == pytest.approx(0.5 * (full - head))
+    assert model_flops_per_token(*args, exec_rate=0.0) == pytest.approx(head)
+
+
+def test_flops_without_swiglu_has_two_mlp_matrices():
+    diff = model_flops_per_token(1, 4, 8, 2, 10, 3) - model_flops_per_token(
+        1, 4, 8, 2, 10, 3, swiglu=False
+    )
+    assert diff == pytest.approx(3 * 2 * 4 * 8)
+
+
+def test_flops_close_to_6n_for_125m_model():
+    # At this small width the attention term 12*L*h*s is not negligible: at
+    # seq 512 it adds ~9% on top of 6N (at seq 2048 it would be ~35%).
+    layers, h, f, heads, vocab, seq = 12, 768, 2048, 12, 32000, 512
+    # Matmul parameters: attention 4h^2 + SwiGLU 3hf per layer, plus the LM head.
+    n = layers * (4 * h * h + 3 * h * f) + h * vocab
+    flops = model_flops_per_token(layers, h, f, heads, vocab, seq)
+    assert flops == pytest.approx(6 * n + 12 * layers * h * seq)  # Chinchilla form
+    assert flops == pytest.approx(6 * n, rel=0.1)  # rule of thumb
+
+
+def test_peak_flops_cpu():
+    cpu = torch.device("cpu")
+    assert peak_flops(cpu, torch.bfloat16, None) is None
+    assert peak_flops(cpu, torch.bfloat16, 1.5e12) == 1.5e12
+
+
+def test_peak_flops_cuda_table(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    names = {
+        "NVIDIA A100-SXM4-80GB": (torch.bfloat16, 312e12),
+        "NVIDIA H100 80GB HBM3": (torch.bfloat16, 989e12),
+        "NVIDIA H100 PCIe": (torch.float16, 756e12),
+        "NVIDIA A10G": (torch.bfloat16, 70e12),
+        "NVIDIA L4": (torch.bfloat16, 121e12),
+        "Tesla V100-SXM2-32GB": (torch.float16, 125e12),
+        "Some Future GPU": (torch.bfloat16, None),
+    }
+    for name, (dtype, expected) in names.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda _d, n=name: n)
+        assert peak_flops(cuda, dtype, None) == expected, name
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda _d: "NVIDIA A100-PCIE-40GB")
+    assert peak_flops(cuda, torch.float32, None) == 156e12  # TF32
+    assert peak_flops(cuda, torch.float64, None) is None
+
+
+# ---------------------------------------------------------------- MetricsLogger
+
+
+def _log_run(run_dir, steps=20, **kwargs):
+    logger = MetricsLogger(run_dir, is_writer=True, total_steps=steps, **kwargs)
+    for step in range(1, steps + 1):
+        metrics = {
+            "loss": 4.0 - step * 0.1,
+            "lr": 3e-4,
+            "tokens_per_s": 15200.0,
+            "mfu": 0.031,
+            "skip/exec_rate": 0.75,
+        }
+        logger.log(step, metrics)
+        if step % 5 == 0:
+            logger.log(step, {"val_loss": 4.0 - step * 0.05})
+    return logger
+
+
+def test_logger_writes_valid_jsonl_with_null_for_nan(tmp_path):
+    logger = MetricsLogger(tmp_path, is_writer=True, total_steps=3, tensorboard=False)
+    logger.log(1, {"loss": 2.5, "lr": torch.tensor(1e-3)})
+    logger.log(2, {"loss": float("nan"), "grad_norm": float("inf")})
+    logger.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # strict JSON: no NaN tokens
+    assert "NaN" not in lines[1] and "Infinity" not in lines[1]
+    assert records[0] == {"step": 1, "loss": 2.5, "lr": pytest.approx(1e-3)}
+    assert records[1] == {"step": 2, "loss": None, "grad_norm": None}
+    assert read_metrics(tmp_path) == records
+    assert math.isnan(logger.summary()["final_loss"])
+
+
+def test_logger_tensorboard_scalars(tmp_path):
+    _log_run(tmp_path).close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    scalars = acc.Tags()["scalars"]
+    for tag in ("loss", "lr", "tokens_per_s", "mfu", "skip/exec_rate", "val_loss"):
+        assert tag in scalars
+    loss = acc.Scalars("loss")
+    assert [e.step for e in loss] == list(range(1, 21))
+    assert loss[-1].value == pytest.approx(2.0)
+    assert [e.step for e in acc.Scalars("val_loss")] == [5, 10, 15, 20]
+
+
+def test_logger_plain_lines_and_summary(tmp_path, capsys):
+    logger = _log_run(tmp_path, print_every=10, tensorboard=False)
+    logger.log_text("hello [not markup]")
+    logger.close()
+    out = capsys.readouterr().out
+    assert "step 10/20 | loss 3.000 | lr 3.0e-4 | 15.2k tok/s | mfu 3.1%" in out
+    assert "step 20/20" in out and "step 5/20" not in out
+    assert "hello [not markup]" in out
+    assert "done: 20 steps" in out and "best val loss 3.000" in out
+    summary = logger.summary()
+    assert summary["steps"] == 20
+    assert summary["final_loss"] == pytest.approx(2.0)
+    assert summary["best_val_loss"] == pytest.approx(3.0)
+    assert summary["mean_tokens_per_s"] == pytest.approx(15200.0)
+    assert summary["mean_mfu"] == pytest.approx(0.031)
+    assert summary["wall_time_s"] >= 0
+
+
+def test_logger_appends_on_resume(tmp_path):
+    _log_run(tmp_path, steps=5, tensorboard=False).close()
+    logger = MetricsLogger(tmp_path, is_writer=True, total_steps=10, start_step=5, tensorboard=False)
+    logger.log(6, {"loss": 1.0})
+    logger.close()
+    assert [r["step"] for r in read_metrics(tmp_path)][-2:] == [5, 6]
+
+
+def test_non_writer_writes_nothing(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    logger = MetricsLogger(run_dir, is_writer=False, total_steps=10)
+    logger.log(10, {"loss": 1.0})
+    logger.log_text("rank 1 says hi")
+    logger.close()
+    assert not run_dir.exists()
+    assert capsys.readouterr().out == ""
+
+
+def test_read_metrics_ignores_truncated_last_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
+
+
+# ---------------------------------------------------------------- plot
+
+
+def test_plot_one_and_two_runs(tmp_path):
+    a, b = tmp_path / "run_a", tmp_path / "run_b"
+    _log_run(a, tensorboard=False).close()
+    _log_run(b, steps=10, tensorboard=False).close()
+    one = plot_runs([a], a / "curves.png", ["loss", "val_loss", "absent"])
+    assert one.read_bytes().startswith(PNG_MAGIC)
+    plot_main([str(a), str(b), "--metrics", "loss,val_loss,lr,tokens_per_s,mfu"])
+    assert (a / "curves.png").read_bytes().startswith(PNG_MAGIC)
+    out = tmp_path / "cmp" / "both.png"
+    plot_main([str(a), str(b), "--out", str(out)])
+    assert out.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_plot_missing_metrics_file(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        plot_runs([tmp_path], tmp_path / "x.png", ["loss"])
+    with pytest.raises(SystemExit):
+        plot_main([str(tmp_path)])
+    assert "metrics.jsonl" in capsys.readouterr().err

@@ -1,0 +1,104 @@
+"""Training with DeepSpeed across data-parallel, ZeRO and tensor-parallel layouts."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BASE = [
+    "model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_len=32",
+    "model.make_vocab_size_divisible_by=64", "train.micro_batch_size=2", "train.global_batch_size=4",
+    "train.max_steps=5", "optimizer.warmup_steps=2", "optimizer.lr=3e-3", "eval.interval=0", "eval.batches=1",
+    "logging.tensorboard=false", "data.num_workers=0", "checkpoint.save_at_end=false",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A small byte-tokenized corpus: a few standard-library modules."""
+    import sysconfig
+
+    from skiptron.training.shards import prepare
+
+    src = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ["textwrap.py", "string.py", "colorsys.py", "bisect.py", "shlex.py", "fnmatch.py", "glob.py"]:
+        (src / f"{name}.txt").write_text((stdlib / name).read_text())
+    out = tmp_path_factory.mktemp("data")
+    prepare(out, inputs=[src], tokenizer="bytes", seq_len=32, samples_per_shard=256, val_fraction=0.15)
+    return out
+
+
+def _train(overrides, data, run_dir):
+    import torch.distributed as dist
+
+    from skiptron.training.config import load_config
+    from skiptron.training.metrics import read_metrics
+    from skiptron.training.trainer import Trainer
+    from skiptron.training.weights import full_state_dict
+
+    cfg = load_config(None, BASE + [f"data.path={data}", f"run.dir={run_dir}"] + overrides)
+    trainer = Trainer.setup(cfg)
+    trainer.run()
+    weights = full_state_dict(trainer.engine.module)
+    dist.barrier()
+    losses = [m["loss"] for m in read_metrics(run_dir)] if dist.get_rank() == 0 else None
+    return losses, weights
+
+
+def _assert_same_weights(a, b, atol=1e-5):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_dp2_equals_dp1_with_accumulation(pools, tiny_data, tmp_path, stage):
+    """DP=2 x micro-batch b updates the weights exactly as DP=1 with two accumulated micro-batches of b."""
+    ov = [f"zero.stage={stage}", "train.max_steps=3"]
+    (ref_losses, ref_weights), = pools(1).run(_train, ov, tiny_data, tmp_path / "dp1")
+    runs = pools(2).run(_train, ov, tiny_data, tmp_path / "dp2")
+    torch.testing.assert_close(torch.tensor(runs[0][0]), torch.tensor(ref_losses), atol=1e-5, rtol=0)
+    for _, weights in runs:
+        _assert_same_weights(weights, ref_weights)
+    initial = pools(1).run(_train, ov + ["train.max_steps=1", "optimizer.lr=1e-12"], tiny_data, tmp_path / "init")
+    assert any((initial[0][1][n] - ref_weights[n]).abs().max() > 1e-4 for n in ref_weights), "weights never moved"
+
+
+def test_zero_stages_give_the_same_losses(pool2, tiny_data, tmp_path):
+    losses = {s: pool2.run(_train, [f"zero.stage={s}"], tiny_data, tmp_path / f"z{s}")[0][0] for s in range(4)}
+    for stage in (1, 2, 3):
+        torch.testing.assert_close(torch.tensor(losses[stage]), torch.tensor(losses[0]), atol=1e-5, rtol=0)
+    assert losses[0][-1] < losses[0][0]
+
+
+def test_tp2_trains_like_tp1(pool2, tiny_data, tmp_path):
+    """TP=2 (DP=1) and TP=1 (DP=2, each replica on half of the batch) follow the same trajectory."""
+    tp1 = pool2.run(_train, ["parallel.tp=1"], tiny_data, tmp_path / "tp1")
+    tp2 = pool2.run(_train, ["parallel.tp=2", "zero.stage=2"], tiny_data, tmp_path / "tp2")
+    torch.testing.assert_close(torch.tensor(tp2[0][0]), torch.tensor(tp1[0][0]), atol=1e-5, rtol=0)
+    _assert_same_weights(tp2[0][1], tp1[0][1])
+    _assert_same_weights(tp2[1][1], tp1[0][1])
+
+
+def test_cli_run_under_torchrun(tiny_data, tmp_path):
+    """The console script under torchrun: the model learns, and metrics, config and curves are written."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29613",
+           "-m", "skiptron.tools.train", "--config", "tiny", *BASE, f"data.path={tiny_data}", f"run.dir={run}",
+           "train.max_steps=40", "eval.interval=20", "optimizer.lr=5e-3", "optimizer.warmup_steps=5"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 41))
+    assert {"loss", "lr", "tokens_per_s", "grad_norm"} <= records[0].keys()
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(vals) == 2
+    first, last = sum(r["loss"] for r in records[:5]) / 5, sum(r["loss"] for r in records[-5:]) / 5
+    assert last < first - 1.0, (first, last)
+    assert (run / "config.yaml").is_file() and (run / "curves.png").is_file()
+    assert "curves" in out.stdout

@@ -1,0 +1,45 @@
+"""`skiptron-train --config FILE [dotted.key=value ...]`: one rank of a training run (started by a launcher)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from skiptron.tools.plot import plot_runs
+from skiptron.training.config import ConfigError, load_config
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="skiptron-train", description=__doc__)
+    p.add_argument("--config", required=True, help="YAML file or preset name (tiny, 125m, 350m, 1.3b, 6.7b)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. parallel.tp=2 train.max_steps=50")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"skiptron-train: config error: {err}", file=sys.stderr)
+        return 2
+    from skiptron.training.trainer import train
+
+    try:
+        train(cfg)
+    except ConfigError as err:
+        print(f"skiptron-train: config error: {err}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        run = Path(cfg.run.dir)
+        print(f"run directory: {run}")
+        print(f"  config:      {run / 'config.yaml'}")
+        print(f"  metrics:     {run / 'metrics.jsonl'}")
+        print(f"  tensorboard: {run / 'tensorboard'}")
+        print(f"  curves:      {plot_runs([run], run / 'curves.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

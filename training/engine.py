@@ -1,0 +1,96 @@
+"""DeepSpeed engine for a model: ZeRO stage, precision, AdamW, warmup + cosine schedule, gradient clipping."""
+from __future__ import annotations
+
+import math
+
+import deepspeed
+import torch
+
+from skiptron.parallel.state import Layout, MegatronMpu
+
+from .config import Config
+from .model import no_weight_decay
+
+try:
+    from apex.optimizers import FusedAdam as _ApexFusedAdam
+except ImportError:
+    _ApexFusedAdam = None
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> str:
+    """`auto` is bf16 on GPUs that have it, fp32 on CPU."""
+    p = cfg.train.precision
+    if p == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if p in ("bf16", "fp16") and device.type == "cpu":
+        raise ValueError(f"train.precision: {p} is for GPUs; use fp32 (or auto) on CPU")
+    return p
+
+
+def lr_lambda(cfg: Config):
+    """Linear warmup to `lr`, then cosine decay to `min_lr` at `max_steps`."""
+    o, steps = cfg.optimizer, cfg.train.max_steps
+    floor = o.min_lr / o.lr
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        progress = min(1.0, (step - o.warmup_steps) / max(1, steps - o.warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if no_weight_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW: apex's fused Adam on GPU when importable, torch's fused kernel on GPU otherwise, foreach on CPU."""
+    o = cfg.optimizer
+    groups = param_groups(model, o.weight_decay)
+    kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    if device.type == "cuda" and _ApexFusedAdam is not None:
+        return _ApexFusedAdam(groups, adam_w_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, fused=device.type == "cuda", **kwargs)
+
+
+def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
+    t = cfg.train
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps(world_size),
+        "gradient_clipping": cfg.optimizer.grad_clip,
+        "zero_optimization": {
+            "stage": cfg.zero.stage,
+            "overlap_comm": cfg.zero.overlap_comm,
+            "reduce_bucket_size": cfg.zero.reduce_bucket_size,
+            "allgather_bucket_size": cfg.zero.reduce_bucket_size,
+        },
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, layout: Layout):
+    """Wrap the model in a DeepSpeed engine; returns (engine, precision)."""
+    precision = resolve_precision(cfg, layout.device)
+    optimizer = make_optimizer(cfg, model, layout.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        mpu=MegatronMpu(),
+        config=deepspeed_config(cfg, layout.world_size, precision),
+        dist_init_required=False,
+    )
+    return engine, precision

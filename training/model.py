@@ -1,0 +1,216 @@
+"""A Llama-style decoder built from megatron-core tensor-parallel layers.
+
+Pre-norm RMSNorm, rotary positions, SwiGLU MLP, no biases by default, tied or untied embeddings. The model is a flat
+sequence of stages (embedding, N blocks, head) so the same definition can feed DeepSpeed's pipeline engine and so a
+block can be wrapped by a router.
+
+Every layer builds its full weight on the CPU from the same seed and keeps its own shard
+(`use_cpu_initialization`), so any tensor-parallel layout starts from exactly the weights of TP=1. Fused
+(QKV, gate+up) projections use megatron's `stride` so each TP shard holds whole heads / matching gate and up rows.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel as mtp
+from torch import nn
+
+from .config import ModelConfig
+
+try:
+    from apex.normalization import FusedRMSNorm as _ApexRMSNorm
+except ImportError:
+    _ApexRMSNorm = None
+
+
+def rms_norm(size: int, eps: float) -> nn.Module:
+    """apex's fused RMSNorm on GPU when importable, torch's otherwise (identical math)."""
+    if _ApexRMSNorm is not None and torch.cuda.is_available():
+        return _ApexRMSNorm(size, eps=eps)
+    return nn.RMSNorm(size, eps=eps)
+
+
+def megatron_config(tp: int) -> ModelParallelConfig:
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tp,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        params_dtype=torch.float32,
+        gradient_accumulation_fusion=False,
+        sequence_parallel=False,
+    )
+
+
+def normal_init(std: float):
+    return lambda w: nn.init.normal_(w, mean=0.0, std=std)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (rotate-half form, as in Llama and Hugging Face)."""
+
+    def __init__(self, head_dim: int, max_len: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [b, heads, s, hd]; positions: [s] or [b, s]."""
+        cos = self.cos[positions].to(x.dtype)
+        sin = self.sin[positions].to(x.dtype)
+        if positions.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """Causal self-attention; heads are split over TP ranks (column-parallel QKV, row-parallel output)."""
+
+    def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig):
+        super().__init__()
+        tp = mcfg.tensor_model_parallel_size
+        self.local_heads = cfg.num_heads // tp
+        self.head_dim = cfg.head_dim
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        self.qkv = mtp.ColumnParallelLinear(
+            cfg.hidden_size, 3 * cfg.hidden_size, config=mcfg, init_method=normal_init(cfg.init_std),
+            bias=cfg.bias, gather_output=False, stride=3)
+        self.out = mtp.RowParallelLinear(
+            cfg.hidden_size, cfg.hidden_size, config=mcfg, init_method=normal_init(out_std), bias=cfg.bias,
+            input_is_parallel=True, skip_bias_add=False)
+        self.rotary = Rotary(cfg.head_dim, cfg.seq_len, cfg.rope_theta)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        qkv, _ = self.qkv(x)
+        q, k, v = qkv.view(b, s, 3, self.local_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y, _ = self.out(y.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))
+        return y
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU MLP; the FFN dimension is split over TP ranks."""
+
+    def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig):
+        super().__init__()
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        self.gate_up = mtp.ColumnParallelLinear(
+            cfg.hidden_size, 2 * cfg.ffn_size, config=mcfg, init_method=normal_init(cfg.init_std), bias=cfg.bias,
+            gather_output=False, stride=2)
+        self.down = mtp.RowParallelLinear(
+            cfg.ffn_size, cfg.hidden_size, config=mcfg, init_method=normal_init(out_std), bias=cfg.bias,
+            input_is_parallel=True, skip_bias_add=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, _ = self.gate_up(x)
+        gate, up = gate_up.chunk(2, dim=-1)
+        y, _ = self.down(F.silu(gate) * up)
+        return y
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig):
+        super().__init__()
+        self.attn_norm = rms_norm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = Attention(cfg, mcfg)
+        self.mlp_norm = rms_norm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg, mcfg)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), positions)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig, padded_vocab: int):
+        super().__init__()
+        self.tokens = mtp.VocabParallelEmbedding(
+            padded_vocab, cfg.hidden_size, init_method=normal_init(cfg.init_std), config=mcfg)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.tokens(tokens)
+
+
+class Head(nn.Module):
+    """Final norm, vocab-parallel logits and the vocab-parallel cross entropy.
+
+    Padded vocabulary entries get logits of -inf before the softmax, so they carry no probability and the loss is
+    the same for every TP size and vocabulary size."""
+
+    def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig, vocab_size: int, padded_vocab: int):
+        super().__init__()
+        self.norm = rms_norm(cfg.hidden_size, cfg.norm_eps)
+        self.vocab_size = vocab_size
+        self.output = None
+        if not cfg.tie_embeddings:
+            self.output = mtp.ColumnParallelLinear(
+                cfg.hidden_size, padded_vocab, config=mcfg, init_method=normal_init(cfg.init_std), bias=False,
+                gather_output=False)
+        tp_rank = ps.get_tensor_model_parallel_rank()
+        per_rank = padded_vocab // mcfg.tensor_model_parallel_size
+        token_ids = torch.arange(tp_rank * per_rank, (tp_rank + 1) * per_rank)
+        self.register_buffer("padding", token_ids >= vocab_size, persistent=False)
+
+    def logits(self, h: torch.Tensor, embedding_weight: torch.Tensor | None) -> torch.Tensor:
+        """This TP rank's slice of the logits, padded entries at -inf."""
+        h = self.norm(h)
+        if self.output is not None:
+            logits, _ = self.output(h)
+        else:
+            logits = F.linear(mtp.copy_to_tensor_model_parallel_region(h), embedding_weight)
+        if self.padding.any():
+            logits = logits.masked_fill(self.padding, float("-inf"))
+        return logits
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor, embedding_weight: torch.Tensor | None) -> torch.Tensor:
+        logits = self.logits(h, embedding_weight)
+        losses = mtp.vocab_parallel_cross_entropy(logits.float(), labels)
+        return losses.mean()
+
+
+class GPT(nn.Module):
+    """Embedding -> blocks -> head. `forward(tokens)` takes [b, s+1] token ids and returns the mean LM loss."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, tp: int):
+        super().__init__()
+        mcfg = megatron_config(tp)
+        padded = cfg.padded_vocab_size(vocab_size)
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.embedding = Embedding(cfg, mcfg, padded)
+        self.blocks = nn.ModuleList(Block(cfg, mcfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg, mcfg, vocab_size, padded)
+
+    def _tied_weight(self):
+        return self.embedding.tokens.weight if self.cfg.tie_embeddings else None
+
+    def hidden_states(self, inputs: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(inputs.shape[1], device=inputs.device)
+        h = self.embedding(inputs)
+        for block in self.blocks:
+            h = block(h, positions)
+        return h
+
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """This TP rank's vocabulary slice of the logits for [b, s] inputs."""
+        return self.head.logits(self.hidden_states(inputs), self._tied_weight())
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        return self.head(self.hidden_states(inputs), labels, self._tied_weight())
+
+
+def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """Norm gains and biases are not decayed."""
+    return param.dim() < 2 or name.endswith(".bias")
