@@ -1,0 +1,319 @@
+"""Data pipeline tests: tokenizers, corpus gathering, prepare(), the TokenLoader contract, the CLI."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from skiptron.tools.data import main
+from skiptron.training.corpus import gather, stdlib_files, stdlib_root
+from skiptron.training.loader import TokenLoader, num_samples, read_manifest, read_shard
+from skiptron.training.shards import SAMPLE_FIELD, prepare, unigram_entropy
+from skiptron.training.tokenizer import EOT, build_tokenizer, decode, eot_id, load_tokenizer
+
+WORDS = "alpha beta gamma delta épsilon zeta η theta 🙂 kappa lambda mu".split()
+BAD_BYTES = b"caf\xe9 au lait \xff\xfe and more words here\n"
+
+
+def random_text(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) + str(rng.randrange(1000)) for _ in range(words)) + "\n"
+
+
+def make_corpus(root: Path, documents: int = 40, words: int = 30) -> Path:
+    """A small corpus: .txt files in nested dirs, a .jsonl file, one invalid-UTF-8 file and one bad jsonl line."""
+    rng = random.Random(0)
+    corpus = root / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    for i in range(documents):
+        folder = corpus / "sub" if i % 2 else corpus
+        (folder / f"doc{i:03d}.txt").write_text(random_text(rng, words), encoding="utf-8")
+    lines = [json.dumps({"text": random_text(rng, words)}).encode() for _ in range(5)]
+    lines.append(b'{"text": "bad \xff byte"}')
+    (corpus / "extra.jsonl").write_bytes(b"\n".join(lines))
+    (corpus / "bad.txt").write_bytes(BAD_BYTES)
+    (corpus / "empty.txt").write_text("   \n")
+    return corpus
+
+
+def shard_samples(path: Path) -> list[np.ndarray]:
+    return [s[SAMPLE_FIELD] for s in read_shard(path)]
+
+
+def split_samples(data_dir: Path, split: str) -> list[np.ndarray]:
+    """All samples of a split in shard/tar order (the unshuffled stream)."""
+    entries = read_manifest(data_dir)["splits"][split]["shards"]
+    return [s for e in entries for s in shard_samples(data_dir / e["name"])]
+
+
+def key(row) -> bytes:
+    return np.asarray(row, dtype=np.int64).tobytes()
+
+
+def take(loader: TokenLoader, batches: int) -> list[torch.Tensor]:
+    it = iter(loader)
+    return [next(it) for _ in range(batches)]
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, corpus_dir) -> Path:
+    out = tmp_path_factory.mktemp("prepared")
+    prepare(out, [corpus_dir], tokenizer="bytes", seq_len=15, val_fraction=0.1, samples_per_shard=7, seed=7)
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_bpe(corpus_dir):
+    texts = [d.text for d in gather([corpus_dir]).documents]
+    return build_tokenizer("bpe", lambda: iter(texts), vocab_size=400)
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text())
+def test_bytes_tokenizer_round_trip(text):
+    tok = build_tokenizer("bytes")
+    assert tok.decode(tok.encode(text).ids) == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text())
+def test_bpe_tokenizer_round_trip(small_bpe, text):
+    assert small_bpe.decode(small_bpe.encode(text).ids) == text
+
+
+def test_tokenizer_save_load_and_eot(tmp_path, small_bpe):
+    text = f"déjà vu 🙂 {EOT} stays text\x00"
+    for tok in (build_tokenizer("bytes"), small_bpe):
+        path = tmp_path / "tokenizer.json"
+        tok.save(str(path))
+        loaded = build_tokenizer(str(path))
+        assert loaded.encode(text).ids == tok.encode(text).ids
+        assert eot_id(loaded) not in loaded.encode(text).ids, "a literal EOT in a document must not become the separator"
+        assert decode(loaded, loaded.encode(text).ids) == text
+        assert decode(loaded, [eot_id(loaded)]) == EOT
+    assert build_tokenizer("bytes").get_vocab_size() == 257
+    assert small_bpe.get_vocab_size() == 400
+
+
+def test_tokenizer_errors(tmp_path):
+    with pytest.raises(ValueError, match="nonsense"):
+        build_tokenizer("nonsense")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(ValueError, match="bad.json"):
+        load_tokenizer(bad)
+
+
+# ---------------------------------------------------------------- corpus
+
+
+def test_stdlib_listing():
+    files = stdlib_files()
+    rel = [f.relative_to(stdlib_root()).as_posix() for f in files]
+    assert rel == sorted(rel) and "os.py" in rel and len(rel) > 500
+    assert not any("site-packages" in r or "dist-packages" in r for r in rel)
+
+
+def test_gather_user_inputs(corpus_dir):
+    corpus = gather([corpus_dir])
+    names = [d.name for d in corpus.documents]
+    assert len(names) == 40 + 6 + 1  # txt docs + jsonl lines + bad.txt; empty.txt dropped
+    assert "corpus/sub/doc001.txt" in names and "corpus/extra.jsonl:6" in names
+    assert corpus.invalid_utf8 == 2
+    assert "\ufffd" in next(d.text for d in corpus.documents if d.name == "corpus/bad.txt")
+    assert gather([corpus_dir]).documents == corpus.documents
+
+
+def test_gather_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        gather([tmp_path / "empty"])
+    with pytest.raises(FileNotFoundError, match="missing"):
+        gather([tmp_path / "missing"])
+    (tmp_path / "x.jsonl").write_text('{"body": "hi"}\n')
+    with pytest.raises(ValueError, match=r"x.jsonl:1.*'text'"):
+        gather([tmp_path / "x.jsonl"])
+    assert gather([tmp_path / "x.jsonl"], text_field="body").documents[0].text == "hi"
+
+
+# ---------------------------------------------------------------- prepare
+
+
+def test_prepare_manifest_matches_shards(data_dir):
+    m = read_manifest(data_dir)
+    assert (m["seq_len"], m["sample_len"], m["dtype"], m["eot_id"], m["seed"]) == (15, 16, "uint16", 256, 7)
+    assert m["documents"] == 47 and m["invalid_utf8"] == 2
+    assert m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"] == 47
+    for split in ("train", "val"):
+        info = m["splits"][split]
+        assert info["samples"] > 0 and len(info["shards"]) >= 1
+        for entry in info["shards"]:
+            rows = shard_samples(data_dir / entry["name"])
+            assert len(rows) == entry["samples"] and sum(r.size for r in rows) == entry["tokens"]
+            assert all(r.shape == (16,) and r.dtype == np.uint16 for r in rows)
+        assert info["samples"] == sum(e["samples"] for e in info["shards"]) == num_samples(data_dir, split)
+        assert info["tokens"] == 16 * info["samples"]
+    train = np.stack(split_samples(data_dir, "train"))
+    assert m["unigram_entropy"] == pytest.approx(unigram_entropy(train, m["vocab_size"]))
+    assert load_tokenizer(data_dir / m["tokenizer"]).get_vocab_size() == m["vocab_size"]
+
+
+def test_prepare_packs_documents_with_eot(data_dir, corpus_dir):
+    tok = load_tokenizer(data_dir / "tokenizer.json")
+    eot = eot_id(tok)
+    texts = {d.text for d in gather([corpus_dir]).documents}
+    for split in ("train", "val"):
+        stream = np.concatenate(split_samples(data_dir, split)).tolist()
+        pieces, start = [], 0
+        for i, t in enumerate(stream):
+            if t == eot:
+                pieces.append(stream[start:i])
+                start = i + 1
+        assert pieces, f"no EOT in the {split} stream"
+        assert all(tok.decode(piece) in texts for piece in pieces), "every EOT must end a whole document"
+
+
+def test_prepare_is_deterministic_and_split_depends_on_seed(tmp_path, corpus_dir, data_dir):
+    args = dict(tokenizer="bytes", seq_len=15, val_fraction=0.1, samples_per_shard=7)
+    prepare(tmp_path / "a", [corpus_dir], seed=7, **args)
+    same = [key(r) for r in split_samples(tmp_path / "a", "val")]
+    assert same == [key(r) for r in split_samples(data_dir, "val")]
+    prepare(tmp_path / "b", [corpus_dir], seed=8, **args)
+    assert [key(r) for r in split_samples(tmp_path / "b", "val")] != same
+
+
+def test_prepare_errors(tmp_path, corpus_dir):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        prepare(tmp_path / "out", [tmp_path / "empty"], tokenizer="bytes")
+    with pytest.raises(ValueError, match="val split"):
+        prepare(tmp_path / "out", [corpus_dir], tokenizer="bytes", seq_len=5000)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_prepare_bpe_small(tmp_path, corpus_dir):
+    m = prepare(tmp_path, [corpus_dir], tokenizer="bpe", vocab_size=300, seq_len=8, val_fraction=0.1)
+    assert m["vocab_size"] == 300 and m["splits"]["val"]["samples"] > 0
+    assert 0 < m["unigram_entropy"] < np.log(300)
+
+
+# ---------------------------------------------------------------- loader
+
+
+def global_stream(data_dir: Path, samples: int, seed: int = 1234, b: int = 3) -> list[bytes]:
+    """The global stream as seen by a single rank with no workers."""
+    rows = torch.cat(take(TokenLoader(data_dir, "train", b, seed=seed), -(-samples // b)))
+    return [key(r) for r in rows[:samples]]
+
+
+def test_loader_dp2_workers2_epoch_exactly_once_and_matches_dp1(data_dir):
+    n = num_samples(data_dir, "train")
+    assert len({key(r) for r in split_samples(data_dir, "train")}) == n, "fixture samples must be distinct"
+    b, ranks = 2, 2
+    k = -(-n // (b * ranks)) + 2
+    per_rank = [take(TokenLoader(data_dir, "train", b, dp_rank=r, dp_size=ranks, num_workers=2), k) for r in range(ranks)]
+    assert all(batch.shape == (b, 16) and batch.dtype == torch.int64 for batch in per_rank[0])
+    interleaved = [key(row) for i in range(k) for r in range(ranks) for row in per_rank[r][i]]
+    assert sorted(interleaved[:n]) == sorted(key(r) for r in split_samples(data_dir, "train"))
+    assert interleaved == global_stream(data_dir, len(interleaved), b=b)
+
+
+def test_loader_resume_continues_stream(data_dir):
+    n = num_samples(data_dir, "train")
+    reference = global_stream(data_dir, 3 * n)
+    for start, dp_size, workers in ((5, 1, 0), (n - 3, 2, 2), (2 * n + 1, 3, 0)):
+        b = 2
+        batches = take(TokenLoader(data_dir, "train", b, dp_rank=0, dp_size=dp_size, num_workers=workers, start_sample=start), 3)
+        for k, batch in enumerate(batches):
+            first = start + k * dp_size * b
+            assert [key(r) for r in batch] == reference[first : first + b], (start, dp_size, k)
+
+
+def test_loader_seed_determinism_and_epoch_order(data_dir):
+    n = num_samples(data_dir, "train")
+    stream = global_stream(data_dir, 2 * n, seed=1)
+    assert stream == global_stream(data_dir, 2 * n, seed=1)
+    assert stream[:n] != global_stream(data_dir, n, seed=2)
+    assert sorted(stream[:n]) == sorted(stream[n:]) and stream[:n] != stream[n:]
+    plain = take(TokenLoader(data_dir, "train", 1, shuffle=False), n)
+    assert [key(b[0]) for b in plain] == [key(r) for r in split_samples(data_dir, "train")]
+
+
+def damage_shard(path: Path, how: str) -> None:
+    raw = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif how == "garbage":
+        path.write_bytes(raw[:1024] + b"\x07" * 4096 + raw[5120:])
+    else:  # a readable tar whose first sample has the wrong dtype
+        samples = list(read_shard(path))
+        samples[0][SAMPLE_FIELD] = samples[0][SAMPLE_FIELD].astype(np.int64)
+        with wds.TarWriter(str(path)) as writer:
+            for sample in samples:
+                writer.write(sample)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "bad-sample"])
+def test_loader_skips_corrupt_shard(tmp_path, data_dir, damage):
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    victim = read_manifest(copy)["splits"]["train"]["shards"][1]
+    damage_shard(copy / victim["name"], damage)
+    survivors = {key(r) for r in split_samples(data_dir, "train")} - {key(r) for r in shard_samples(data_dir / victim["name"])}
+
+    loader = TokenLoader(copy, "train", 1)
+    with pytest.warns(UserWarning, match=victim["name"]):
+        rows = [key(b[0]) for b in take(loader, len(survivors))]
+    assert sorted(rows) == sorted(survivors)
+    assert loader.stats["corrupt_shards"] == 1 and victim["name"] in loader.stats["corrupt"]
+
+    workers = TokenLoader(copy, "train", 1, num_workers=2)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        assert [key(b[0]) for b in take(workers, len(survivors))] == rows
+    assert workers.stats["corrupt_shards"] == 1
+
+
+def test_loader_errors(tmp_path, data_dir):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        TokenLoader(tmp_path, "train", 1)
+    with pytest.raises(ValueError, match="split"):
+        TokenLoader(data_dir, "test", 1)
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    for shard in copy.glob("val-*.tar"):
+        shard.write_bytes(b"")
+    with pytest.raises(RuntimeError, match=r"all \d+ val shards .*val-000000.tar"):
+        take(TokenLoader(copy, "val", 1), 1)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_prepare_and_inspect(tmp_path, corpus_dir, capsys):
+    out = tmp_path / "out"
+    argv = ["prepare", "--out", str(out), "--input", str(corpus_dir), "--tokenizer", "bytes", "--seq-len", "31", "--val-fraction", "0.1"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "documents       47 (2 with invalid UTF-8" in printed and "unigram entropy" in printed
+    assert main(["inspect", str(out)]) == 0
+    assert "first train sample (32 tokens)" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "nope")]) == 1
+    assert "not a prepared data directory" in capsys.readouterr().err
