@@ -61,6 +61,7 @@ def init_world(backend: str = "auto", timeout_s: int = 600) -> tuple[torch.devic
         os.environ.setdefault("MASTER_PORT", "29500")
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return device, backend
 

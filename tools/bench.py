@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     plain = PlainGPT(cfg, padded).to(device)
     o = cfg.optimizer
     opt = torch.optim.AdamW(plain.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                            weight_decay=o.weight_decay, fused=device.type == "cuda")
+                            weight_decay=o.weight_decay, foreach=device.type == "cpu", fused=device.type == "cuda")
 
     systems = {"skiptron": lambda: trainer.train_step(iter(batches)),
                "plain": lambda: plain_step(plain, opt, batches, o.grad_clip or math.inf)}

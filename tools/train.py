@@ -8,6 +8,7 @@ from pathlib import Path
 
 from skiptron.tools.plot import plot_runs
 from skiptron.training.config import ConfigError, load_config
+from skiptron.training.loader import read_manifest
 
 
 def parse_args(argv=None):
@@ -27,12 +28,16 @@ def main(argv=None) -> int:
     from skiptron.training.trainer import train
 
     try:
-        train(cfg)
+        summary = train(cfg)
     except ConfigError as err:
         print(f"skiptron-train: config error: {err}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         run = Path(cfg.run.dir)
+        entropy = read_manifest(cfg.data.path).get("unigram_entropy")
+        if summary.get("best_val_loss") is not None and entropy:
+            print(f"best validation loss {summary['best_val_loss']:.3f} nats/token "
+                  f"(the data's unigram entropy: {entropy:.3f})")
         print(f"run directory: {run}")
         print(f"  config:      {run / 'config.yaml'}")
         print(f"  metrics:     {run / 'metrics.jsonl'}")

@@ -156,7 +156,8 @@ class Trainer:
         saved_last = cfg.checkpoint.interval and cfg.train.max_steps % cfg.checkpoint.interval == 0
         if cfg.checkpoint.save_at_end and not saved_last:
             self.save(cfg.train.max_steps)
-        return log.close()
+        log.close()
+        return log.summary()
 
 
 def _as_float(value) -> float:

@@ -1,0 +1,324 @@
+"""Data-parallel token balancing for per-token layer skipping.
+
+A router lets each token skip a layer (or its MLP), so data-parallel ranks end up with different numbers of *active*
+tokens. `balance` moves active tokens from over-loaded to under-loaded ranks so that every rank computes the same
+number (within one token), and `BalancedTokens.restore` sends the results back to the tokens' home ranks, in their
+original local order. All DP ranks hold the same weights and the DP gradient reduction sums contributions whichever
+rank computed them, so forward results and gradients are those of computing locally (up to fp rounding).
+
+    bt = balance([hidden, scale], group=dp_group())      # hidden [n, H], scale [n, 1]
+    h, s = bt.tokens                                       # [m, H], [m, 1]: own kept tokens, then received ones
+    out = bt.restore(mlp(h) * s)                           # [n, H], rows in the order of `hidden`
+    log(bt.stats.imbalance_before, bt.stats.imbalance_after, bt.stats.tokens_moved, bt.stats.bytes_moved)
+
+Communication per call: one all_gather of one int64 per rank (the counts), then one all_to_all forward in `balance`
+and one in each `restore` (and one each in backward). Several per-token tensors travel in the same all_to_all,
+packed as bytes. When the counts are already balanced (no moves), no all_to_all happens; a group of size 1 makes no
+collective at all.
+
+Rules (every rank derives the same plan from the same all-gathered counts):
+* Targets: with total T over W ranks, q, r = divmod(T, W), every rank ends with q or q + 1 tokens. The r ranks
+  that end with q + 1 are chosen first among the ranks holding more than q tokens (lowest rank first), then among
+  the rest (lowest rank first). This makes the number of moved tokens the least any floor/ceil assignment allows
+  (a rank at or below the floor never sends, a rank at or above the ceil never receives).
+* Matching: surplus ranks and deficit ranks, each in rank order, are matched greedily (two pointers); only surplus
+  ranks send and only deficit ranks receive, and at most (#senders + #receivers - 1) rank pairs exchange tokens.
+* Which tokens: a sending rank keeps its first `n - surplus` tokens and sends its last `surplus` tokens, the first
+  of those to the lowest destination rank. A receiving rank computes its own tokens followed by the received ones
+  in source rank order.
+
+Autograd: the exchange is a custom autograd Function (same mechanics as `torch.distributed.nn.functional.
+all_to_all_single`, which is deprecated and moves one tensor per call): backward sends gradients back along the
+reversed plan, so input gradients arrive at the origin tokens and parameter gradients accumulate on the rank that
+computed the token (to be summed by the usual DP all-reduce). As with any collective in backward, all ranks of the
+group must run the same backward: `requires_grad` of the inputs and the order of `balance`/`restore` calls must
+agree across ranks (they do for DP replicas of one model).
+
+Works on gloo (CPU) and NCCL (CUDA) unchanged: tensors stay on the device they come on; the counts are read back to
+the host once per `balance` (the split sizes of the all_to_all must be known on the host).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["plan_targets", "plan_moves", "plan_transfers", "BalanceStats", "BalancedTokens", "balance"]
+
+
+# --------------------------------------------------------------------------------------------------------- planning
+def plan_targets(counts: Sequence[int]) -> list[int]:
+    """The load each rank ends with: floor or ceil of the mean, the ceil going to over-loaded ranks first."""
+    counts = [int(c) for c in counts]
+    if any(c < 0 for c in counts):
+        raise ValueError(f"token counts must be >= 0, got {counts}")
+    world = len(counts)
+    if world == 0:
+        return []
+    q, r = divmod(sum(counts), world)
+    targets = [q] * world
+    if r:
+        above = [i for i, c in enumerate(counts) if c > q]
+        rest = [i for i, c in enumerate(counts) if c <= q]
+        for i in (above + rest)[:r]:
+            targets[i] = q + 1
+    return targets
+
+
+def plan_moves(counts: Sequence[int]) -> list[tuple[int, int, int]]:
+    """The plan as a sparse list of (src, dst, n) with n > 0, sorted by src then dst; O(W) time and memory."""
+    counts = [int(c) for c in counts]
+    targets = plan_targets(counts)
+    senders = [(i, c - t) for i, (c, t) in enumerate(zip(counts, targets)) if c > t]
+    receivers = [(i, t - c) for i, (c, t) in enumerate(zip(counts, targets)) if t > c]
+    moves: list[tuple[int, int, int]] = []
+    si = ri = 0
+    s_left = senders[0][1] if senders else 0
+    r_left = receivers[0][1] if receivers else 0
+    while si < len(senders) and ri < len(receivers):
+        n = min(s_left, r_left)
+        moves.append((senders[si][0], receivers[ri][0], n))
+        s_left -= n
+        r_left -= n
+        if s_left == 0:
+            si += 1
+            s_left = senders[si][1] if si < len(senders) else 0
+        if r_left == 0:
+            ri += 1
+            r_left = receivers[ri][1] if ri < len(receivers) else 0
+    return moves
+
+
+def plan_transfers(counts: Sequence[int]) -> list[list[int]]:
+    """Dense send matrix S: S[i][j] tokens go from rank i to rank j (S[i][i] == 0). See the module notes.
+
+    Pure and deterministic. The matrix is W x W; for very large groups prefer `plan_moves` (what `balance` uses).
+    """
+    world = len(counts)
+    send = [[0] * world for _ in range(world)]
+    for src, dst, n in plan_moves(counts):
+        send[src][dst] = n
+    return send
+
+
+# --------------------------------------------------------------------------------------------------------- exchange
+def _pack(tensors: Sequence[torch.Tensor], n: int) -> tuple[torch.Tensor, list[tuple]]:
+    """Tensors with first dim n as one [n, bytes] uint8 tensor, and the layout to unpack them."""
+    layout, parts = [], []
+    for t in tensors:
+        t = t.contiguous()
+        width = math.prod(t.shape[1:]) * t.element_size()
+        layout.append((t.dtype, tuple(t.shape[1:]), width))
+        parts.append(t.reshape(n, math.prod(t.shape[1:])).view(torch.uint8) if width
+                     else t.new_empty((n, 0), dtype=torch.uint8))
+    buf = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return buf, layout
+
+
+def _unpack(buf: torch.Tensor, layout: list[tuple]) -> list[torch.Tensor]:
+    n, out, col = buf.shape[0], [], 0
+    for dtype, tail, width in layout:
+        # A column slice is copied to a fresh tensor so its storage offset suits the wider dtype.
+        part = buf if len(layout) == 1 else buf[:, col:col + width].clone(memory_format=torch.contiguous_format)
+        col += width
+        if width == 0:
+            out.append(torch.empty((n, *tail), dtype=dtype, device=buf.device))
+        else:
+            out.append(part.view(dtype).reshape(n, *tail))
+    return out
+
+
+def _all_to_all(tensors: Sequence[torch.Tensor], send_splits: list[int], recv_splits: list[int], group) -> list:
+    """Non-differentiable all_to_all of tensors sharing the first dim, in one collective."""
+    n_in, n_out = sum(send_splits), sum(recv_splits)
+    if len(tensors) == 1 and tensors[0].dtype not in (torch.bool,):
+        src = tensors[0].contiguous()
+        out = src.new_empty((n_out, *src.shape[1:]))
+        dist.all_to_all_single(out, src, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=group)
+        return [out]
+    buf, layout = _pack(tensors, n_in)
+    out = buf.new_empty((n_out, buf.shape[1]))
+    dist.all_to_all_single(out, buf, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=group)
+    return _unpack(out, layout)
+
+
+def _differentiable(t: torch.Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
+class _Exchange(torch.autograd.Function):
+    """all_to_all of several tensors forward; the reversed all_to_all of their gradients backward."""
+
+    @staticmethod
+    def forward(ctx, send_splits, recv_splits, group, *tensors):
+        ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
+        ctx.meta = [(t.shape[1:], t.dtype, _differentiable(t)) for t in tensors]
+        ctx.device = tensors[0].device
+        outs = _all_to_all(tensors, send_splits, recv_splits, group)
+        non_diff = [o for o in outs if not _differentiable(o)]
+        if non_diff:
+            ctx.mark_non_differentiable(*non_diff)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        n_out = sum(ctx.recv_splits)
+        # The layout depends on dtypes only (never on which inputs need grad here), so it agrees across ranks.
+        idx = [i for i, (_, _, diff) in enumerate(ctx.meta) if diff]
+        send = []
+        for i in idx:
+            tail, dtype, _ = ctx.meta[i]
+            g = grads[i]
+            send.append(torch.zeros((n_out, *tail), dtype=dtype, device=ctx.device) if g is None else g.to(dtype))
+        result = [None] * len(ctx.meta)
+        if send:
+            back = _all_to_all(send, ctx.recv_splits, ctx.send_splits, ctx.group)
+            for i, g in zip(idx, back):
+                result[i] = g
+        return (None, None, None, *result)
+
+
+class _Attach(torch.autograd.Function):
+    """`main` unchanged, with an empty exchange output hooked into the graph so that its backward (a collective every
+    rank must join) still runs on this rank."""
+
+    @staticmethod
+    def forward(ctx, main, empty):
+        ctx.empty_shape, ctx.empty_dtype = empty.shape, empty.dtype
+        return main.view_as(main)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad.new_zeros(ctx.empty_shape, dtype=ctx.empty_dtype)
+
+
+def _join(head: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+    """cat([head, tail]) where tail comes out of an exchange; keeps the exchange in the graph even when empty."""
+    if tail.shape[0]:
+        return torch.cat([head, tail], dim=0)
+    if torch.is_grad_enabled() and tail.requires_grad and _differentiable(head):
+        return _Attach.apply(head, tail)
+    return head
+
+
+# ------------------------------------------------------------------------------------------------------------ stats
+@dataclass(frozen=True)
+class BalanceStats:
+    """One `balance` call. Loads are per-rank active token counts over the group."""
+
+    counts: tuple[int, ...]          # loads before (all ranks)
+    loads_after: tuple[int, ...]     # loads after (all ranks)
+    imbalance_before: float          # max load / mean load (1.0 when all ranks hold 0 tokens)
+    imbalance_after: float
+    tokens_moved: int                # tokens sent in total, all ranks together
+    tokens_sent: int                 # by this rank
+    tokens_received: int             # by this rank
+    bytes_moved: int                 # sent by this rank in the forward `balance` exchange (all tensors together)
+
+
+def _imbalance(loads: Sequence[int]) -> float:
+    total = sum(loads)
+    return 1.0 if total == 0 else max(loads) * len(loads) / total
+
+
+# ---------------------------------------------------------------------------------------------------------- balance
+@dataclass
+class BalancedTokens:
+    """What this rank computes after balancing, and the way back.
+
+    `tokens`: a tensor (or tuple, when `balance` got a list) of m rows: this rank's kept tokens in their original
+    order, then the received ones (by source rank, each source's in its order). `restore(y)` takes m rows (a tensor
+    or a sequence of tensors, each with first dim m, any trailing shape and dtype) and returns n_local rows each, in
+    the original local order of the tokens given to `balance`.
+    """
+
+    tokens: torch.Tensor | tuple[torch.Tensor, ...]
+    stats: BalanceStats
+    n_local: int
+    n_kept: int
+    send_splits: list[int] = field(repr=False)
+    recv_splits: list[int] = field(repr=False)
+    group: object = field(default=None, repr=False)
+    moved: bool = False  # whether any token moves anywhere in the group (else no all_to_all happens)
+
+    @property
+    def num_tokens(self) -> int:
+        """m: the rows this rank computes."""
+        return self.n_kept + sum(self.recv_splits)
+
+    def restore(self, y):
+        single = isinstance(y, torch.Tensor)
+        ys = [y] if single else list(y)
+        if not ys:
+            raise ValueError("restore needs at least one tensor")
+        for t in ys:
+            if t.shape[0] != self.num_tokens:
+                raise ValueError(f"restore expects {self.num_tokens} rows, got shape {tuple(t.shape)}")
+        if not self.moved:
+            return y if single else tuple(ys)
+        back = _Exchange.apply(self.recv_splits, self.send_splits, self.group,
+                               *[t[self.n_kept:] for t in ys])
+        out = [_join(t[:self.n_kept], b) for t, b in zip(ys, back)]
+        return out[0] if single else tuple(out)
+
+
+def balance(x, group=None) -> BalancedTokens:
+    """Balance active tokens over `group` (default: the world). Collective: every rank of the group must call it.
+
+    x: a tensor [n_local, ...] or a sequence of tensors sharing the first dim n_local (any dtypes, same device),
+    moved together. See the module notes for the plan, which tokens move, and autograd.
+    """
+    single = isinstance(x, torch.Tensor)
+    xs = [x] if single else list(x)
+    if not xs:
+        raise ValueError("balance needs at least one tensor")
+    n = xs[0].shape[0]
+    device = xs[0].device
+    for t in xs:
+        if t.dim() == 0 or t.shape[0] != n:
+            raise ValueError(f"all tensors need the same first dim {n}, got {[tuple(t.shape) for t in xs]}")
+        if t.device != device:
+            raise ValueError(f"all tensors must be on one device, got {[str(t.device) for t in xs]}")
+
+    world = 1 if not dist.is_initialized() else dist.get_world_size(group)
+    if world == 1:
+        counts = (int(n),)
+    else:
+        local = torch.tensor([n], dtype=torch.int64, device=device)
+        gathered = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(gathered, local, group=group)
+        counts = tuple(int(v) for v in torch.cat(gathered).tolist())
+    rank = 0 if world == 1 else dist.get_rank(group)
+
+    moves = plan_moves(counts) if world > 1 else []
+    send_splits, recv_splits = [0] * world, [0] * world
+    for src, dst, k in moves:
+        if src == rank:
+            send_splits[dst] = k
+        if dst == rank:
+            recv_splits[src] = k
+    sent, received = sum(send_splits), sum(recv_splits)
+    loads_after = list(counts)
+    for src, dst, k in moves:
+        loads_after[src] -= k
+        loads_after[dst] += k
+    per_token_bytes = sum(math.prod(t.shape[1:]) * t.element_size() for t in xs)
+    stats = BalanceStats(
+        counts=tuple(counts), loads_after=tuple(loads_after),
+        imbalance_before=_imbalance(counts), imbalance_after=_imbalance(loads_after),
+        tokens_moved=sum(k for _, _, k in moves), tokens_sent=sent, tokens_received=received,
+        bytes_moved=sent * per_token_bytes,
+    )
+    n_kept = n - sent
+    if not moves:
+        tokens = xs
+    else:
+        recv = _Exchange.apply(send_splits, recv_splits, group, *[t[n_kept:] for t in xs])
+        tokens = [_join(t[:n_kept], r) for t, r in zip(xs, recv)]
+    return BalancedTokens(
+        tokens=tokens[0] if single else tuple(tokens), stats=stats, n_local=n, n_kept=n_kept,
+        send_splits=send_splits, recv_splits=recv_splits, group=group, moved=bool(moves),
+    )

@@ -1,0 +1,54 @@
+"""Config loading, overrides and validation: every error names its key, before any process group exists."""
+import pytest
+import yaml
+
+from skiptron.training.config import ConfigError, load_config, save_config
+
+
+@pytest.mark.parametrize("preset", ["tiny", "125m", "350m", "1.3b", "6.7b"])
+def test_presets_load(preset):
+    cfg = load_config(preset)
+    assert cfg.model.hidden_size % cfg.model.num_heads == 0
+
+
+def test_overrides_are_typed_and_dotted():
+    cfg = load_config("tiny", ["model.num_layers=8", "parallel.tp=2", "optimizer.lr=1e-4", "model.tie_embeddings=false"])
+    assert cfg.model.num_layers == 8 and cfg.parallel.tp == 2
+    assert cfg.optimizer.lr == 1e-4 and cfg.model.tie_embeddings is False
+
+
+@pytest.mark.parametrize("overrides,world,key", [
+    (["model.hidden_sise=8"], 1, "model.hidden_sise: unknown key"),
+    (["model.num_heads=3", "model.hidden_size=96", "parallel.tp=2"], 2, "model.num_heads: 3 attention heads"),
+    (["parallel.tp=2"], 3, "world size 3 is not divisible"),
+    (["train.global_batch_size=24"], 2, "train.global_batch_size"),
+    (["train.grad_accum=2"], 2, "train.global_batch_size"),
+    (["zero.stage=4"], 1, "zero.stage"),
+    (["zero.stage=-1"], 1, "zero.stage"),
+    (["data.path=/nonexistent/dir"], 1, "data.path: /nonexistent/dir is not a prepared data directory"),
+    (["data.path=null"], 1, "data.path"),
+    (["train.max_steps=many"], 1, "train.max_steps"),
+    (["train.precision=fp8"], 1, "train.precision"),
+    (["model.hidden_size"], 1, "dotted.key=value"),
+])
+def test_invalid_settings_name_the_key(overrides, world, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        cfg = load_config("tiny", overrides)
+        cfg.validate_for_launch(world)
+
+
+def test_grad_accum_is_derived():
+    cfg = load_config("tiny", ["train.micro_batch_size=2", "train.global_batch_size=16"])
+    assert cfg.grad_accum_steps(2) == 4 and cfg.grad_accum_steps(8) == 1
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config("tiny", ["model.num_layers=3"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]["num_layers"] == 3
+
+
+def test_missing_config_file_lists_presets():
+    with pytest.raises(ConfigError, match="tiny"):
+        load_config("no-such-config")
