@@ -32,6 +32,7 @@ setup(
     extras_require={
         "mpi": ["mpi4py>=3.1"],
         "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6"],
+        "eval": ["transformers>=5.0", "lm-eval>=0.4.8", "accelerate>=1.0", "safetensors>=0.4"],
     },
     entry_points={
         "console_scripts": [
@@ -39,6 +40,9 @@ setup(
             "skiptron-data=skiptron.tools.data:main",
             "skiptron-plot=skiptron.tools.plot:main",
             "skiptron-bench=skiptron.tools.bench:main",
+            "skiptron-bench-srupp=skiptron.tools.bench_srupp:main",
+            "skiptron-bench-routing=skiptron.tools.bench_routing:main",
+            "skiptron-convert=skiptron.tools.convert:main",
         ]
     },
 )

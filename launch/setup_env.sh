@@ -12,6 +12,6 @@ VPY="$ROOT/.venv/bin/python"
 if ! "$VPY" -c "import torch" 2>/dev/null; then
   "$VPY" -m pip install -q torch==2.13.0
 fi
-"$VPY" -m pip install -q -e "$ROOT[test]"
+"$VPY" -m pip install -q -e "$ROOT[test,eval]"
 export PATH="$ROOT/.venv/bin:$PATH"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"

@@ -5,13 +5,14 @@ so ZeRO partitions over the data-parallel group and gradient norms count tensor-
 """
 from __future__ import annotations
 
-import datetime
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+
+from . import launch
 
 
 @dataclass(frozen=True)
@@ -36,14 +37,11 @@ class Layout:
 
 def launch_world_size() -> int:
     """The world size the launcher announced (torchrun, SLURM, MPI), known before any process group exists."""
-    for key in ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
-        if os.environ.get(key):
-            return int(os.environ[key])
-    return 1
+    return launch.current().world_size
 
 
 def pick_device(backend: str) -> tuple[torch.device, str]:
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = launch.current().local_rank
     use_cuda = torch.cuda.is_available() and backend in ("auto", "nccl")
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -53,16 +51,12 @@ def pick_device(backend: str) -> tuple[torch.device, str]:
     return torch.device("cpu"), "gloo"
 
 
-def init_world(backend: str = "auto", timeout_s: int = 600) -> tuple[torch.device, str]:
-    """Create the default process group from the launcher's environment (env:// rendezvous)."""
+def init_world(backend: str = "auto", timeout_s: int = 600, rendezvous_timeout_s: int = 300) -> tuple[torch.device, str]:
+    """Create the default process group for whichever launcher started us (see `parallel/launch.py`); a rank that
+    never arrives fails every rank within `rendezvous_timeout_s`, naming it."""
     device, backend = pick_device(backend)
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        launch.init_process_group(backend, timeout_s, rendezvous_timeout_s)
     return device, backend
 
 
@@ -95,6 +89,13 @@ def shutdown() -> None:
 
 def dp_group():
     return ps.get_data_parallel_group()
+
+
+def dp_group_or_none():
+    """The data-parallel group when groups exist (None in a plain single-process use of a model)."""
+    if dist.is_initialized() and ps.model_parallel_is_initialized():
+        return ps.get_data_parallel_group()
+    return None
 
 
 def tp_group():

@@ -6,6 +6,7 @@ any rank fails the test with that rank's traceback. A pool whose ranks failed is
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 import multiprocessing as mp
@@ -35,7 +36,9 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
             break
         fn, args, kwargs = task
         try:
-            results.put((rank, True, fn(*args, **kwargs)))
+            value = fn(*args, **kwargs)
+            pickle.dumps(value)  # fail here, not silently in the queue's feeder thread
+            results.put((rank, True, value))
         except BaseException:
             results.put((rank, False, traceback.format_exc()))
     from skiptron.parallel.state import shutdown

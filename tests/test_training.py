@@ -8,46 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-BASE = [
-    "model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_len=32",
-    "model.make_vocab_size_divisible_by=64", "train.micro_batch_size=2", "train.global_batch_size=4",
-    "train.max_steps=5", "optimizer.warmup_steps=2", "optimizer.lr=3e-3", "eval.interval=0", "eval.batches=1",
-    "logging.tensorboard=false", "data.num_workers=0", "checkpoint.save_at_end=false",
-]
-
-
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory):
-    """A small byte-tokenized corpus: a few standard-library modules."""
-    import sysconfig
-
-    from skiptron.training.shards import prepare
-
-    src = tmp_path_factory.mktemp("corpus")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ["textwrap.py", "string.py", "colorsys.py", "bisect.py", "shlex.py", "fnmatch.py", "glob.py"]:
-        (src / f"{name}.txt").write_text((stdlib / name).read_text())
-    out = tmp_path_factory.mktemp("data")
-    prepare(out, inputs=[src], tokenizer="bytes", seq_len=32, samples_per_shard=256, val_fraction=0.15)
-    return out
-
-
-def _train(overrides, data, run_dir):
-    import torch.distributed as dist
-
-    from skiptron.training.config import load_config
-    from skiptron.training.metrics import read_metrics
-    from skiptron.training.trainer import Trainer
-    from skiptron.training.weights import full_state_dict
-
-    cfg = load_config(None, BASE + [f"data.path={data}", f"run.dir={run_dir}"] + overrides)
-    trainer = Trainer.setup(cfg)
-    trainer.run()
-    weights = full_state_dict(trainer.engine.module)
-    dist.barrier()
-    losses = [m["loss"] for m in read_metrics(run_dir)] if dist.get_rank() == 0 else None
-    return losses, weights
-
+from runs import BASE, train_run as _train
 
 def _assert_same_weights(a, b, atol=1e-5):
     assert a.keys() == b.keys()

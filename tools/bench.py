@@ -82,6 +82,26 @@ def plain_step(model, optimizer, batches, clip: float) -> float:
     return total
 
 
+def alternate_timings(systems: dict, device: torch.device, warmup: int, rounds: int, steps: int) -> dict:
+    """Seconds per call of each system, one list entry per round; rounds alternate between the systems so that
+    machine noise hits all of them alike."""
+    for run in systems.values():
+        for _ in range(warmup):
+            run()
+    times = {name: [] for name in systems}
+    for _ in range(rounds):
+        for name, run in systems.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(steps):
+                run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - start) / steps)
+    return times
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="skiptron-bench", description=__doc__)
     p.add_argument("--config", default="tiny")
@@ -115,20 +135,7 @@ def main(argv=None) -> int:
 
     systems = {"skiptron": lambda: trainer.train_step(iter(batches)),
                "plain": lambda: plain_step(plain, opt, batches, o.grad_clip or math.inf)}
-    for run in systems.values():
-        for _ in range(args.warmup):
-            run()
-    times = {name: [] for name in systems}
-    for _ in range(args.rounds):
-        for name, run in systems.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                run()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - start) / args.steps)
+    times = alternate_timings(systems, device, args.warmup, args.rounds, args.steps)
 
     tokens = cfg.train.global_batch_size * seq
     fpt = model_flops_per_token(cfg.model.num_layers, cfg.model.hidden_size, cfg.model.ffn_size,

@@ -24,13 +24,57 @@ class Section(BaseModel):
 
 
 class SkipConfig(Section):
-    """Learned per-token layer skipping (filled in by the skip-routing work)."""
+    """Learned per-token layer skipping ("Learning to Skip for Language Modeling")."""
 
     enabled: bool = False
+    granularity: Literal["layer", "mlp", "attention"] = "layer"
+    layers: str | list[int] = Field("all", description="all | inner (all but first and last) | every:K | [i, ...]")
+    kv: Literal["all", "active"] = Field(
+        "all", description="all: skipped tokens still give keys/values; active: they are invisible (Mixture-of-Depths)")
+    target_rate: float = Field(0.5, gt=0, le=1, description="fraction of tokens each routed layer executes")
+    mode: Literal["threshold", "capacity"] = "threshold"
+    aux_loss_weight: float = Field(1.0, ge=0)
+    controller_rate: float = Field(
+        0.2, ge=0, le=1, description="threshold mode: per-step pull of the router offset to the budget; 0 = aux loss only")
+
+    def routed_layers(self, num_layers: int) -> list[int]:
+        if not self.enabled:
+            return []
+        spec = self.layers
+        if isinstance(spec, list):
+            bad = [i for i in spec if not 0 <= i < num_layers]
+            if bad:
+                raise ConfigError(f"model.skip.layers: {bad} out of range for {num_layers} layers")
+            return sorted(set(spec))
+        if spec == "all":
+            return list(range(num_layers))
+        if spec == "inner":
+            return list(range(1, num_layers - 1))
+        if spec.startswith("every:") and spec[6:].isdigit() and int(spec[6:]) > 0:
+            k = int(spec[6:])
+            return [i for i in range(num_layers) if i % k == k - 1]
+        raise ConfigError(f"model.skip.layers: '{spec}' is not one of all, inner, every:K or a list of layer indices")
+
+
+class SRUppConfig(Section):
+    """SRU++ blocks ("When Attention Meets Fast Recurrence", Lei 2021), used when model.block = srupp."""
+
+    attention_every: int = Field(
+        1, ge=0, description="attention in every k-th layer (layers k-1, 2k-1, ...), a plain projection elsewhere; 0 = none")
+    proj_size: int | None = Field(None, ge=1, description="attention / projection width d'; default hidden_size // 4")
+    num_heads: int = Field(1, ge=1, description="attention heads inside the projection (the paper: 1)")
+    highway_bias: float = Field(-2.0, description="initial reset-gate bias; negative: each layer starts near identity")
+
+    def projection(self, hidden_size: int) -> int:
+        return self.proj_size or max(hidden_size // 4, 1)
+
+    def has_attention(self, layer: int) -> bool:
+        k = self.attention_every
+        return k > 0 and layer % k == k - 1
 
 
 class ModelConfig(Section):
-    block: Literal["transformer"] = "transformer"
+    block: Literal["transformer", "srupp"] = "transformer"
     num_layers: int = Field(4, ge=1)
     hidden_size: int = Field(256, ge=8)
     num_heads: int = Field(4, ge=1)
@@ -44,6 +88,7 @@ class ModelConfig(Section):
     rope_theta: float = Field(10000.0, gt=0)
     init_std: float = Field(0.02, gt=0)
     skip: SkipConfig = SkipConfig()
+    srupp: SRUppConfig = SRUppConfig()
 
     @property
     def head_dim(self) -> int:
@@ -69,6 +114,14 @@ class ModelConfig(Section):
                 f"model.hidden_size: {self.hidden_size} is not divisible by model.num_heads {self.num_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"model.hidden_size: head dim {self.head_dim} (hidden / heads) must be even for rotary")
+        if self.block == "srupp" and self.skip.enabled:
+            raise ConfigError("model.skip.enabled: skip routing does not support model.block=srupp yet (the router "
+                              "wraps the transformer's attention and MLP)")
+        if self.block == "srupp" and self.srupp.projection(self.hidden_size) % self.srupp.num_heads:
+            raise ConfigError(f"model.srupp.num_heads: projection size {self.srupp.projection(self.hidden_size)} is "
+                              f"not divisible by {self.srupp.num_heads} heads")
+        if self.skip.enabled and not self.skip.routed_layers(self.num_layers):
+            raise ConfigError(f"model.skip.layers: '{self.skip.layers}' routes none of the {self.num_layers} layers")
         return self
 
 
@@ -77,6 +130,7 @@ class ParallelConfig(Section):
     pp: int = Field(1, ge=1)
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     init_timeout_s: int = Field(600, ge=1)
+    balance_tokens: bool = Field(True, description="even out routed tokens across data-parallel ranks")
 
 
 class ZeroConfig(Section):
@@ -137,6 +191,26 @@ class CheckpointConfig(Section):
     dir: str | None = Field(None, description="default: <run.dir>/checkpoints")
     interval: int = Field(0, ge=0, description="steps between saves, 0 = only at the end")
     save_at_end: bool = True
+    keep: int = Field(3, ge=0, description="keep the newest K checkpoints, 0 = keep all")
+    keep_every: int = Field(0, ge=0, description="also keep every checkpoint whose step is a multiple of M, 0 = none")
+
+
+class LaunchConfig(Section):
+    """How ranks meet and the pre-flight check before training (see docs/launch.md)."""
+
+    rendezvous_timeout_s: int = Field(
+        300, ge=1, description="wait for the master and all ranks this long, then fail naming the missing ranks")
+    health_check: bool = Field(True, description="time matmuls and collectives on every rank before training")
+    health_outlier_ratio: float = Field(
+        0.7, gt=0, le=1, description="a rank below this fraction of the median throughput is named as an outlier")
+    slurm: dict[str, str | int] = Field(
+        default_factory=dict, description="sbatch options for launch/slurm/submit.py: nodes, ntasks-per-node, time, ...")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if isinstance(self.slurm.get("time"), int):  # YAML 1.1 reads 1:00:00 as 3600, which sbatch takes as minutes
+            raise ConfigError(f"launch.slurm.time: {self.slurm['time']} is a number; quote it: '\"1:00:00\"'")
+        return self
 
 
 class Config(Section):
@@ -150,9 +224,14 @@ class Config(Section):
     run: RunConfig = RunConfig()
     logging: LoggingConfig = LoggingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    resume: str = Field("auto", description="auto (newest complete checkpoint in checkpoint.dir), none, or a path")
+    launch: LaunchConfig = LaunchConfig()
 
     @model_validator(mode="after")
     def _check(self):
+        if self.model.block == "srupp" and self.model.hidden_size % self.parallel.tp:
+            raise ConfigError(f"model.hidden_size: {self.model.hidden_size} SRU++ hidden units are not divisible by "
+                              f"parallel.tp={self.parallel.tp}")
         if self.model.num_heads % self.parallel.tp:
             raise ConfigError(
                 f"model.num_heads: {self.model.num_heads} attention heads are not divisible by parallel.tp={self.parallel.tp}")

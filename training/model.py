@@ -87,14 +87,47 @@ class Attention(nn.Module):
             input_is_parallel=True, skip_bias_add=False)
         self.rotary = Rotary(cfg.head_dim, cfg.seq_len, cfg.rope_theta)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
+    def _heads(self, x: torch.Tensor, positions: torch.Tensor):
+        """q, k, v as [b, local heads, s, head dim], rotated by their positions."""
         qkv, _ = self.qkv(x)
+        return self._split_heads(qkv, positions)
+
+    def _split_heads(self, qkv: torch.Tensor, positions: torch.Tensor):
+        b, s, _ = qkv.shape
         q, k, v = qkv.view(b, s, 3, self.local_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.rotary(q, positions), self.rotary(k, positions)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        y, _ = self.out(y.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))
+        return self.rotary(q, positions), self.rotary(k, positions), v
+
+    def _merge_heads(self, y: torch.Tensor) -> torch.Tensor:
+        """[b, heads, n, hd] -> [b, n, heads x hd]"""
+        b, _, n, _ = y.shape
+        return y.transpose(1, 2).reshape(b, n, self.local_heads * self.head_dim)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._heads(x, positions)
+        y, _ = self.out(self._merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True)))
         return y
+
+    def forward_selected(self, x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, kv_all: bool):
+        """Attention outputs [selected tokens, hidden] for selected tokens only, in row-major order of `valid`:
+        `index` [b, n] holds their positions (padded; `valid` marks real entries). Keys and values come from every token (`kv_all`) or from the selected tokens alone. With
+        `kv_all` the fused QKV projection still runs on every token (one GEMM); scores, softmax and the output
+        projection run on the selected queries only."""
+        if kv_all:
+            positions = torch.arange(x.shape[1], device=x.device)
+            q, k, v = self._heads(x, positions)
+            q = torch.gather(q, 2, index[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
+            key_pos, key_ok = positions.expand_as(x[..., 0]), torch.ones_like(x[..., 0], dtype=torch.bool)
+        else:
+            picked = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))[valid]
+            qkv, _ = self.qkv(picked[None])
+            padded = qkv.new_zeros(*valid.shape, qkv.shape[-1]).masked_scatter(valid[..., None], qkv[0])
+            q, k, v = self._split_heads(padded, index)
+            key_pos, key_ok = index, valid
+        mask = (key_pos[:, None, :] <= index[:, :, None]) & key_ok[:, None, :]
+        mask = mask | ~valid[:, :, None]  # padded query rows see everything, so softmax stays finite
+        y = self._merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None]))[valid]
+        y, _ = self.out(y[None])
+        return y[0]
 
 
 class SwiGLU(nn.Module):
@@ -180,17 +213,41 @@ class Head(nn.Module):
 
 
 class GPT(nn.Module):
-    """Embedding -> blocks -> head. `forward(tokens)` takes [b, s+1] token ids and returns the mean LM loss."""
+    """Embedding -> blocks -> head. `forward(tokens)` takes [b, s+1] token ids and returns the mean LM loss plus,
+    when layers are routed, the weighted routing budget loss (`last_lm_loss` keeps the LM part)."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, tp: int):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, tp: int, balance_tokens: bool = True):
         super().__init__()
+        from .routing import RoutedBlock
+
         mcfg = megatron_config(tp)
         padded = cfg.padded_vocab_size(vocab_size)
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.embedding = Embedding(cfg, mcfg, padded)
-        self.blocks = nn.ModuleList(Block(cfg, mcfg) for _ in range(cfg.num_layers))
+        routed = set(cfg.skip.routed_layers(cfg.num_layers))
+
+        def block(i: int) -> nn.Module:
+            if cfg.block == "srupp":
+                from .srupp import SRUppBlock
+                return SRUppBlock(cfg, mcfg, i)
+            return Block(cfg, mcfg)
+
+        self.blocks = nn.ModuleList(
+            RoutedBlock(block(i), cfg.skip, cfg.hidden_size, cfg.norm_eps, cfg.init_std, balance_tokens)
+            if i in routed else block(i)
+            for i in range(cfg.num_layers))
         self.head = Head(cfg, mcfg, vocab_size, padded)
+        self.last_lm_loss: torch.Tensor | None = None
+
+    def update_routing(self, logit_quantiles: dict[int, float]) -> None:
+        """Feed each routed layer's budget controller the logit quantile measured over the DP batch."""
+        for i, q in logit_quantiles.items():
+            self.blocks[i].update_controller(q)
+
+    def routing_records(self) -> dict[int, object]:
+        """Layer index -> RoutingRecord of the last forward, for routed layers."""
+        return {i: b.record for i, b in enumerate(self.blocks) if getattr(b, "record", None) is not None}
 
     def _tied_weight(self):
         return self.embedding.tokens.weight if self.cfg.tie_embeddings else None
@@ -208,7 +265,12 @@ class GPT(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
-        return self.head(self.hidden_states(inputs), labels, self._tied_weight())
+        loss = self.head(self.hidden_states(inputs), labels, self._tied_weight())
+        self.last_lm_loss = loss.detach()
+        records = self.routing_records()
+        if records:
+            loss = loss + self.cfg.skip.aux_loss_weight * sum(r.aux_loss for r in records.values())
+        return loss
 
 
 def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:

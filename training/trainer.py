@@ -4,21 +4,23 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from skiptron.parallel import state
+from skiptron.parallel import health, state
 
+from . import checkpoint as ckpt
 from .config import Config, ConfigError, save_config
 from .engine import build_engine
 from .flops import model_flops_per_token, peak_flops
 from .loader import TokenLoader, read_manifest
 from .metrics import MetricsLogger
 from .model import GPT
+from .routing import RoutingMeter
 
 
 class NonFiniteLossError(RuntimeError):
@@ -54,20 +56,31 @@ class Trainer:
     precision: str
     vocab_size: int
     manifest: dict
+    progress: ckpt.Progress = field(default_factory=ckpt.Progress)
+    # name -> object with state_dict()/load_state_dict() (e.g. router statistics): saved in every rank's checkpoint
+    # file and restored on resume; register before `resume()`
+    extra_state: dict = field(default_factory=dict)
+    last_saved_step: int = -1
+    stopped_by: int | None = None  # the signal that stopped the run, if any
 
     @classmethod
     def setup(cls, cfg: Config) -> "Trainer":
         world_size = state.launch_world_size()
         cfg.validate_for_launch(world_size)
         vocab, manifest = data_vocab_and_seq(cfg)
-        device, _ = state.init_world(cfg.parallel.backend, cfg.parallel.init_timeout_s)
+        device, _ = state.init_world(
+            cfg.parallel.backend, cfg.parallel.init_timeout_s, cfg.launch.rendezvous_timeout_s)
         layout = state.init_model_parallel(cfg.parallel.tp, cfg.parallel.pp, device)
+        if cfg.launch.health_check:
+            health.preflight(device, cfg.launch.health_outlier_ratio)
         seed_everything(cfg.train.seed)
-        model = GPT(cfg.model, vocab, cfg.parallel.tp)
+        model = GPT(cfg.model, vocab, cfg.parallel.tp, balance_tokens=cfg.parallel.balance_tokens)
         engine, precision = build_engine(cfg, model, layout)
         if layout.is_writer:
             save_config(cfg, Path(cfg.run.dir) / "config.yaml")
-        return cls(cfg, layout, engine, precision, vocab, manifest)
+        trainer = cls(cfg, layout, engine, precision, vocab, manifest)
+        trainer.resume()
+        return trainer
 
     # -- pieces of the loop -------------------------------------------------------------------------------------
     def loader(self, split: str, start_sample: int = 0, shuffle: bool | None = None) -> TokenLoader:
@@ -77,17 +90,23 @@ class Trainer:
             seed=self.cfg.train.seed, start_sample=start_sample,
             shuffle=self.cfg.data.shuffle if shuffle is None else shuffle)
 
-    def train_step(self, batches) -> float:
-        """One optimizer step over `grad_accum` micro-batches; returns the loss averaged over micro-batches and DP."""
+    def train_step(self, batches) -> dict[str, float]:
+        """One optimizer step over `grad_accum` micro-batches. Returns the LM loss averaged over micro-batches and
+        DP (`loss`) and, for routed models, the routing metrics."""
         total = torch.zeros((), dtype=torch.float32, device=self.layout.device)
+        routing = RoutingMeter()
         n = 0
         for tokens in batches:
             loss = self.engine(tokens.to(self.layout.device, non_blocking=True))
             self.engine.backward(loss)
             self.engine.step()
-            total += loss.detach().float()
+            total += self.engine.module.last_lm_loss.float()
+            routing.add(self.engine.module.routing_records())
             n += 1
-        return state.all_reduce_mean(total / n, state.dp_group()).item()
+        loss = state.all_reduce_mean(total / n, state.dp_group()).item()
+        routing_metrics, logit_quantiles = routing.reduce(state.dp_group())
+        self.engine.module.update_routing(logit_quantiles)
+        return {"loss": loss, **routing_metrics}
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -95,42 +114,67 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float32, device=self.layout.device)
         batches = iter(self.loader("val", shuffle=False))
         for _ in range(self.cfg.eval.batches):
-            total += self.engine(next(batches).to(self.layout.device)).float()
+            self.engine(next(batches).to(self.layout.device))
+            total += self.engine.module.last_lm_loss.float()
         self.engine.train()
         return state.all_reduce_mean(total / self.cfg.eval.batches, state.dp_group()).item()
 
-    def save(self, step: int) -> Path:
-        tag = f"step{step:08d}"
-        self.engine.save_checkpoint(str(self.cfg.checkpoint_dir), tag=tag, client_state={"step": step})
-        return self.cfg.checkpoint_dir / tag
+    def save(self) -> Path:
+        """Checkpoint the current step (atomic, see training/checkpoint.py). Collective."""
+        tokenizer = Path(self.cfg.data.path) / self.manifest.get("tokenizer", "tokenizer.json")
+        path = ckpt.save(self.engine, self.cfg, self.layout, self.progress, self.vocab_size, self.extra_state,
+                         tokenizer=tokenizer)
+        self.last_saved_step = self.progress.step
+        return path
+
+    def resume(self) -> None:
+        """Continue from `cfg.resume` (auto / none / path): weights, optimizer, scheduler, RNG, data position."""
+        log = print if self.layout.is_writer else None
+        path = ckpt.resolve_resume(self.cfg, log=log)
+        if path is not None:
+            self.progress = ckpt.load(self.engine, self.cfg, self.layout, path, self.vocab_size, self.extra_state,
+                                      log=log)
+            self.last_saved_step = self.progress.step
+            if log:
+                log(f"resumed from {path}: step {self.progress.step}, {self.progress.consumed_samples} samples")
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg, layout = self.cfg, self.layout
         ga = cfg.grad_accum_steps(layout.world_size)
         tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
-        flops_per_token = model_flops_per_token(
-            cfg.model.num_layers, cfg.model.hidden_size, cfg.model.ffn_size, cfg.model.num_heads,
-            cfg.model.padded_vocab_size(self.vocab_size), cfg.model.seq_len)
+        routed = len(cfg.model.skip.routed_layers(cfg.model.num_layers))
+
+        def model_flops(exec_rate: float | None) -> float:
+            """Per-token training FLOPs; routed layers count at their measured execution rate."""
+            layer_rate = 1.0 if exec_rate is None else 1 - routed * (1 - exec_rate) / cfg.model.num_layers
+            return model_flops_per_token(
+                cfg.model.num_layers, cfg.model.hidden_size, cfg.model.ffn_size, cfg.model.num_heads,
+                cfg.model.padded_vocab_size(self.vocab_size), cfg.model.seq_len, exec_rate=layer_rate)
         peak = peak_flops(layout.device, torch.bfloat16 if self.precision == "bf16" else torch.float32,
                           cfg.logging.peak_tflops * 1e12 if cfg.logging.peak_tflops else None)
         log = MetricsLogger(cfg.run.dir, is_writer=layout.is_writer, total_steps=cfg.train.max_steps,
-                            tensorboard=cfg.logging.tensorboard, print_every=cfg.logging.print_every)
+                            tensorboard=cfg.logging.tensorboard, print_every=cfg.logging.print_every,
+                            start_step=self.progress.step)
         log.log_text(
             f"world {layout.world_size} = tp {layout.tp} x pp {layout.pp} x dp {layout.dp} | zero {cfg.zero.stage} | "
             f"{self.precision} on {layout.device.type} | params/rank "
             f"{sum(p.numel() for p in self.engine.module.parameters()) / 1e6:.2f}M | grad accum {ga}")
-        batches = iter(self.loader("train"))
+        batches = iter(self.loader("train", start_sample=self.progress.consumed_samples))
+        signals = ckpt.StopSignals(layout.device).install()
         nonfinite = 0
         if layout.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        for step in range(1, cfg.train.max_steps + 1):
+        for step in range(self.progress.step + 1, cfg.train.max_steps + 1):
             start = time.perf_counter()
-            loss = self.train_step(next(batches) for _ in range(ga))
+            step_metrics = self.train_step(next(batches) for _ in range(ga))
+            loss = step_metrics["loss"]
+            self.progress.advance(cfg.train.global_batch_size, tokens_per_step)
             elapsed = time.perf_counter() - start
             tokens_per_s = tokens_per_step / elapsed
+            flops_per_token = model_flops(step_metrics.get("skip/exec_rate"))
             metrics = {
-                "loss": loss,
+                **step_metrics,
                 "lr": self.engine.get_lr()[0],
                 "grad_norm": _as_float(self.engine.get_global_grad_norm()),
                 "tokens_per_s": tokens_per_s,
@@ -151,11 +195,16 @@ class Trainer:
                     f"loss was non-finite for {nonfinite} consecutive steps (last at step {step}); "
                     f"stopping (train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}). Lower optimizer.lr, "
                     f"raise optimizer.warmup_steps or check the data.")
-            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
-                self.save(step)
-        saved_last = cfg.checkpoint.interval and cfg.train.max_steps % cfg.checkpoint.interval == 0
-        if cfg.checkpoint.save_at_end and not saved_last:
-            self.save(cfg.train.max_steps)
+            stop = signals.requested()  # agreed across ranks at the step boundary
+            if stop or cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
+                self.save()
+            if stop:
+                self.stopped_by = stop
+                log.log_text(f"stopped by signal {stop} after step {step}; checkpoint saved")
+                break
+        signals.restore()
+        if cfg.checkpoint.save_at_end and not self.stopped_by and self.last_saved_step != self.progress.step:
+            self.save()
         log.close()
         return log.summary()
 
@@ -172,6 +221,8 @@ def train(cfg: Config) -> dict:
     try:
         summary = trainer.run()
         dist.barrier()
-        return summary
     finally:
         state.shutdown()
+    if trainer.stopped_by:  # saved at a step boundary; exit with ckpt.EXIT_PREEMPTED so the job can be requeued
+        raise ckpt.Preempted(trainer.stopped_by, trainer.last_saved_step)
+    return summary

@@ -1,0 +1,32 @@
+"""Tiny training runs for tests: a CPU-sized config and a function that trains it on one rank of a pool."""
+
+BASE = [
+    "model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_len=32",
+    "model.make_vocab_size_divisible_by=64", "train.micro_batch_size=2", "train.global_batch_size=4",
+    "train.max_steps=5", "optimizer.warmup_steps=2", "optimizer.lr=3e-3", "eval.interval=0", "eval.batches=1",
+    "logging.tensorboard=false", "data.num_workers=0", "checkpoint.save_at_end=false",
+]
+
+
+def train_run(overrides, data, run_dir, metrics=("loss",)):
+    """Train BASE + overrides on this rank; returns (rank 0: per-step values of `metrics`, else None; whole
+    weights). With one metric the per-step values are a plain list."""
+    import torch.distributed as dist
+
+    from skiptron.training.config import load_config
+    from skiptron.training.metrics import read_metrics
+    from skiptron.training.trainer import Trainer
+    from skiptron.training.weights import full_state_dict
+
+    cfg = load_config(None, BASE + [f"data.path={data}", f"run.dir={run_dir}"] + list(overrides))
+    trainer = Trainer.setup(cfg)
+    trainer.run()
+    weights = full_state_dict(trainer.engine.module)
+    dist.barrier()
+    values = None
+    if dist.get_rank() == 0:
+        records = read_metrics(run_dir)
+        values = {k: [m.get(k) for m in records] for k in metrics}
+        if len(metrics) == 1:
+            values = values[metrics[0]]
+    return values, weights

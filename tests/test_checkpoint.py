@@ -1,0 +1,258 @@
+"""Checkpoints: exact resume, stop on a signal, resharding, atomic saves under SIGKILL, bad input."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from runs import BASE
+
+CKPT = ["train.max_steps=20", "optimizer.warmup_steps=3", "checkpoint.keep=0"]
+
+
+def _train(overrides, data, run_dir, stop_at=None):
+    """Train (resuming per `resume`, default auto); rank 0 sends itself SIGUSR1 during step `stop_at`."""
+    import torch.distributed as dist
+
+    from skiptron.training.config import load_config
+    from skiptron.training.metrics import read_metrics
+    from skiptron.training.trainer import Trainer
+    from skiptron.training.weights import full_state_dict
+
+    cfg = load_config(None, BASE + CKPT + [f"data.path={data}", f"run.dir={run_dir}"] + overrides)
+    trainer = Trainer.setup(cfg)
+    start = trainer.progress.step
+    if stop_at:
+        step_fn = trainer.train_step
+
+        def train_step(batches):
+            out = step_fn(batches)
+            if trainer.progress.step + 1 == stop_at and dist.get_rank() == 0:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return out
+
+        trainer.train_step = train_step
+    trainer.run()
+    weights = full_state_dict(trainer.engine.module)
+    dist.barrier()
+    losses = {m["step"]: m["loss"] for m in read_metrics(run_dir)} if dist.get_rank() == 0 else None
+    return {"losses": losses, "weights": weights, "start": start, "step": trainer.progress.step,
+            "samples": trainer.progress.consumed_samples, "stopped_by": trainer.stopped_by}
+
+
+def _same_weights(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for name in a:
+        if atol == 0:
+            assert torch.equal(a[name], b[name]), name
+        else:
+            torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("layout", [["zero.stage=1"], ["zero.stage=3"], ["parallel.tp=2", "zero.stage=1"],
+                                    ["parallel.tp=2", "zero.stage=3"]], ids=["dp2-z1", "dp2-z3", "tp2-z1", "tp2-z3"])
+def test_exact_resume_after_signal(pool2, tiny_data, tmp_path, layout):
+    """20 steps == 10 steps, stopped by SIGUSR1 on one rank, + resume + 10 steps: bitwise equal losses and weights."""
+    full = pool2.run(_train, layout, tiny_data, tmp_path / "full")
+    first = pool2.run(_train, layout, tiny_data, tmp_path / "cut", stop_at=10)
+    assert [r["stopped_by"] for r in first] == [signal.SIGUSR1] * 2 and first[0]["step"] == 10
+    assert (tmp_path / "cut/checkpoints/latest").read_text() == "step00000010"
+    second = pool2.run(_train, layout, tiny_data, tmp_path / "cut")
+    assert second[0]["start"] == 10 and second[0]["step"] == 20
+    assert second[0]["samples"] == 20 * 4  # data position: consumed samples of the global stream
+    assert second[0]["losses"] == full[0]["losses"]  # steps 1..10 from the first run, 11..20 from the resumed one
+    for rank in range(2):
+        _same_weights(second[rank]["weights"], full[rank]["weights"])
+
+
+@pytest.mark.parametrize("before, after", [
+    (["parallel.tp=2", "zero.stage=2"], ["parallel.tp=1", "zero.stage=1"]),
+    (["zero.stage=2"], ["zero.stage=1"]),
+    (["zero.stage=3"], ["parallel.tp=2", "zero.stage=0"]),
+], ids=["tp2dp1-to-tp1dp2", "zero2-to-zero1", "zero3dp2-to-tp2zero0"])
+def test_resume_under_another_layout(pool2, tiny_data, tmp_path, before, after):
+    """A checkpoint resharded to a new layout continues the original trajectory (weights and Adam moments)."""
+    full = pool2.run(_train, before, tiny_data, tmp_path / "full")
+    pool2.run(_train, before, tiny_data, tmp_path / "cut", stop_at=10)
+    resumed = pool2.run(_train, after, tiny_data, tmp_path / "cut")
+    assert resumed[0]["start"] == 10
+    ref, got = full[0]["losses"], resumed[0]["losses"]
+    assert abs(got[11] - ref[11]) < 1e-5  # the next step's loss: the weights came over exactly
+    torch.testing.assert_close(torch.tensor([got[s] for s in range(11, 21)]),
+                               torch.tensor([ref[s] for s in range(11, 21)]), atol=1e-4, rtol=0)
+    _same_weights(resumed[0]["weights"], full[0]["weights"], atol=1e-4)
+
+
+# -- a finished run with several checkpoints, for the file-level tests ----------------------------------------------
+@pytest.fixture(scope="module")
+def saved_run(pools, tiny_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("saved")
+    pools(2).run(_train, ["train.max_steps=6", "checkpoint.interval=2"], tiny_data, run)
+    return run / "checkpoints"
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "checkpoints"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_layout_of_a_checkpoint(saved_run):
+    from skiptron.training import checkpoint as ckpt
+
+    assert [p.name for p in ckpt.list_checkpoints(saved_run)] == ["step00000006", "step00000004", "step00000002"]
+    assert (saved_run / "latest").read_text() == "step00000006"
+    path = saved_run / "step00000006"
+    ckpt.verify(path)
+    meta = ckpt.read_meta(path)
+    assert meta["step"] == 6 and meta["consumed_samples"] == 24 and meta["layout"]["dp"] == 2
+    assert meta["params"]["embedding.tokens.weight"]["vocab_padding"] == 320 - meta["vocab_size"]
+    files = json.loads((path / "manifest.json").read_text())["files"]
+    assert {"rank00000.pt", "rank00001.pt", "trainer.json", "config.yaml", "tokenizer.json"} <= files.keys()
+    assert not any(p.name.startswith(".tmp-") for p in saved_run.iterdir())
+
+
+@pytest.mark.parametrize("damage", ["truncate", "missing", "flip"])
+def test_auto_resume_skips_a_damaged_checkpoint(saved_run, tmp_path, damage):
+    from skiptron.training import checkpoint as ckpt
+
+    root = _copy(saved_run, tmp_path)
+    victim = root / "step00000006" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    if damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[:1000])
+    elif damage == "missing":
+        victim.unlink()
+    else:
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    messages = []
+    assert ckpt.find_resumable(root, log=messages.append) == root / "step00000004"
+    assert str(victim) in messages[0]
+    with pytest.raises(ckpt.CheckpointError, match="zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+        ckpt.verify(root / "step00000006")
+
+
+def test_refuses_newer_format_and_other_models(saved_run, tmp_path, tiny_data):
+    from skiptron.training import checkpoint as ckpt
+    from skiptron.training.config import load_config
+
+    root = _copy(saved_run, tmp_path)
+    path = root / "step00000006"
+    meta = ckpt.read_meta(path)
+    cfg = load_config(None, BASE + [f"data.path={tiny_data}", "model.hidden_size=128", "model.num_layers=3"])
+    with pytest.raises(ckpt.CheckpointError, match=r"model.hidden_size: checkpoint 64, config 128.*model.num_layers"):
+        ckpt.check_compatible(path, meta, cfg, meta["vocab_size"])
+    (path / "trainer.json").write_text(json.dumps({**meta, "version": ckpt.FORMAT_VERSION + 1}))
+    with pytest.raises(ckpt.CheckpointError, match=r"trainer.json has checkpoint format version 2"):
+        ckpt.read_meta(path)
+
+
+def test_retention(saved_run, tmp_path):
+    from skiptron.training import checkpoint as ckpt
+
+    root = _copy(saved_run, tmp_path)
+    removed = ckpt.apply_retention(root, keep=1, keep_every=4)
+    assert [p.name for p in removed] == ["step00000002"]
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step00000006", "step00000004"]
+
+
+def test_consolidate_agrees_with_deepspeed_zero_to_fp32(saved_run):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from skiptron.training import checkpoint as ckpt
+
+    path = saved_run / "step00000006"
+    weights, moments, step, _ = ckpt.read_full_state(path)
+    reference = get_fp32_state_dict_from_zero_checkpoint(str(saved_run), tag=path.name)
+    assert step == 6 and set(moments) == set(weights)
+    for name, value in weights.items():
+        assert torch.equal(value, reference[name].float()), name
+
+
+# -- SIGKILL at any moment of a save ------------------------------------------------------------------------------
+CHILD = r"""
+import os, signal, sys
+from skiptron.training import checkpoint as ckpt
+from skiptron.training.config import load_config
+from skiptron.training.trainer import Trainer
+
+phase, overrides = sys.argv[1], sys.argv[2:]
+# let the save of step 2 finish, die inside the save of step 4
+target = {"rank-file": "_torch_save", "manifest": "_write_manifest", "publish": "_publish",
+          "retention": "apply_retention"}[phase]
+real = getattr(ckpt, target)
+
+def wrapper(*args, **kwargs):
+    if trainer.progress.step == 4:
+        if phase == "rank-file":  # a torn file: partly written, then killed
+            with open(args[1], "wb") as f:
+                f.write(b"partial")
+        elif phase == "publish":  # the directory renamed, `latest` not yet updated
+            real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+
+setattr(ckpt, target, wrapper)
+trainer = Trainer.setup(load_config(None, overrides))
+trainer.run()
+"""
+
+
+def test_sigkill_during_save_keeps_previous_checkpoint(pools, tiny_data, tmp_path):
+    from skiptron.training import checkpoint as ckpt
+
+    phases = ["rank-file", "manifest", "publish", "retention"]
+    procs = {}
+    for i, phase in enumerate(phases):
+        run = tmp_path / phase
+        env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(29710 + i), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+        args = BASE + ["train.max_steps=4", "checkpoint.interval=2", "checkpoint.keep=1",
+                       f"data.path={tiny_data}", f"run.dir={run}"]
+        procs[phase] = subprocess.Popen([sys.executable, "-c", CHILD, phase, *args], env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for phase, proc in procs.items():
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == -signal.SIGKILL, f"{phase}: rc {proc.returncode}\n{out[-3000:]}"
+        root = tmp_path / phase / "checkpoints"
+        latest = (root / "latest").read_text()
+        ckpt.verify(root / latest)  # the `latest` pointer always names a complete checkpoint
+        found = ckpt.find_resumable(root, log=None)
+        expected = "step00000004" if phase in ("publish", "retention") else "step00000002"
+        assert found.name == expected, phase
+        weights, _, step, _ = ckpt.read_full_state(found)
+        assert step == int(expected[4:]) and all(torch.isfinite(w).all() for w in weights.values())
+    # and a real resume from one of them continues
+    res = pools(1).run(_train, ["train.max_steps=4", "checkpoint.interval=2"], tiny_data, tmp_path / "manifest")
+    assert res[0]["start"] == 2 and res[0]["step"] == 4
+
+
+def test_cli_exits_with_distinct_code_on_sigterm(tiny_data, tmp_path):
+    """SIGTERM to one torchrun worker: both save the same step and exit with EXIT_PREEMPTED."""
+    from skiptron.training import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29633",
+           "-m", "skiptron.tools.train", "--config", "tiny", *BASE, f"data.path={tiny_data}", f"run.dir={run}",
+           "train.max_steps=100000", "logging.print_every=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    import time
+
+    deadline = time.time() + 300
+    while not (run / "metrics.jsonl").is_file() or len((run / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.5)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(int(workers[-1]), signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and f"exitcode  : {ckpt.EXIT_PREEMPTED}" in out, out[-3000:]
+    found = ckpt.find_resumable(run / "checkpoints", log=None)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert found.name == f"step{steps[-1]:08d}" and (run / "checkpoints/latest").read_text() == found.name

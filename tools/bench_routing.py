@@ -1,0 +1,145 @@
+"""`skiptron-bench-routing compute|balance`: what skip routing saves, and what the DP token balancer buys.
+
+compute (one process): a whole train step (DeepSpeed engine, AdamW) of the dense model against the same model with
+every layer routed at execution rate 0.5 (capacity mode, so the rate is exact), with `kv: all` and `kv: active`.
+
+balance (torchrun, 2 or more processes, one thread each): forward + backward + the DP gradient all-reduce of a routed
+model whose ranks are deliberately skewed (rank 0 executes 90% of its tokens in every routed layer, the others 10%:
+each rank's router offset is set for that; benchmark only, training keeps offsets equal) with the balancer off and
+on, against the ideal where every rank holds the mean load (50%). Also prints the bytes the token exchange moves per
+step next to the gradient all-reduce's bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+import torch.distributed as dist
+
+from skiptron.parallel import state
+from skiptron.tools.bench import alternate_timings
+from skiptron.training.config import load_config
+from skiptron.training.engine import build_engine
+from skiptron.training.model import GPT
+from skiptron.training.trainer import Trainer, seed_everything
+
+ROUTED = ["model.skip.enabled=true", "model.skip.mode=capacity", "model.skip.target_rate=0.5",
+          "model.skip.granularity=layer"]
+
+
+def compute(args) -> dict:
+    device, _ = state.init_world("auto")
+    base = load_config(args.config, args.overrides)
+    layout = state.init_model_parallel(base.parallel.tp, 1, device)
+    if layout.world_size != 1:
+        raise SystemExit("the compute benchmark runs as one process")
+    ga = base.grad_accum_steps(1)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, args.vocab_size, (base.train.micro_batch_size, base.model.seq_len + 1),
+                             generator=g).to(device) for _ in range(ga)]
+    variants = {"dense": [], "routed kv=all": ROUTED + ["model.skip.kv=all"],
+                "routed kv=active": ROUTED + ["model.skip.kv=active"]}
+    systems = {}
+    for name, extra in variants.items():
+        cfg = load_config(args.config, list(args.overrides) + extra)
+        seed_everything(cfg.train.seed)
+        engine, precision = build_engine(cfg, GPT(cfg.model, args.vocab_size, cfg.parallel.tp), layout)
+        trainer = Trainer(cfg, layout, engine, precision, args.vocab_size, manifest={})
+        systems[name] = lambda t=trainer: t.train_step(iter(batches))
+    times = alternate_timings(systems, device, args.warmup, args.rounds, args.steps)
+    step = {name: statistics.median(t) for name, t in times.items()}
+    result = {"step_s": step, "ratio_vs_dense": {n: step[n] / step["dense"] for n in step}}
+    for name in step:
+        print(f"{name:17s} step {step[name] * 1e3:8.1f} ms | ratio to dense {step[name] / step['dense']:.3f}")
+    print("target: routed at rate 0.5 <= 0.65 x dense")
+    return result
+
+
+def _skewed_model(cfg, vocab: int, rate: float, balance: bool, tokens: torch.Tensor) -> GPT:
+    """A routed model whose router offsets make this rank execute `rate` of its tokens in every routed layer."""
+    seed_everything(cfg.train.seed)
+    model = GPT(cfg.model.model_copy(update={"skip": cfg.model.skip.model_copy(
+        update={"target_rate": rate, "controller_rate": 1.0})}), vocab, 1, balance_tokens=balance)
+    with torch.no_grad():
+        for _ in range(3):  # each layer's input depends on the layers before it
+            model(tokens)
+            model.update_routing({i: r.logit_quantile for i, r in model.routing_records().items()})
+    return model
+
+
+def balance_bench(args) -> dict:
+    device, _ = state.init_world("auto")
+    torch.set_num_threads(1)
+    cfg = load_config(args.config, list(args.overrides) + ROUTED[:1] + [
+        "model.skip.mode=threshold", f"model.skip.granularity={args.granularity}"])
+    layout = state.init_model_parallel(1, 1, device)
+    if layout.world_size < 2:
+        raise SystemExit("the balance benchmark needs 2 or more processes (torchrun --nproc-per-node 2)")
+    g = torch.Generator().manual_seed(layout.rank)
+    tokens = torch.randint(0, args.vocab_size, (cfg.train.micro_batch_size, cfg.model.seq_len + 1),
+                           generator=g).to(device)
+    hot = 0.9 if layout.rank == 0 else 0.1
+    models = {"unbalanced": _skewed_model(cfg, args.vocab_size, hot, False, tokens),
+              "balanced": _skewed_model(cfg, args.vocab_size, hot, True, tokens),
+              "ideal": _skewed_model(cfg, args.vocab_size, 0.5, False, tokens)}
+    exchange_bytes = {}
+
+    def step(name):
+        model = models[name]
+        model.zero_grad(set_to_none=True)
+        model(tokens).backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        dist.all_reduce(grads)
+        exchange_bytes[name] = 2 * sum(r.balance.get("bytes_moved", 0) for r in model.routing_records().values())
+
+    times = alternate_timings({n: (lambda n=n: step(n)) for n in models}, device, args.warmup, args.rounds,
+                              args.steps)
+    step_s = {}
+    for name, t in times.items():
+        slowest = torch.tensor(statistics.median(t))
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # a synchronous DP step takes as long as its slowest rank
+        step_s[name] = slowest.item()
+    rates = {i: r.exec_rate for i, r in models["unbalanced"].routing_records().items()}
+    params = sum(p.numel() * p.element_size() for p in models["ideal"].parameters())
+    grad_bytes = 2 * (layout.world_size - 1) / layout.world_size * params
+    result = {"granularity": args.granularity, "world": layout.world_size, "step_s": step_s,
+              "balanced_vs_ideal": step_s["balanced"] / step_s["ideal"],
+              "unbalanced_vs_balanced": step_s["unbalanced"] / step_s["balanced"],
+              "exchange_bytes_per_step_rank0": exchange_bytes["balanced"], "grad_allreduce_bytes_per_rank": grad_bytes,
+              "rank0_exec_rates": rates}
+    if layout.is_writer:
+        for name, s in step_s.items():
+            print(f"{name:10s} step {s * 1e3:8.1f} ms (slowest rank)")
+        print(f"balanced / ideal: {result['balanced_vs_ideal']:.3f} (target <= 1.15); "
+              f"unbalanced / balanced: {result['unbalanced_vs_balanced']:.3f} (target >= 1.5)")
+        print(f"token exchange: {exchange_bytes['balanced'] / 1e6:.2f} MB/step on rank 0 (forward + backward) | "
+              f"gradient all-reduce: {grad_bytes / 1e6:.2f} MB/step per rank")
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="skiptron-bench-routing", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["compute", "balance"])
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--granularity", default="mlp", choices=["layer", "mlp"], help="balance mode")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--json", help="also write the results to this file (rank 0)")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    result = compute(args) if args.mode == "compute" else balance_bench(args)
+    if args.json and (not dist.is_initialized() or dist.get_rank() == 0):
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    state.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,695 @@
+"""Sharded checkpoints: atomic saves, verified resume, and resharding to another parallel layout.
+
+A checkpoint is a directory `<checkpoint.dir>/step########/` holding
+
+    DeepSpeed's own shards   model states per TP rank, ZeRO optimizer states per (DP, TP) rank, LR scheduler
+    rank#####.pt             per-rank state: RNG streams (python, numpy, torch, cuda) and `extra` stateful objects
+    trainer.json             format version, step, consumed samples/tokens, the layout it was saved with, every
+                             parameter's parallel layout (full shape, TP partition dim and stride, vocab padding)
+                             and the optimizer's parameter groups by name
+    config.yaml, tokenizer.json
+    manifest.json            written last: size and sha256 of every other file
+
+Atomicity: every rank writes under `.tmp-step########`; only when all ranks have finished and the manifest is in
+place does rank 0 rename the directory and then replace the `latest` pointer (both atomic renames). A process
+killed at any moment leaves at worst a `.tmp-*` directory that nobody reads, so the previous checkpoint stays
+loadable. `resume=auto` does not trust `latest` blindly: it takes the newest directory whose manifest verifies
+and names what is wrong with the ones it skips.
+
+Resume: when the layout (TP, PP, DP, ZeRO stage, precision) is unchanged, DeepSpeed loads its own shards (exact,
+bitwise). Otherwise the checkpoint is *resharded*: `read_full_state` rebuilds every parameter's fp32 master weight
+and Adam moments as whole TP=1 tensors from DeepSpeed's files (using the layout recorded in trainer.json, never
+guessing), and `apply_full_state` cuts out this rank's TP shard and hands it to DeepSpeed's ZeRO partitions. We
+write the resharding rather than use DeepSpeed's universal checkpoint because the latter needs name patterns for
+megatron's strided QKV / gate-up splits and does not cover ZeRO-3 reliably; here the per-parameter layout is exact.
+Resharding reads the whole model state on every rank (CPU memory: ~12 bytes per parameter, once, at resume).
+
+The data position is the number of consumed samples of the loader's global stream (see `training/loader.py`), so it
+survives a change of DP size.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from skiptron.parallel.tensor_parallel import tp_layout
+
+FORMAT = "skiptron-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+META = "trainer.json"
+LATEST = "latest"
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+# Model keys that may change across a resume without changing any weight.
+RESHAPE_FREE_MODEL_KEYS = {"seq_len", "init_std"}
+# Exit code of a run stopped by SIGTERM/SIGUSR1 after saving (EX_TEMPFAIL: "try again", i.e. requeue me).
+EXIT_PREEMPTED = 75
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file or key."""
+
+
+@dataclass
+class Progress:
+    """Where training stands: what a resume needs besides weights and optimizer."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+
+    def advance(self, samples: int, tokens: int) -> None:
+        self.step += 1
+        self.consumed_samples += samples
+        self.consumed_tokens += tokens
+
+
+def step_tag(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank{rank:05d}.pt"
+
+
+# -- small filesystem helpers ---------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so readers see the old file or the whole new one, never a torn one."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _torch_save(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _gather(obj, group=None) -> list:
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return [obj]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# -- manifest and verification ----------------------------------------------------------------------------------
+def _checksums(root: Path, names: list[str]) -> dict[str, dict]:
+    """Size and sha256 of `names`; hashing is spread over the ranks (collective when a group exists)."""
+    rank, world = _rank_world()
+    mine = {n: {"size": (root / n).stat().st_size, "sha256": _sha256(root / n)} for n in names[rank::world]}
+    out: dict[str, dict] = {}
+    for part in _gather(mine):
+        out.update(part)
+    return out
+
+
+def _problems(path: Path, collective: bool) -> list[str]:
+    """What is wrong with a checkpoint directory (empty list: complete and intact)."""
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file():
+        return [f"{manifest_file} is missing (the save did not finish)"]
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError) as err:
+        return [f"{manifest_file} is unreadable: {err}"]
+    problems = []
+    for name, entry in files.items():
+        f = path / name
+        if not f.is_file():
+            problems.append(f"{f} is missing")
+        elif f.stat().st_size != entry["size"]:
+            problems.append(f"{f} has {f.stat().st_size} bytes, the manifest says {entry['size']} (truncated?)")
+    if problems:
+        return problems
+    names = sorted(files)
+    sums = _checksums(path, names) if collective else {n: {"sha256": _sha256(path / n)} for n in names}
+    return [f"{path / n} fails its checksum (corrupt)" for n in names if sums[n]["sha256"] != files[n]["sha256"]]
+
+
+def verify(path: str | os.PathLike, collective: bool = False) -> None:
+    """Raise CheckpointError naming every missing, truncated or corrupt file of the checkpoint at `path`."""
+    problems = _problems(Path(path), collective)
+    if problems:
+        raise CheckpointError("; ".join(problems))
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Published checkpoint directories under `root`, newest first (no temporary or half-deleted ones)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step") and p.name[4:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[4:]), reverse=True)
+
+
+def find_resumable(root: str | os.PathLike, collective: bool = False, log=print) -> Path | None:
+    """The newest checkpoint under `root` that verifies; the broken ones are reported by name and skipped."""
+    for path in list_checkpoints(root):
+        problems = _problems(path, collective)
+        if not problems:
+            return path
+        if log:
+            log(f"checkpoint {path} is not usable, trying the previous one: {'; '.join(problems)}")
+    return None
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """trainer.json of a checkpoint, with its format and version checked."""
+    f = Path(path) / META
+    if not f.is_file():
+        raise CheckpointError(f"{f} is missing: {path} is not a skiptron checkpoint")
+    try:
+        meta = json.loads(f.read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{f} is unreadable: {err}") from err
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{f} is not a {FORMAT} file")
+    if meta.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{f} has checkpoint format version {meta['version']}, newer than this code reads ({FORMAT_VERSION}); "
+            f"update skiptron")
+    return meta
+
+
+# -- save -------------------------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def param_layouts(module: torch.nn.Module, tp: int, vocab_size: int) -> dict[str, dict]:
+    """Each parameter's parallel layout, written at save time so resharding never guesses."""
+    out = {}
+    for name, p in module.named_parameters():
+        shape = list(getattr(p, "ds_shape", p.shape))
+        layout = tp_layout(p)
+        dim, stride = layout if layout else (None, 1)
+        if dim is not None:
+            shape[dim] *= tp
+        entry = {"shape": shape, "partition_dim": dim, "stride": stride}
+        if getattr(p, "partition_dim", None) == 0 and name.endswith(("tokens.weight", "output.weight")):
+            entry["vocab_padding"] = shape[0] - vocab_size
+        out[name] = entry
+    return out
+
+
+def optimizer_group_names(engine) -> list[list[str]]:
+    """The optimizer's parameter groups by parameter name (stage-0 optimizer state is keyed by this order)."""
+    from .engine import param_groups
+
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in param_groups(engine.module, 0.0)]
+
+
+def save(engine, cfg, layout, progress: Progress, vocab_size: int, extra: dict | None = None,
+         tokenizer: str | os.PathLike | None = None) -> Path:
+    """Save a checkpoint of `progress.step` atomically, update `latest`, apply retention. Collective."""
+    root = cfg.checkpoint_dir
+    tag = step_tag(progress.step)
+    tmp, final = root / f"{TMP_PREFIX}{tag}", root / tag
+    if layout.is_writer:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a save that was killed
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    engine.save_checkpoint(str(root), tag=tmp.name, client_state={"step": progress.step}, save_latest=False)
+    _torch_save({"rng": rng_state(), "extra": {k: v.state_dict() for k, v in (extra or {}).items()}},
+                tmp / _rank_file(layout.rank))
+    meta = {
+        "format": FORMAT, "version": FORMAT_VERSION, "kind": "training", **asdict(progress),
+        "time": time.time(), "vocab_size": vocab_size,
+        "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "world_size": layout.world_size,
+                   "zero_stage": cfg.zero.stage, "precision": _precision(engine)},
+        "params": param_layouts(engine.module, layout.tp, vocab_size),
+        "optimizer_groups": optimizer_group_names(engine),
+    }
+    if layout.is_writer:
+        from .config import save_config
+
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+        save_config(cfg, tmp / "config.yaml")
+        if tokenizer and Path(tokenizer).is_file():
+            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+    _barrier()
+    _write_manifest(tmp, _checksums(tmp, _listing(tmp)), layout.is_writer)
+    if layout.is_writer:
+        _publish(tmp, final)
+        _update_latest(root, tag)
+        apply_retention(root, cfg.checkpoint.keep, cfg.checkpoint.keep_every)
+    _barrier()
+    return final
+
+
+def _precision(engine) -> str:
+    if engine.bfloat16_enabled():
+        return "bf16"
+    return "fp16" if engine.fp16_enabled() else "fp32"
+
+
+def _write_manifest(tmp: Path, files: dict, is_writer: bool) -> None:
+    if is_writer:
+        body = {"format": FORMAT, "version": FORMAT_VERSION, "files": files}
+        _atomic_write(tmp / MANIFEST, json.dumps(body, indent=1).encode())
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Make a finished checkpoint visible under its final name (an atomic directory rename)."""
+    if final.exists():  # the same step saved again (e.g. a resumed run that stopped at once): replace it
+        trash = final.with_name(f"{TRASH_PREFIX}{final.name}")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(final, trash)
+        shutil.rmtree(trash)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _update_latest(root: Path, tag: str) -> None:
+    _atomic_write(root / LATEST, tag.encode())
+
+
+def apply_retention(root: Path, keep: int, keep_every: int = 0) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints (0 keeps all), sparing steps divisible by `keep_every`.
+
+    A checkpoint is renamed away before it is deleted, so a half-deleted one is never mistaken for a checkpoint."""
+    removed = []
+    if keep <= 0:
+        return removed
+    for path in list_checkpoints(root)[keep:]:
+        if keep_every and int(path.name[4:]) % keep_every == 0:
+            continue
+        trash = path.with_name(f"{TRASH_PREFIX}{path.name}")
+        os.replace(path, trash)
+        shutil.rmtree(trash)
+        removed.append(path)
+    return removed
+
+
+# -- resume -----------------------------------------------------------------------------------------------------
+def resolve_resume(cfg, log=print) -> Path | None:
+    """The checkpoint to resume from for `cfg.resume` (auto / none / a path). Collective (verification)."""
+    choice = str(cfg.resume)
+    if choice == "none":
+        return None
+    if choice == "auto":
+        return find_resumable(cfg.checkpoint_dir, collective=True, log=log)
+    path = Path(choice)
+    if not path.exists():
+        raise CheckpointError(f"resume: {path} does not exist")
+    if not (path / MANIFEST).exists() and not (path / META).exists():  # a checkpoint root: take its newest
+        found = find_resumable(path, collective=True, log=log)
+        if found is None:
+            raise CheckpointError(f"resume: no complete checkpoint under {path}")
+        return found
+    problems = _problems(path, collective=True)
+    if problems:
+        raise CheckpointError(f"resume: {path} is not usable: {'; '.join(problems)}")
+    return path
+
+
+def check_compatible(path: Path, meta: dict, cfg, vocab_size: int) -> None:
+    """Refuse a checkpoint of a different model, naming every differing key."""
+    from .config import load_config
+
+    saved_model = load_config(path / "config.yaml").model
+    saved = {**saved_model.model_dump(mode="json"), "ffn_hidden_size": saved_model.ffn_size}
+    current = {**cfg.model.model_dump(mode="json"), "ffn_hidden_size": cfg.model.ffn_size}
+    diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}"
+             for k in sorted(set(saved) | set(current))
+             if k not in RESHAPE_FREE_MODEL_KEYS and k != "vocab_size" and saved.get(k) != current.get(k)]
+    if meta.get("vocab_size") != vocab_size:
+        diffs.append(f"model.vocab_size: checkpoint {meta.get('vocab_size')!r}, config/data {vocab_size!r}")
+    if diffs:
+        raise CheckpointError(f"{path} was saved from a different model; differing keys: {'; '.join(diffs)}")
+
+
+def same_layout(meta: dict, cfg, layout, engine) -> bool:
+    saved = meta["layout"]
+    return (saved["tp"], saved["pp"], saved["dp"], saved["zero_stage"], saved["precision"]) == (
+        layout.tp, layout.pp, layout.dp, cfg.zero.stage, _precision(engine))
+
+
+def load(engine, cfg, layout, path: Path, vocab_size: int, extra: dict | None = None, log=print) -> Progress:
+    """Restore weights, optimizer, scheduler, RNG, `extra` and the progress from `path`. Collective."""
+    meta = read_meta(path)
+    check_compatible(path, meta, cfg, vocab_size)
+    if meta.get("kind") == "weights":  # from `skiptron-convert from-hf`: weights only, a fresh optimizer
+        apply_full_state(engine, _load_weights_file(path), None, 0)
+        return Progress()
+    if same_layout(meta, cfg, layout, engine):
+        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load {path}")
+    else:
+        if layout.is_writer and log:
+            s = meta["layout"]
+            log(f"resharding {path}: saved with tp={s['tp']} pp={s['pp']} dp={s['dp']} zero={s['zero_stage']} "
+                f"{s['precision']}, loading with tp={layout.tp} pp={layout.pp} dp={layout.dp} zero={cfg.zero.stage}")
+        weights, moments, opt_step, extras = read_full_state(path, meta=meta)
+        apply_full_state(engine, weights, moments, opt_step)
+        scheduler = engine.lr_scheduler
+        scheduler.load_state_dict(extras["lr_scheduler"])
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):  # the LR of the next step
+            group["lr"] = lr
+        engine.global_steps = extras["global_steps"]
+        engine.global_samples = extras["global_samples"]
+        engine.skipped_steps = extras["skipped_steps"]
+        engine.micro_steps = engine.global_steps * engine.gradient_accumulation_steps()
+        buffers = dict(engine.module.named_buffers())
+        for name, value in extras["buffers"].items():  # replicated state such as routing controllers
+            if name in buffers:
+                buffers[name].copy_(value)
+    _load_rank_state(path, meta, layout, extra or {})
+    return Progress(meta["step"], meta["consumed_samples"], meta["consumed_tokens"])
+
+
+def _load_rank_state(path: Path, meta: dict, layout, extra: dict) -> None:
+    """RNG streams and `extra` objects: this rank's own file when the world size is unchanged, else rank 0's.
+
+    An `extra` object that can merge the states of a different layout defines `load_resharded_state(states)`,
+    which gets every saved rank's state (e.g. router statistics)."""
+    same_world = meta["layout"]["world_size"] == layout.world_size
+    own = torch.load(path / _rank_file(layout.rank if same_world else 0), weights_only=False)
+    set_rng_state(own["rng"])
+    for name, obj in extra.items():
+        if name not in own["extra"]:
+            warnings.warn(f"{path}: no saved state for {name!r}; it starts fresh")
+        elif not same_world and hasattr(obj, "load_resharded_state"):
+            states = [torch.load(path / _rank_file(r), weights_only=False)["extra"][name]
+                      for r in range(meta["layout"]["world_size"])]
+            obj.load_resharded_state(states)
+        else:
+            obj.load_state_dict(own["extra"][name])
+
+
+# -- resharding: DeepSpeed's shards <-> whole tensors ------------------------------------------------------------
+def join_tp(parts: list[torch.Tensor], dim: int, stride: int = 1) -> torch.Tensor:
+    """Whole tensor from TP shards split megatron-style (rank r holds chunks j*tp + r of `stride` chunks)."""
+    chunks = [p.chunk(stride, dim=dim) for p in parts]
+    return torch.cat([chunks[r][j] for j in range(stride) for r in range(len(parts))], dim=dim)
+
+
+def split_tp(full: torch.Tensor, dim: int, stride: int, tp: int, rank: int) -> torch.Tensor:
+    """This TP rank's shard of a whole tensor (the inverse of `join_tp`)."""
+    chunks = full.chunk(stride * tp, dim=dim)
+    return torch.cat([chunks[j * tp + rank] for j in range(stride)], dim=dim).contiguous()
+
+
+def _load(path: Path):
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing from the checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated or foreign file
+        raise CheckpointError(f"cannot read {path}: {err}") from err
+
+
+def _model_file(path: Path, stage: int, tp_rank: int) -> Path:
+    prefix = "zero_pp_rank_0_" if stage == 3 else ""
+    return path / f"{prefix}mp_rank_{tp_rank:02d}_model_states.pt"
+
+
+def _optim_file(path: Path, dp_rank: int, tp_rank: int) -> Path:
+    return path / f"zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_optim_states.pt"
+
+
+def _read_tp_rank(path: Path, meta: dict, tp_rank: int, with_optimizer: bool):
+    """One TP rank's local tensors {name: {"param", "exp_avg", "exp_avg_sq"}}, ZeRO partitions joined over DP."""
+    lay = meta["layout"]
+    stage, dp = lay["zero_stage"], lay["dp"]
+    model = _load(_model_file(path, stage, tp_rank))
+    keys = ("param",) + (ADAM_KEYS if with_optimizer else ())
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    if stage == 0:
+        if lay["precision"] != "fp32":
+            raise CheckpointError(f"{path}: resharding a ZeRO-0 {lay['precision']} checkpoint is not supported")
+        names = [n for group in meta["optimizer_groups"] for n in group]
+        state = model["optimizer"]["state"]
+        for i, name in enumerate(names):
+            out[name] = {"param": model["module"][name].float()}
+            if with_optimizer:
+                out[name].update({k: state[i][k] for k in ADAM_KEYS} if i in state else {})
+        return out, model, _opt_step(state)
+    shapes = [(n, torch.Size(s)) for group in model["param_shapes"] for n, s in group.items()]
+    pieces = {n: {k: [] for k in keys} for n, _ in shapes}
+    opt_step = 0
+    for d in range(dp):
+        osd = _load(_optim_file(path, d, tp_rank))["optimizer_state_dict"]
+        if stage == 3:
+            state = osd["optimizer_state_dict"]["state"]
+            flat = {"param": torch.cat(osd["fp32_flat_groups"])}
+            if with_optimizer:
+                flat.update({k: torch.cat([state[g][k] for g in sorted(state)]) for k in ADAM_KEYS})
+            offset = 0
+            for name, shape in shapes:
+                part = math.ceil(shape.numel() / dp)
+                for k in keys:
+                    pieces[name][k].append(flat[k].narrow(0, offset, part))
+                offset += part
+        else:
+            state = osd["base_optimizer_state"]["state"]
+            for g, mapping in enumerate(osd["param_slice_mappings"]):
+                flat = {"param": osd["single_partition_of_fp32_groups"][g]}
+                if with_optimizer:
+                    flat.update({k: state[g][k] for k in ADAM_KEYS})
+                for name, frag in mapping.items():
+                    for k in keys:
+                        pieces[name][k].append(flat[k].narrow(0, frag.start, frag.numel))
+        opt_step = _opt_step(state)
+    for name, shape in shapes:
+        out[name] = {k: torch.cat(v)[: shape.numel()].view(shape).clone() for k, v in pieces[name].items()}
+    return out, model, opt_step
+
+
+def _opt_step(state: dict) -> int:
+    for entry in state.values():
+        return int(entry["step"])
+    return 0
+
+
+def read_full_state(path: str | os.PathLike, meta: dict | None = None, with_optimizer: bool = True):
+    """Whole (TP=1, unpartitioned) fp32 weights and Adam moments from a checkpoint of any layout.
+
+    Returns (weights {name: tensor}, moments {name: {exp_avg, exp_avg_sq}} or None, optimizer step, extras) where
+    extras holds the LR scheduler state and DeepSpeed's step/sample counters."""
+    path = Path(path)
+    meta = meta or read_meta(path)
+    if meta.get("kind") == "weights":
+        return _load_weights_file(path), None, 0, {}
+    tp = meta["layout"]["tp"]
+    per_rank, opt_step, first_model = [], 0, None
+    for t in range(tp):
+        local, model, opt_step = _read_tp_rank(path, meta, t, with_optimizer)
+        per_rank.append(local)
+        first_model = first_model or model
+    weights, moments = {}, {} if with_optimizer else None
+    for name, info in meta["params"].items():
+        missing = [t for t in range(tp) if name not in per_rank[t]]
+        if missing:
+            raise CheckpointError(f"{path}: parameter {name} is missing from the shards of TP rank(s) {missing}")
+        joined = {}
+        for k in per_rank[0][name]:
+            parts = [per_rank[t][name][k] for t in range(tp)]
+            dim = info["partition_dim"]
+            joined[k] = parts[0] if dim is None else join_tp(parts, dim, info["stride"])
+            if list(joined[k].shape) != info["shape"]:
+                raise CheckpointError(f"{path}: {name} ({k}) rebuilt with shape {list(joined[k].shape)}, "
+                                      f"trainer.json says {info['shape']}")
+        weights[name] = joined.pop("param")
+        if with_optimizer:
+            moments[name] = joined
+    extras = {k: first_model.get(k) for k in ("lr_scheduler", "global_steps", "global_samples", "skipped_steps")}
+    extras["buffers"] = {k: v for k, v in first_model["module"].items()
+                         if torch.is_tensor(v) and k not in meta["params"]}
+    return weights, moments, opt_step, extras
+
+
+@torch.no_grad()
+def apply_full_state(engine, weights: dict, moments: dict | None, opt_step: int) -> None:
+    """Load whole tensors into this rank's shards of the model, fp32 masters and (if given) Adam moments."""
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    from megatron.core import parallel_state as ps
+
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    if moments is not None:
+        for group in base.param_groups:
+            for p in group["params"]:
+                st = base.state[p]
+                on_device = group.get("fused") or group.get("capturable")
+                st["step"] = torch.tensor(float(opt_step), dtype=torch.float32,
+                                          device=p.device if on_device else "cpu")
+                for k in ADAM_KEYS:
+                    st.setdefault(k, torch.zeros_like(p))
+        if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO 1/2: link the new state
+            engine.optimizer._hp_optimizer_states_linked = False
+            engine.optimizer._lazy_init_hp_params_optimizer_state()
+    for name, p in engine.module.named_parameters():
+        if name not in weights:
+            raise CheckpointError(f"the checkpoint has no weight for parameter {name}")
+        layout = tp_layout(p)
+
+        def shard(full):
+            return full if layout is None else split_tp(full, layout[0], layout[1], tp, tp_rank)
+
+        value = shard(weights[name])
+        zero3 = hasattr(p, "ds_id")
+        if zero3:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                p.data.copy_(value.to(p.dtype))
+        else:
+            p.data.copy_(value.to(p.dtype))
+        sharded_optimizer = zero3 or hasattr(p, "_hp_mapping")
+        if sharded_optimizer:
+            safe_set_full_fp32_param(p, value.float())
+        if moments is None:
+            continue
+        for k in ADAM_KEYS:
+            v = shard(moments[name][k])
+            if sharded_optimizer:
+                safe_set_full_optimizer_state(p, v.float(), k)
+            else:
+                base.state[p][k].copy_(v)
+
+
+# -- weights-only checkpoints (made by `skiptron-convert from-hf`) -----------------------------------------------
+WEIGHTS_FILE = "model.pt"
+
+
+def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    return _load(path / WEIGHTS_FILE)
+
+
+def write_weights_checkpoint(out: str | os.PathLike, cfg, weights: dict[str, torch.Tensor], vocab_size: int,
+                             tokenizer: str | os.PathLike | None = None) -> Path:
+    """A layout-independent checkpoint of whole fp32 weights (no optimizer): loads under any TP/DP/ZeRO layout."""
+    from .config import save_config
+
+    out = Path(out)
+    tmp = out.with_name(f"{TMP_PREFIX}{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _torch_save({k: v.float().contiguous() for k, v in weights.items()}, tmp / WEIGHTS_FILE)
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "kind": "weights", **asdict(Progress()),
+            "time": time.time(), "vocab_size": vocab_size,
+            "params": {k: {"shape": list(v.shape), "partition_dim": None, "stride": 1} for k, v in weights.items()}}
+    (tmp / META).write_text(json.dumps(meta, indent=1))
+    save_config(cfg, tmp / "config.yaml")
+    if tokenizer and Path(tokenizer).is_file():
+        shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+    _write_manifest(tmp, _checksums(tmp, _listing(tmp)), True)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+# -- stopping on a signal ----------------------------------------------------------------------------------------
+class StopSignals:
+    """SIGTERM / SIGUSR1 (what SLURM sends before preemption or the time limit) request a stop.
+
+    The handler only records the signal; `requested()` is called at step boundaries and agrees across all ranks
+    (a max all-reduce), so every rank saves the same step and exits together even if only one got the signal."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def install(self) -> "StopSignals":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # Python only allows handlers there
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def requested(self) -> int | None:
+        """The signal number if any rank got one (collective), else None."""
+        flag = torch.tensor([self.received or 0], dtype=torch.int64, device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+
+class Preempted(SystemExit):
+    """Raised by `train()` after a signal-triggered save: the process exits with EXIT_PREEMPTED."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(EXIT_PREEMPTED)
+        self.signum, self.step = signum, step

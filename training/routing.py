@@ -1,0 +1,196 @@
+"""Learned per-token layer skipping ("Learning to Skip for Language Modeling", arXiv 2311.15436).
+
+A router in front of a block gives each token a probability p of executing it; the decision is hard (p > 0.5 in
+`threshold` mode, a global top-k over the data-parallel batch in `capacity` mode). Only the active tokens are
+gathered and computed; a skipped token passes through unchanged. An active token's output is x + p * (F(x) - x):
+scaling the executed branch by p, as MoE gating does, is the gradient estimator: the router learns from the LM loss
+through p on the tokens it executed (a straight-through estimate of the rate supplies the budget's gradient, below),
+with no sampling noise and the same decisions in training and inference.
+
+Budget: the auxiliary loss (rate - target)^2 per routed layer, with rate = mean(hard + p - stopgrad(p)), i.e. the
+measured hard execution rate in the forward and the soft rate's gradient in the backward.
+
+Balance: the MLP of the active tokens (the position-wise part, two thirds of a block's matmul FLOPs) runs after the
+active tokens are evened out across data-parallel ranks (`skiptron.parallel.balance`); attention stays where the
+sequence lives, since its keys and values do.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from skiptron.parallel import state
+from skiptron.parallel.balance import balance
+
+from .config import SkipConfig
+from .model import Block, rms_norm
+
+
+@dataclass
+class RoutingRecord:
+    """What one routed block saw in its last forward (detached, for metrics), plus its aux loss (with grad)."""
+
+    aux_loss: torch.Tensor
+    exec_rate: float
+    logit_quantile: float
+    active_tokens: int
+    mlp_tokens: int
+    balance: dict = field(default_factory=dict)
+
+
+class Router(nn.Module):
+    """p = sigmoid(w . rmsnorm(x) + b + offset). Replicated on TP ranks (same seed, same inputs, same gradients).
+
+    `offset` is the budget controller's state, not a learned weight: after every step it moves a fraction
+    `controller_rate` of the way to minus the (1 - target) quantile of the step's router logits, averaged over the
+    DP batch so every replica applies the same update. The threshold so tracks the budget while the router keeps
+    learning which tokens deserve it; the aux loss alone, through Adam's momentum, overshoots back and forth on
+    short runs. At inference the offset is frozen, so decisions match training."""
+
+    def __init__(self, hidden: int, eps: float, init_std: float):
+        super().__init__()
+        self.norm = rms_norm(hidden, eps)
+        self.proj = nn.Linear(hidden, 1)
+        nn.init.normal_(self.proj.weight, std=init_std)
+        nn.init.zeros_(self.proj.bias)
+        self.register_buffer("offset", torch.zeros(()))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Router logits before the controller's offset, [b, s] fp32."""
+        return self.proj(self.norm(x)).squeeze(-1).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(x) + self.offset)
+
+
+def capacity_mask(p: torch.Tensor, rate: float, group) -> torch.Tensor:
+    """Exactly round(rate x global tokens) tokens execute across the DP group: the highest p, ties to the lower
+    global index. Every rank sees the same gathered scores, so all derive the same split."""
+    world = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+    flat = p.detach().flatten()
+    if world > 1:
+        parts = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(parts, flat.contiguous(), group=group)
+        everything, rank = torch.cat(parts), dist.get_rank(group)
+    else:
+        everything, rank = flat, 0
+    k = round(rate * everything.numel())
+    chosen = torch.zeros_like(everything, dtype=torch.bool)
+    chosen[torch.argsort(-everything, stable=True)[:k]] = True
+    return chosen[rank * flat.numel():(rank + 1) * flat.numel()].view_as(p)
+
+
+def pack_positions(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the active tokens per sequence, left-aligned and padded: index [b, n], valid [b, n]. Valid
+    entries in row-major order are the active tokens in `active.nonzero()` order."""
+    counts = active.sum(1)
+    n = int(counts.max()) if active.numel() else 0
+    index = torch.argsort((~active).to(torch.int8), dim=1, stable=True)[:, :n]
+    valid = torch.arange(n, device=active.device)[None, :] < counts[:, None]
+    return index, valid
+
+
+class RoutedBlock(nn.Module):
+    """A transformer block (or its MLP, or its attention) executed only for the tokens its router picks."""
+
+    def __init__(self, block: Block, skip: SkipConfig, hidden: int, eps: float, init_std: float,
+                 balance_tokens: bool):
+        super().__init__()
+        self.block = block
+        self.router = Router(hidden, eps, init_std)
+        self.skip = skip
+        self.balance_tokens = balance_tokens
+        self.record: RoutingRecord | None = None
+
+    @torch.no_grad()
+    def update_controller(self, logit_quantile: float) -> None:
+        if self.skip.mode == "threshold":
+            self.router.offset.lerp_(torch.tensor(-logit_quantile), self.skip.controller_rate)
+
+    def decide(self, p: torch.Tensor) -> torch.Tensor:
+        if self.skip.mode == "capacity":
+            return capacity_mask(p, self.skip.target_rate, state.dp_group_or_none())
+        return p > 0.5
+
+    def mlp_delta(self, h: torch.Tensor) -> tuple[torch.Tensor, dict, int]:
+        """MLP output for the rows of h ([n, d]); rows may be computed on other DP ranks and sent back."""
+        group = state.dp_group_or_none() if self.balance_tokens else None
+        if group is None or dist.get_world_size(group) == 1:
+            return self.block.mlp(self.block.mlp_norm(h[None]))[0], {}, h.shape[0]
+        work = balance(h, group)
+        y = self.block.mlp(self.block.mlp_norm(work.tokens[None]))[0]
+        s = work.stats
+        stats = {"imbalance_before": s.imbalance_before, "imbalance_after": s.imbalance_after,
+                 "tokens_moved": s.tokens_moved, "bytes_moved": s.bytes_moved}
+        return work.restore(y), stats, work.num_tokens
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        logits = self.router.logits(x)
+        p = torch.sigmoid(logits + self.router.offset)
+        active = self.decide(p)
+        hard = active.float()
+        rate = (hard + p - p.detach()).mean()
+        flat = x.reshape(b * s, d)
+        rows = active.flatten().nonzero().squeeze(1)
+        gate = p.flatten()[rows].to(x.dtype)[:, None]
+        granularity = self.skip.granularity
+        stats, mlp_tokens = {}, 0
+
+        if granularity == "mlp":
+            h = x + self.block.attn(self.block.attn_norm(x), positions)
+            delta, stats, mlp_tokens = self.mlp_delta(h.reshape(b * s, d)[rows])
+            out = h.reshape(b * s, d).index_add(0, rows, gate * delta)
+        else:
+            index, valid = pack_positions(active)
+            attn = self.block.attn.forward_selected(self.block.attn_norm(x), index, valid, self.skip.kv == "all")
+            if granularity == "attention":
+                out = flat.index_add(0, rows, gate * attn).view(b, s, d)
+                out = out + self.block.mlp(self.block.mlp_norm(out))
+            else:
+                h = flat[rows] + attn
+                mlp, stats, mlp_tokens = self.mlp_delta(h)
+                out = flat.index_add(0, rows, gate * (attn + mlp))
+        self.record = RoutingRecord(
+            aux_loss=(rate - self.skip.target_rate) ** 2, exec_rate=hard.mean().item(),
+            logit_quantile=torch.quantile(logits.detach().flatten(), 1 - self.skip.target_rate).item(),
+            active_tokens=int(rows.numel()), mlp_tokens=mlp_tokens, balance=stats)
+        return out.view(b, s, d)
+
+
+class RoutingMeter:
+    """Accumulates routed blocks' records over a step's micro-batches; `metrics()` averages them over DP."""
+
+    def __init__(self):
+        self.records: list[dict[int, RoutingRecord]] = []
+
+    def add(self, records: dict[int, RoutingRecord]) -> None:
+        if records:
+            self.records.append(records)
+
+    def reduce(self, group) -> tuple[dict[str, float], dict[int, float]]:
+        """(metrics, layer -> (1 - target) quantile of router logits), averaged over micro-batches and DP."""
+        if not self.records:
+            return {}, {}
+        layers = sorted(self.records[0])
+        n = len(self.records)
+        rates = [sum(r[i].exec_rate for r in self.records) / n for i in layers]
+        quantiles = [sum(r[i].logit_quantile for r in self.records) / n for i in layers]
+        aux = sum(r[i].aux_loss.item() for r in self.records for i in layers) / n
+        balanced = [r[i].balance for r in self.records for i in layers if r[i].balance]
+        values = quantiles + rates + [aux]
+        if balanced:
+            values += [sum(b[k] for b in balanced) / len(balanced)
+                       for k in ("imbalance_before", "imbalance_after", "tokens_moved", "bytes_moved")]
+        mean = state.all_reduce_mean(torch.tensor(values, dtype=torch.float64), group).tolist()
+        layer_quantiles, mean = dict(zip(layers, mean[:len(layers)])), mean[len(layers):]
+        out = {f"skip/rate/L{i}": mean[j] for j, i in enumerate(layers)}
+        out["skip/exec_rate"] = sum(mean[:len(layers)]) / len(layers)
+        out["skip/aux_loss"] = mean[len(layers)]
+        if balanced:
+            keys = ("imbalance_before", "imbalance_after", "tokens_moved", "bytes_moved")
+            out.update({f"skip/{k}": v for k, v in zip(keys, mean[len(layers) + 1:])})
+        return out, layer_quantiles
