@@ -28,6 +28,7 @@ setup(
         "tensorboard>=2.14",
         "matplotlib>=3.7",
         "numpy>=1.24",
+        "safetensors>=0.4",
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1"],
@@ -43,6 +44,8 @@ setup(
             "skiptron-bench-srupp=skiptron.tools.bench_srupp:main",
             "skiptron-bench-routing=skiptron.tools.bench_routing:main",
             "skiptron-convert=skiptron.tools.convert:main",
+            "skiptron-finetune=skiptron.tools.finetune:main",
+            "skiptron-compress=skiptron.tools.compress:main",
         ]
     },
 )

@@ -102,6 +102,10 @@ def tp_group():
     return ps.get_tensor_model_parallel_group()
 
 
+def pp_group():
+    return ps.get_pipeline_model_parallel_group()
+
+
 class MegatronMpu:
     """DeepSpeed's `mpu` interface over megatron-core's groups (model parallel = TP x PP)."""
 

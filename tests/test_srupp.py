@@ -161,4 +161,4 @@ def test_srupp_trains_through_the_trainer_tp2_like_tp1(pool2, tiny_data, tmp_pat
     assert losses[-1] < losses[0] - 0.3, losses
     torch.testing.assert_close(torch.tensor(tp2[0][0]), torch.tensor(losses), atol=1e-5, rtol=0)
     for name, weight in tp2[0][1].items():
-        torch.testing.assert_close(weight, weights[name], atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(weight, weights[name], atol=1e-4, rtol=1e-4, msg=name)  # Adam: noise on tiny grads

@@ -405,8 +405,13 @@ def load(engine, cfg, layout, path: Path, vocab_size: int, extra: dict | None = 
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {path}")
     else:
+        s = meta["layout"]
+        if s["pp"] > 1 or layout.pp > 1:
+            raise CheckpointError(
+                f"{path}: saved with tp={s['tp']} pp={s['pp']} dp={s['dp']} zero={s['zero_stage']}, loading with "
+                f"tp={layout.tp} pp={layout.pp} dp={layout.dp} zero={cfg.zero.stage}: resharding to or from a "
+                f"pipeline-parallel layout is not supported yet; resume with the layout it was saved with")
         if layout.is_writer and log:
-            s = meta["layout"]
             log(f"resharding {path}: saved with tp={s['tp']} pp={s['pp']} dp={s['dp']} zero={s['zero_stage']} "
                 f"{s['precision']}, loading with tp={layout.tp} pp={layout.pp} dp={layout.dp} zero={cfg.zero.stage}")
         weights, moments, opt_step, extras = read_full_state(path, meta=meta)

@@ -19,6 +19,10 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key."""
 
 
+_SP_GLOO = ("parallel.sequence_parallel: sequence parallelism needs reduce-scatter, which the gloo backend (CPU) does "
+            "not have; use parallel.sequence_parallel=false on CPU")
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -131,6 +135,24 @@ class ParallelConfig(Section):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     init_timeout_s: int = Field(600, ge=1)
     balance_tokens: bool = Field(True, description="even out routed tokens across data-parallel ranks")
+    partition: Literal["uniform", "parameters"] = Field(
+        "uniform", description="pipeline stages: uniform = equal numbers of blocks, parameters = balanced parameter "
+                               "counts; the embedding is always on the first stage, the head on the last")
+    activation_checkpointing: str = Field(
+        "none", description="none | full (every block) | every:K (blocks K-1, 2K-1, ...): recompute in the backward")
+    sequence_parallel: bool = Field(
+        False, description="megatron-style sequence parallelism in TP regions (needs NCCL's reduce-scatter)")
+
+    def checkpointed_blocks(self, num_layers: int) -> set[int]:
+        spec = self.activation_checkpointing
+        if spec == "none":
+            return set()
+        if spec == "full":
+            return set(range(num_layers))
+        if spec.startswith("every:") and spec[6:].isdigit() and int(spec[6:]) > 0:
+            k = int(spec[6:])
+            return {i for i in range(num_layers) if i % k == k - 1}
+        raise ConfigError(f"parallel.activation_checkpointing: '{spec}' is not one of none, full or every:K")
 
 
 class ZeroConfig(Section):
@@ -213,6 +235,34 @@ class LaunchConfig(Section):
         return self
 
 
+class FinetuneConfig(Section):
+    """Adapting a pretrained checkpoint (see training/masking.py).
+
+    `full` trains every weight (the default, as in pretraining); `mask` freezes the pretrained weights and learns a
+    binary mask per selected matrix ("Masking as an Efficient Alternative to Finetuning", Zhao et al. 2020)."""
+
+    method: Literal["full", "mask"] = "full"
+    base: str | None = Field(None, description="checkpoint whose weights start the run (weights only, fresh optimizer)")
+    keep: float = Field(0.95, gt=0, le=1, description="mask: fraction of weights the initial mask keeps")
+    threshold: float = Field(0.0, description="mask: a weight is kept where its score >= threshold")
+    init_scale: float = Field(0.01, gt=0, description="mask: initial scores spread over threshold + init_scale x [-keep, 1-keep]")
+    layers: str | list[int] = Field("all", description="mask: blocks whose matrices are masked: all | [i, ...]")
+    matrices: list[str] = Field(["qkv", "out", "gate_up", "down"],
+                                description="mask: names of the masked linear layers inside each selected block")
+    train_head: bool = Field(False, description="mask: also train the head (final norm; output matrix if untied)")
+    seed: int = Field(0, description="mask: seed of the initial scores (layout-independent)")
+
+    def masked_layers(self, num_layers: int) -> list[int]:
+        if self.layers == "all":
+            return list(range(num_layers))
+        if isinstance(self.layers, list):
+            bad = [i for i in self.layers if not 0 <= i < num_layers]
+            if bad:
+                raise ConfigError(f"finetune.layers: {bad} out of range for {num_layers} layers")
+            return sorted(set(self.layers))
+        raise ConfigError(f"finetune.layers: '{self.layers}' is not 'all' or a list of layer indices")
+
+
 class Config(Section):
     model: ModelConfig = ModelConfig()
     parallel: ParallelConfig = ParallelConfig()
@@ -226,6 +276,7 @@ class Config(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     resume: str = Field("auto", description="auto (newest complete checkpoint in checkpoint.dir), none, or a path")
     launch: LaunchConfig = LaunchConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
 
     @model_validator(mode="after")
     def _check(self):
@@ -241,8 +292,21 @@ class Config(Section):
             raise ConfigError(
                 f"model.make_vocab_size_divisible_by: {self.model.make_vocab_size_divisible_by} must be a multiple of "
                 f"parallel.tp={self.parallel.tp} so the padded vocabulary splits evenly")
-        if self.parallel.pp > 1:
-            raise ConfigError("parallel.pp: pipeline parallelism is not available yet; use parallel.pp=1")
+        self.parallel.checkpointed_blocks(self.model.num_layers)
+        if self.parallel.pp > self.model.num_layers:
+            raise ConfigError(f"parallel.pp: {self.parallel.pp} pipeline stages for {self.model.num_layers} layers; "
+                              f"every stage needs at least one block")
+        if self.parallel.pp > 1 and self.zero.stage >= 2:
+            raise ConfigError(
+                f"zero.stage: ZeRO-{self.zero.stage} cannot be combined with pipeline parallelism (parallel.pp="
+                f"{self.parallel.pp}): DeepSpeed's pipeline engine supports ZeRO 0 and 1 only; use zero.stage=1")
+        if self.parallel.sequence_parallel:
+            import torch
+
+            if self.parallel.backend == "gloo" or self.parallel.backend == "auto" and not torch.cuda.is_available():
+                raise ConfigError(_SP_GLOO)
+            raise ConfigError("parallel.sequence_parallel: not implemented yet (the model's TP regions are "
+                              "batch-first and not sharded along the sequence); use parallel.sequence_parallel=false")
         return self
 
     # -- layout-dependent checks ------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if no_weight_decay(name, p) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]  # ZeRO-3 drops empty groups (e.g. mask finetuning: scores only)
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
@@ -81,16 +82,65 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
 
 
 def build_engine(cfg: Config, model: torch.nn.Module, layout: Layout):
-    """Wrap the model in a DeepSpeed engine; returns (engine, precision)."""
+    """Wrap the model in a DeepSpeed engine; returns (engine, precision). A `PipelineModule` gets DeepSpeed's
+    pipeline engine (1F1B, `train_batch`), which takes its groups from the module's topology (checked against
+    megatron-core's when the module was built) instead of an `mpu`."""
+    from deepspeed.pipe import PipelineModule
+
     precision = resolve_precision(cfg, layout.device)
     optimizer = make_optimizer(cfg, model, layout.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    ds_config = deepspeed_config(cfg, layout.world_size, precision)
+    pipelined = isinstance(model, PipelineModule)
+    if pipelined:
+        # Partitioned p2p (activations split over TP ranks, all-gathered after the send) carries one tensor that
+        # needs a gradient; routed models also carry their aux loss, so they send whole activations.
+        partitioned = not getattr(model, "carry_aux", False)
+        ds_config["pipeline"] = {"pipe_partitioned": partitioned, "grad_partitioned": partitioned}
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        mpu=MegatronMpu(),
-        config=deepspeed_config(cfg, layout.world_size, precision),
+        mpu=None if pipelined else MegatronMpu(),
+        config=ds_config,
         dist_init_required=False,
     )
+    if pipelined:
+        engine.pipe_timer = PipeTimer(engine)
     return engine, precision
+
+
+class PipeTimer:
+    """Measures each stage's idle time inside the pipeline schedule: the bubble fraction of a step is
+    1 - (forward + backward time) / (schedule time without the optimizer step and gradient reductions), i.e. the
+    share of the pipelined phase this stage spent waiting on (or transferring to) its neighbours."""
+
+    COMPUTE = ("ForwardPass", "BackwardPass")
+    OUTSIDE = ("OptimizerStep", "ReduceGrads", "ReduceTiedGrads")
+
+    def __init__(self, engine):
+        import time
+
+        self.compute = self.total = 0.0
+        timed = {}
+        for kind, fn in type(engine)._INSTRUCTION_MAP.items():
+            name = kind.__name__
+
+            def wrapper(self_engine, *args, _fn=fn, _name=name, **kwargs):
+                start = time.perf_counter()
+                out = _fn(self_engine, *args, **kwargs)
+                elapsed = time.perf_counter() - start
+                if _name not in PipeTimer.OUTSIDE:
+                    self.total += elapsed
+                    if _name in PipeTimer.COMPUTE:
+                        self.compute += elapsed
+                return out
+
+            timed[kind] = wrapper
+        engine._INSTRUCTION_MAP = timed  # the instance's map shadows the class's
+
+    def bubble(self) -> float:
+        """Idle fraction since the last call (nan before any schedule ran); resets."""
+        value = 1 - self.compute / self.total if self.total else float("nan")
+        self.compute = self.total = 0.0
+        return value

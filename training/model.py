@@ -14,6 +14,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from megatron.core import ModelParallelConfig
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel as mtp
@@ -175,6 +176,58 @@ class Embedding(nn.Module):
         return self.tokens(tokens)
 
 
+def vocab_padding(vocab_size: int, padded_vocab: int, tp: int) -> torch.Tensor:
+    """Which entries of this TP rank's vocabulary slice are padding (their logits are set to -inf)."""
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    per_rank = padded_vocab // tp
+    return torch.arange(tp_rank * per_rank, (tp_rank + 1) * per_rank) >= vocab_size
+
+
+def seeded(seed: int, build):
+    """`build()` with torch's RNG seeded to `seed` (restored afterwards): each layer of the flat sequence draws its
+    weights from its own seed, so a pipeline stage that builds only its own layers gets the same weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def layer_sequence(cfg: ModelConfig, vocab_size: int, tp: int, balance_tokens: bool = True,
+                   base_seed: int | None = None) -> list[tuple[str, object]]:
+    """GPT's flat layer sequence: (name in GPT, builder) for the embedding, each block and the head. `GPT` and the
+    pipeline module (`training/pipeline.py`) are both built from it. `base_seed` defaults to a draw from torch's RNG
+    (the same on every rank after `seed_everything`)."""
+    from .routing import RoutedBlock
+
+    if base_seed is None:
+        base_seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    mcfg = megatron_config(tp)
+    padded = cfg.padded_vocab_size(vocab_size)
+    routed = set(cfg.skip.routed_layers(cfg.num_layers))
+
+    def block(i: int) -> nn.Module:
+        if cfg.block == "srupp":
+            from .srupp import SRUppBlock
+            inner = SRUppBlock(cfg, mcfg, i)
+        else:
+            inner = Block(cfg, mcfg)
+        if i in routed:
+            return RoutedBlock(inner, cfg.skip, cfg.hidden_size, cfg.norm_eps, cfg.init_std, balance_tokens)
+        return inner
+
+    seq = [("embedding", lambda: seeded(base_seed, lambda: Embedding(cfg, mcfg, padded)))]
+    seq += [(f"blocks.{i}", (lambda i=i: seeded(base_seed + 1 + i, lambda: block(i)))) for i in range(cfg.num_layers)]
+    seq.append(("head", lambda: seeded(base_seed + 1 + cfg.num_layers, lambda: Head(cfg, mcfg, vocab_size, padded))))
+    return seq
+
+
+def run_block(block: nn.Module, h: torch.Tensor, positions: torch.Tensor, checkpoint: bool) -> torch.Tensor:
+    """One block, its activations recomputed in the backward when `checkpoint` (non-reentrant: side outputs such as
+    the routing aux loss keep their gradient)."""
+    if checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, h, positions, use_reentrant=False)
+    return block(h, positions)
+
+
 class Head(nn.Module):
     """Final norm, vocab-parallel logits and the vocab-parallel cross entropy.
 
@@ -190,10 +243,8 @@ class Head(nn.Module):
             self.output = mtp.ColumnParallelLinear(
                 cfg.hidden_size, padded_vocab, config=mcfg, init_method=normal_init(cfg.init_std), bias=False,
                 gather_output=False)
-        tp_rank = ps.get_tensor_model_parallel_rank()
-        per_rank = padded_vocab // mcfg.tensor_model_parallel_size
-        token_ids = torch.arange(tp_rank * per_rank, (tp_rank + 1) * per_rank)
-        self.register_buffer("padding", token_ids >= vocab_size, persistent=False)
+        self.register_buffer("padding", vocab_padding(vocab_size, padded_vocab, mcfg.tensor_model_parallel_size),
+                             persistent=False)
 
     def logits(self, h: torch.Tensor, embedding_weight: torch.Tensor | None) -> torch.Tensor:
         """This TP rank's slice of the logits, padded entries at -inf."""
@@ -216,28 +267,16 @@ class GPT(nn.Module):
     """Embedding -> blocks -> head. `forward(tokens)` takes [b, s+1] token ids and returns the mean LM loss plus,
     when layers are routed, the weighted routing budget loss (`last_lm_loss` keeps the LM part)."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, tp: int, balance_tokens: bool = True):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, tp: int, balance_tokens: bool = True,
+                 checkpoint_blocks: set[int] | frozenset = frozenset()):
         super().__init__()
-        from .routing import RoutedBlock
-
-        mcfg = megatron_config(tp)
-        padded = cfg.padded_vocab_size(vocab_size)
         self.cfg = cfg
         self.vocab_size = vocab_size
-        self.embedding = Embedding(cfg, mcfg, padded)
-        routed = set(cfg.skip.routed_layers(cfg.num_layers))
-
-        def block(i: int) -> nn.Module:
-            if cfg.block == "srupp":
-                from .srupp import SRUppBlock
-                return SRUppBlock(cfg, mcfg, i)
-            return Block(cfg, mcfg)
-
-        self.blocks = nn.ModuleList(
-            RoutedBlock(block(i), cfg.skip, cfg.hidden_size, cfg.norm_eps, cfg.init_std, balance_tokens)
-            if i in routed else block(i)
-            for i in range(cfg.num_layers))
-        self.head = Head(cfg, mcfg, vocab_size, padded)
+        self.checkpoint_blocks = set(checkpoint_blocks)
+        seq = layer_sequence(cfg, vocab_size, tp, balance_tokens)
+        self.embedding = seq[0][1]()
+        self.blocks = nn.ModuleList(build() for _, build in seq[1:-1])
+        self.head = seq[-1][1]()
         self.last_lm_loss: torch.Tensor | None = None
 
     def update_routing(self, logit_quantiles: dict[int, float]) -> None:
@@ -255,8 +294,8 @@ class GPT(nn.Module):
     def hidden_states(self, inputs: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(inputs.shape[1], device=inputs.device)
         h = self.embedding(inputs)
-        for block in self.blocks:
-            h = block(h, positions)
+        for i, block in enumerate(self.blocks):
+            h = run_block(block, h, positions, i in self.checkpoint_blocks)
         return h
 
     def logits(self, inputs: torch.Tensor) -> torch.Tensor:

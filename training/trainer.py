@@ -18,6 +18,7 @@ from .config import Config, ConfigError, save_config
 from .engine import build_engine
 from .flops import model_flops_per_token, peak_flops
 from .loader import TokenLoader, read_manifest
+from .masking import prepare_model
 from .metrics import MetricsLogger
 from .model import GPT
 from .routing import RoutingMeter
@@ -74,13 +75,18 @@ class Trainer:
         if cfg.launch.health_check:
             health.preflight(device, cfg.launch.health_outlier_ratio)
         seed_everything(cfg.train.seed)
-        model = GPT(cfg.model, vocab, cfg.parallel.tp, balance_tokens=cfg.parallel.balance_tokens)
+        model = build_model(cfg, vocab)
+        prepare_model(model, cfg, vocab, log=print if layout.is_writer else None)  # finetune.*: base weights, masks
         engine, precision = build_engine(cfg, model, layout)
         if layout.is_writer:
             save_config(cfg, Path(cfg.run.dir) / "config.yaml")
         trainer = cls(cfg, layout, engine, precision, vocab, manifest)
         trainer.resume()
         return trainer
+
+    @property
+    def pipelined(self) -> bool:
+        return self.layout.pp > 1
 
     # -- pieces of the loop -------------------------------------------------------------------------------------
     def loader(self, split: str, start_sample: int = 0, shuffle: bool | None = None) -> TokenLoader:
@@ -93,6 +99,8 @@ class Trainer:
     def train_step(self, batches) -> dict[str, float]:
         """One optimizer step over `grad_accum` micro-batches. Returns the LM loss averaged over micro-batches and
         DP (`loss`) and, for routed models, the routing metrics."""
+        if self.pipelined:
+            return self._pipe_train_step(batches)
         total = torch.zeros((), dtype=torch.float32, device=self.layout.device)
         routing = RoutingMeter()
         n = 0
@@ -108,8 +116,53 @@ class Trainer:
         self.engine.module.update_routing(logit_quantiles)
         return {"loss": loss, **routing_metrics}
 
+    def _pipe_train_step(self, batches) -> dict[str, float]:
+        """One step through DeepSpeed's pipeline engine: 1F1B over `grad_accum` micro-batches; the first stage
+        reads the inputs, the last the labels (the same samples: both sit in the same DP replica)."""
+        module = self.engine.module
+        self.engine.train_batch(data_iter=((t[:, :-1], t[:, 1:]) for t in batches))
+        loss = self._from_last_stage(module.loss_fn.drain())
+        routing = RoutingMeter()
+        for records in module.drain_routing_records():
+            routing.add(records)
+        routing_metrics, logit_quantiles = routing.reduce(state.dp_group())  # this stage's layers, its DP group
+        module.update_routing(logit_quantiles)
+        return {"loss": loss, **_merge_stage_routing(routing_metrics)}
+
+    def _from_last_stage(self, losses: list) -> float:
+        """Mean of the last stage's per-micro-batch losses over micro-batches and DP, on every rank."""
+        value = torch.stack(losses).float().mean() if losses else torch.zeros(())
+        value = value.to(self.layout.device)
+        dist.all_reduce(value, group=state.pp_group())  # only the last stage contributes
+        return state.all_reduce_mean(value, state.dp_group()).item()
+
+    def stage_metrics(self) -> dict[str, float]:
+        """Pipeline bubble (idle fraction of the pipelined phase) and peak memory, per stage. Collective."""
+        bubble = self.engine.pipe_timer.bubble()
+        if self.layout.device.type == "cuda":
+            mem = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            import resource
+
+            mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB on Linux)
+        everyone = [None] * self.layout.world_size
+        dist.all_gather_object(everyone, (self.layout.pp_rank, bubble, mem))
+        out = {}
+        for stage in range(self.layout.pp):
+            mine = [(b, m) for s, b, m in everyone if s == stage]
+            out[f"pipe/bubble/S{stage}"] = sum(b for b, _ in mine) / len(mine)
+            out[f"mem/S{stage}_gb"] = max(m for _, m in mine)
+        out["pipe/bubble"] = sum(out[f"pipe/bubble/S{s}"] for s in range(self.layout.pp)) / self.layout.pp
+        return out
+
     @torch.no_grad()
     def validate(self) -> float:
+        if self.pipelined:
+            batches = iter(self.loader("val", shuffle=False))
+            pairs = ((t[:, :-1], t[:, 1:]) for t in (next(batches) for _ in range(self.cfg.eval.batches)))
+            self.engine.eval_batch(pairs, num_micro_batches=self.cfg.eval.batches)
+            self.engine.train()
+            return self._from_last_stage(self.engine.module.loss_fn.drain())
         self.engine.eval()
         total = torch.zeros((), dtype=torch.float32, device=self.layout.device)
         batches = iter(self.loader("val", shuffle=False))
@@ -160,6 +213,11 @@ class Trainer:
             f"world {layout.world_size} = tp {layout.tp} x pp {layout.pp} x dp {layout.dp} | zero {cfg.zero.stage} | "
             f"{self.precision} on {layout.device.type} | params/rank "
             f"{sum(p.numel() for p in self.engine.module.parameters()) / 1e6:.2f}M | grad accum {ga}")
+        if self.pipelined:
+            module = self.engine.module
+            log.log_text(f"pipeline partition ({module.partition_name}, 1F1B, {ga} micro-batches):")
+            for line in module.describe_partition():
+                log.log_text(f"  {line}")
         batches = iter(self.loader("train", start_sample=self.progress.consumed_samples))
         signals = ckpt.StopSignals(layout.device).install()
         nonfinite = 0
@@ -168,6 +226,8 @@ class Trainer:
         for step in range(self.progress.step + 1, cfg.train.max_steps + 1):
             start = time.perf_counter()
             step_metrics = self.train_step(next(batches) for _ in range(ga))
+            if self.pipelined:
+                step_metrics.update(self.stage_metrics())
             loss = step_metrics["loss"]
             self.progress.advance(cfg.train.global_batch_size, tokens_per_step)
             elapsed = time.perf_counter() - start
@@ -207,6 +267,37 @@ class Trainer:
             self.save()
         log.close()
         return log.summary()
+
+
+def build_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
+    """GPT, or with parallel.pp > 1 the same layer sequence as a DeepSpeed PipelineModule (this stage's layers)."""
+    if cfg.parallel.pp > 1:
+        from .pipeline import GPTPipe
+
+        return GPTPipe(cfg, vocab_size, balance_tokens=cfg.parallel.balance_tokens)
+    return GPT(cfg.model, vocab_size, cfg.parallel.tp, balance_tokens=cfg.parallel.balance_tokens,
+               checkpoint_blocks=cfg.parallel.checkpointed_blocks(cfg.model.num_layers))
+
+
+def _merge_stage_routing(metrics: dict[str, float]) -> dict[str, float]:
+    """Routing metrics of all pipeline stages (each computed over its own layers and DP group), on every rank."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return metrics
+    parts = [None] * ps.get_pipeline_model_parallel_world_size()
+    dist.all_gather_object(parts, metrics, group=state.pp_group())
+    rates = {k: v for p in parts for k, v in p.items() if k.startswith("skip/rate/")}
+    if not rates:
+        return {}
+    out = dict(sorted(rates.items(), key=lambda kv: int(kv[0].rsplit("L", 1)[1])))
+    out["skip/exec_rate"] = sum(rates.values()) / len(rates)
+    out["skip/aux_loss"] = sum(p.get("skip/aux_loss", 0.0) for p in parts)
+    for key in ("imbalance_before", "imbalance_after", "tokens_moved", "bytes_moved"):
+        values = [p[f"skip/{key}"] for p in parts if f"skip/{key}" in p]
+        if values:
+            out[f"skip/{key}"] = sum(values) / len(values)
+    return out
 
 
 def _as_float(value) -> float:

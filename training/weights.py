@@ -18,7 +18,14 @@ def _zero3_gathered(params):
 
 @torch.no_grad()
 def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter as the TP=1, unpartitioned tensor, on CPU. Collective: call on every rank."""
+    """Every parameter as the TP=1, unpartitioned tensor, on CPU. Collective: call on every rank. A pipeline module
+    gives the whole model's weights under GPT's names, gathered from every stage."""
+    from deepspeed.pipe import PipelineModule
+
+    if isinstance(module, PipelineModule):
+        from .pipeline import full_gpt_state
+
+        return full_gpt_state(module)
     params = dict(module.named_parameters())
     with _zero3_gathered(list(params.values())):
         return {name: full_tensor(p).float().cpu() for name, p in params.items()}

@@ -1,0 +1,203 @@
+"""`skiptron-compress`: compress a checkpoint's token embedding (V x d) to a V x k code plus a k -> d decoder.
+
+Two methods at the same parameter count (V*k + k*d):
+
+- `ae`: an autoencoder trained with the direction-aware loss of "Direction is what you need: Improving Word Embedding
+  Compression in Large Language Models" (Balazy et al., 2021): the cosine distance between each embedding row and
+  its reconstruction, plus a (smaller) term on the difference of their norms. Encoder: the rank-k SVD projection
+  plus a tanh MLP (its last layer starts at zero, so training starts from the SVD solution); decoder: linear k -> d,
+  so the compressed embedding is a factorization `codes @ decoder.T` (only codes and decoder are stored).
+- `svd`: the truncated SVD, codes U_k S_k and decoder V_k (the best rank-k approximation in squared error).
+
+The compressed model runs in skiptron as the reconstructed embedding (with tied embeddings the output layer uses it
+too): `--out DIR` writes a weights-only checkpoint (loads with `resume=DIR` under any layout; `skiptron-convert
+to-hf` exports it) plus `embedding.safetensors` holding the factors.
+
+    skiptron-compress --checkpoint CKPT --data DIR [--ks 16,32,64,128] [--steps 600]    the sweep table
+    skiptron-compress --checkpoint CKPT --data DIR --ks 64 --method ae --out DIR         one compressed checkpoint
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EMBEDDING = "embedding.tokens.weight"
+
+
+def direction_loss(target: torch.Tensor, recon: torch.Tensor, magnitude_weight: float = 0.1) -> torch.Tensor:
+    """mean(1 - cos(e, e')) + magnitude_weight * mean((|e'| - |e|)^2) / mean(|e|^2)."""
+    cos = F.cosine_similarity(recon, target, dim=-1, eps=1e-8)
+    norms = target.norm(dim=-1)
+    magnitude = ((recon.norm(dim=-1) - norms) ** 2).mean() / (norms ** 2).mean().clamp_min(1e-12)
+    return (1 - cos).mean() + magnitude_weight * magnitude
+
+
+def svd_factors(emb: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes V x k, decoder d x k) of the rank-k truncated SVD: emb ~ codes @ decoder.T."""
+    u, s, vh = torch.linalg.svd(emb.double(), full_matrices=False)
+    return (u[:, :k] * s[:k]).float(), vh[:k].T.float().contiguous()
+
+
+class Autoencoder(nn.Module):
+    def __init__(self, d: int, k: int, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or 2 * d
+        self.project = nn.Linear(d, k, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, k))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+        self.decoder = nn.Linear(k, d, bias=False)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(x) + self.mlp(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encode(x))
+
+
+def train_autoencoder(emb: torch.Tensor, k: int, steps: int = 600, lr: float = 2e-3, magnitude_weight: float = 0.1,
+                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """(codes V x k, decoder d x k, loss curve) of the direction-loss autoencoder, started from the SVD solution.
+    Full-batch Adam over the rows of `emb`."""
+    torch.manual_seed(seed)
+    emb = emb.float()
+    scale = emb.norm(dim=-1).mean()
+    x = emb / scale  # unit-free optimisation; the decoder output is scaled back
+    ae = Autoencoder(emb.shape[1], k)
+    _, vk = svd_factors(x, k)
+    with torch.no_grad():
+        ae.project.weight.copy_(vk.T)
+        ae.decoder.weight.copy_(vk)
+    opt = torch.optim.Adam(ae.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    curve = []
+    for _ in range(steps):
+        loss = direction_loss(x, ae(x), magnitude_weight)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        curve.append(loss.item())
+    with torch.no_grad():
+        return (ae.encode(x) * scale).contiguous(), ae.decoder.weight.detach().clone(), curve
+
+
+def compress(emb: torch.Tensor, k: int, method: str, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    if method == "svd":
+        return svd_factors(emb, k)
+    if method == "ae":
+        codes, decoder, _ = train_autoencoder(emb, k, **kw)
+        return codes, decoder
+    raise ValueError(f"unknown method {method!r} (ae, svd)")
+
+
+def reconstruct(codes: torch.Tensor, decoder: torch.Tensor) -> torch.Tensor:
+    return codes @ decoder.T
+
+
+def with_embedding(weights: dict, vocab: int, codes: torch.Tensor, decoder: torch.Tensor) -> dict:
+    """Whole weights with the first `vocab` embedding rows replaced by the reconstruction (padding rows kept)."""
+    out = dict(weights)
+    emb = weights[EMBEDDING].clone()
+    emb[:vocab] = reconstruct(codes, decoder).to(emb.dtype)
+    out[EMBEDDING] = emb
+    return out
+
+
+def reconstruction_metrics(emb: torch.Tensor, recon: torch.Tensor) -> dict:
+    cos = F.cosine_similarity(recon, emb, dim=-1)
+    return {"cos": cos.mean().item(), "rel_mse": ((recon - emb) ** 2).sum().item() / (emb ** 2).sum().item()}
+
+
+def sweep(checkpoint, data, ks, steps: int = 600, batches: int = 16, magnitude_weight: float = 0.1, log=print):
+    from skiptron.tools.finetune import build_model, checkpoint_weights, single_process_groups, val_loss
+    from skiptron.training.loader import read_manifest
+
+    cfg, vocab, weights = checkpoint_weights(checkpoint)
+    cfg.model.seq_len = read_manifest(data)["seq_len"]
+    emb = weights[EMBEDDING][:vocab].float()
+    d = emb.shape[1]
+    n_model = sum(v.numel() for v in weights.values())
+    rows = []
+    with single_process_groups():
+        base = val_loss(build_model(cfg.model, vocab, weights), data, batches)
+        rows.append({"method": "original", "k": d, "params": vocab * d, "saved": 0, "saved_pct_model": 0.0,
+                     "val_loss": base, "val_ppl": math.exp(base), "cos": 1.0, "rel_mse": 0.0})
+        for k in ks:
+            for method in ("svd", "ae"):
+                codes, decoder = compress(emb, k, method, **({"steps": steps, "magnitude_weight": magnitude_weight}
+                                                             if method == "ae" else {}))
+                params = codes.numel() + decoder.numel()
+                model = build_model(cfg.model, vocab, with_embedding(weights, vocab, codes, decoder))
+                loss = val_loss(model, data, batches)
+                row = {"method": method, "k": k, "params": params, "saved": vocab * d - params,
+                       "saved_pct_model": 100 * (vocab * d - params) / n_model, "val_loss": loss,
+                       "val_ppl": math.exp(loss), **reconstruction_metrics(emb, reconstruct(codes, decoder))}
+                rows.append(row)
+                if log:
+                    log(json.dumps(row))
+    return rows
+
+
+def table(rows) -> str:
+    lines = ["| method | k | embedding params | saved (% of model) | mean cos | rel. sq. error | val loss | val ppl |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['k']} | {r['params']:,} | {r['saved']:,} ({r['saved_pct_model']:.1f}%) | "
+                     f"{r['cos']:.4f} | {r['rel_mse']:.4f} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} |")
+    return "\n".join(lines)
+
+
+def write_compressed(checkpoint, out, k: int, method: str, steps: int = 600, magnitude_weight: float = 0.1) -> Path:
+    """A weights-only checkpoint with the compressed embedding, plus the factors in embedding.safetensors."""
+    from safetensors.torch import save_file
+
+    from skiptron.tools.finetune import checkpoint_weights
+    from skiptron.training import checkpoint as ckpt
+
+    cfg, vocab, weights = checkpoint_weights(checkpoint)
+    kw = {"steps": steps, "magnitude_weight": magnitude_weight} if method == "ae" else {}
+    codes, decoder = compress(weights[EMBEDDING][:vocab].float(), k, method, **kw)
+    tok = Path(checkpoint) / "tokenizer.json"
+    path = ckpt.write_weights_checkpoint(out, cfg, with_embedding(weights, vocab, codes, decoder), vocab,
+                                         tok if tok.is_file() else None)
+    save_file({"codes": codes.contiguous(), "decoder": decoder.contiguous()}, str(Path(out) / "embedding.safetensors"),
+              metadata={"method": method, "k": str(k), "source": str(checkpoint)})
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="skiptron-compress", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", help="prepared data directory whose val split measures the loss (sweep)")
+    p.add_argument("--ks", default="16,32,64,128", help="comma-separated code sizes k")
+    p.add_argument("--method", choices=("ae", "svd"), default="ae", help="with --out")
+    p.add_argument("--steps", type=int, default=600, help="autoencoder training steps (full batch)")
+    p.add_argument("--magnitude-weight", type=float, default=0.1)
+    p.add_argument("--batches", type=int, default=16, help="validation micro-batches (of 8)")
+    p.add_argument("--out", help="write one compressed checkpoint (first k of --ks) here instead of sweeping")
+    p.add_argument("--json", help="also write the sweep rows here")
+    args = p.parse_args(argv)
+    ks = [int(k) for k in args.ks.split(",")]
+    if args.out:
+        print(write_compressed(args.checkpoint, args.out, ks[0], args.method, args.steps, args.magnitude_weight))
+        return 0
+    if not args.data:
+        p.error("--data is needed for the sweep")
+    rows = sweep(args.checkpoint, args.data, ks, args.steps, args.batches, args.magnitude_weight)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

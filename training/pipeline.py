@@ -1,0 +1,279 @@
+"""Pipeline parallelism: GPT's flat layer sequence (`model.layer_sequence`) as a DeepSpeed `PipelineModule`.
+
+Stage layers wrap the very modules `GPT` is made of (built by the same builders, each from its own seed, so every
+(TP, PP, DP) layout starts from the weights of (1, 1, 1)):
+
+    EmbeddingStage   tokens [b, s] -> h                         (first stage)
+    BlockStage       h -> h, one block (plain, routed or SRU++), optionally recomputed in the backward
+    HeadStage        h -> final norm (tied) or vocab-parallel logits (untied)
+    tied logits      the embedding again, on the last stage, as the output layer (TiedLayerSpec "embed"):
+                     DeepSpeed all-reduces its gradient between the first and last stage, so both copies stay equal
+    PipeLoss         the vocab-parallel cross entropy (padded vocabulary at -inf), on the last stage
+
+With routed blocks the activations between stages are (h, aux): each routed block adds its weighted budget loss to
+`aux`, which travels with h through the pipeline, and the loss is LM + aux, so every stage's aux loss reaches the
+total loss and its gradient flows back to that stage's routers. The token balancer inside routed blocks uses
+megatron-core's data-parallel group, which under PP is this stage's DP group.
+
+DeepSpeed's topology and megatron-core's groups must place every rank alike: `check_rank_mapping` compares both
+for every rank (and the TP/DP group members) at start-up and raises on any difference.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel as mtp
+from torch import nn
+
+from .config import Config
+from .model import layer_sequence, run_block, vocab_padding
+
+
+class MappingError(RuntimeError):
+    """megatron-core and DeepSpeed disagree on where a rank sits in the (pp, dp, tp) grid."""
+
+
+def rank_coordinates(topology) -> dict[int, dict]:
+    """For every rank: megatron-core's (pp, dp, tp) and DeepSpeed's topology coordinates. Collective."""
+    mine = (ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank(), ps.get_tensor_model_parallel_rank())
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    out = {}
+    for rank, (pp, dp, tp) in enumerate(everyone):
+        c = topology.get_coord(rank)
+        out[rank] = {"megatron": (pp, dp, tp), "deepspeed": (c.pipe, c.data, c.model)}
+    return out
+
+
+def check_rank_mapping(topology) -> dict[int, dict]:
+    """Raise MappingError unless both libraries give every rank the same (pp, dp, tp) and this rank's TP and DP
+    groups the same members. Collective; returns the coordinates."""
+    coords = rank_coordinates(topology)
+    bad = [f"rank {r}: megatron (pp, dp, tp) = {c['megatron']}, deepspeed = {c['deepspeed']}"
+           for r, c in coords.items() if c["megatron"] != c["deepspeed"]]
+    rank = dist.get_rank()
+    for axis, group in (("model", ps.get_tensor_model_parallel_group()), ("data", ps.get_data_parallel_group())):
+        ds_ranks = sorted(next(g for g in topology.get_axis_comm_lists(axis) if rank in g)) \
+            if topology.get_dim(axis) > 1 else [rank]
+        mg_ranks = sorted(dist.get_process_group_ranks(group))
+        if ds_ranks != mg_ranks:
+            bad.append(f"rank {rank}: {axis}-parallel group megatron {mg_ranks}, deepspeed {ds_ranks}")
+    flag = torch.tensor([len(bad)])
+    dist.all_reduce(flag)
+    if flag.item():
+        raise MappingError("rank mapping differs between megatron-core parallel_state and DeepSpeed's topology: "
+                           + ("; ".join(bad) if bad else "(on another rank)"))
+    return coords
+
+
+def _unpack(x):
+    return (x[0], x[1]) if isinstance(x, tuple) else (x, None)
+
+
+def _pack(h, aux):
+    return h if aux is None else (h, aux)
+
+
+class _Stage(nn.Module):
+    """One entry of GPT's layer sequence: `layer` is the module GPT has under the name `gpt_name`."""
+
+    def __init__(self, gpt_name: str, build):
+        super().__init__()
+        self.gpt_name = gpt_name
+        self.layer = build()
+
+
+class EmbeddingStage(_Stage):
+    def __init__(self, gpt_name: str, build, carry_aux: bool):
+        super().__init__(gpt_name, build)
+        self.carry_aux = carry_aux
+
+    def forward(self, tokens: torch.Tensor):
+        h = self.layer(tokens)
+        if not self.carry_aux:
+            return h
+        # a leaf that takes a gradient, so DeepSpeed can run backward from it even if no block on this stage routes
+        return h, torch.zeros(1, device=h.device, requires_grad=torch.is_grad_enabled())
+
+
+class BlockStage(_Stage):
+    def __init__(self, gpt_name: str, build, index: int, checkpoint: bool, aux_weight: float):
+        super().__init__(gpt_name, build)
+        self.index, self.checkpoint, self.aux_weight = index, checkpoint, aux_weight
+        self.records: list = []  # routing records of this step's micro-batches (training only)
+
+    def forward(self, inputs):
+        h, aux = _unpack(inputs)
+        positions = torch.arange(h.shape[1], device=h.device)
+        h = run_block(self.layer, h, positions, self.checkpoint)
+        record = getattr(self.layer, "record", None)
+        if record is not None:
+            if self.training and torch.is_grad_enabled():
+                self.records.append(record)
+            aux = aux + self.aux_weight * record.aux_loss
+        return _pack(h, aux)
+
+
+class HeadStage(_Stage):
+    """Final norm, and the logits when the head has its own output weight."""
+
+    def __init__(self, gpt_name: str, build, tied: bool):
+        super().__init__(gpt_name, build)
+        self.tied = tied
+
+    def forward(self, inputs):
+        h, aux = _unpack(inputs)
+        return _pack(self.layer.norm(h) if self.tied else self.layer.logits(h, None), aux)
+
+
+def tied_logits(embedding: EmbeddingStage, inputs):
+    """The output layer with the embedding's weight (this TP rank's vocabulary slice)."""
+    h, aux = _unpack(inputs)
+    logits = F.linear(mtp.copy_to_tensor_model_parallel_region(h), embedding.layer.tokens.weight)
+    return _pack(logits, aux)
+
+
+class PipeLoss:
+    """Vocab-parallel cross entropy on the last stage, padded vocabulary entries at -inf; + the carried aux loss.
+    Keeps the LM part of each micro-batch's loss in `lm_losses` (for logging)."""
+
+    __name__ = "PipeLoss"
+
+    def __init__(self, padding: torch.Tensor):
+        self.padding = padding
+        self.lm_losses: list[torch.Tensor] = []
+
+    def __call__(self, outputs, labels):
+        logits, aux = _unpack(outputs)
+        if self.padding.any():
+            logits = logits.masked_fill(self.padding.to(logits.device), float("-inf"))
+        lm = mtp.vocab_parallel_cross_entropy(logits.float(), labels).mean()
+        self.lm_losses.append(lm.detach())
+        return lm if aux is None else lm + aux.sum()
+
+    def drain(self) -> list[torch.Tensor]:
+        out, self.lm_losses = self.lm_losses, []
+        return out
+
+
+def _meta_param_count(spec: LayerSpec) -> int:
+    """Parameters of a layer spec, built on the meta device (no memory, no initialization cost); a real build if
+    some layer cannot be built there."""
+    try:
+        with torch.device("meta"):
+            module = spec.build()
+    except Exception:  # pragma: no cover - a layer that insists on real tensors
+        with torch.random.fork_rng(devices=[]):
+            module = spec.build()
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+class GPTPipe(PipelineModule):
+    """GPT as a DeepSpeed pipeline: one stage's layers on each pipeline rank, the rest never built."""
+
+    def __init__(self, cfg: Config, vocab_size: int, balance_tokens: bool = True):
+        mc, par = cfg.model, cfg.parallel
+        tp, pp = par.tp, par.pp
+        dp = dist.get_world_size() // (tp * pp)
+        routed = mc.skip.routed_layers(mc.num_layers)
+        carry = bool(routed)
+        checkpointed = par.checkpointed_blocks(mc.num_layers)
+        seq = layer_sequence(mc, vocab_size, tp, balance_tokens)
+        (emb_name, emb_build), blocks, (head_name, head_build) = seq[0], seq[1:-1], seq[-1]
+        tied = mc.tie_embeddings
+        attr = "layer.tokens.weight"
+        specs = [TiedLayerSpec("embed", EmbeddingStage, emb_name, emb_build, carry, tied_weight_attr=attr) if tied
+                 else LayerSpec(EmbeddingStage, emb_name, emb_build, carry)]
+        specs += [LayerSpec(BlockStage, name, build, i, i in checkpointed, mc.skip.aux_loss_weight)
+                  for i, (name, build) in enumerate(blocks)]
+        specs.append(LayerSpec(HeadStage, head_name, head_build, tied))
+        if tied:
+            specs.append(TiedLayerSpec("embed", EmbeddingStage, emb_name, emb_build, carry, forward_fn=tied_logits,
+                                       tied_weight_attr=attr))
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, dist_init_required=False)
+        topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+        coords = check_rank_mapping(topology)
+        padded = mc.padded_vocab_size(vocab_size)
+        loss = PipeLoss(vocab_padding(vocab_size, padded, tp))
+        method = "type:^BlockStage$" if par.partition == "uniform" else "parameters"
+        super().__init__(layers=specs, topology=topology, loss_fn=loss, partition_method=method)
+        self.rank_coordinates = coords
+        self.carry_aux = carry
+        self.partition_name = par.partition
+
+    # -- partitioning --------------------------------------------------------------------------------------------
+    def _count_layer_params(self):
+        return [_meta_param_count(s) if isinstance(s, LayerSpec) else 0 for s in self._layer_specs]
+
+    def describe_partition(self) -> list[str]:
+        """One line per stage: its layers (GPT names) and parameter count."""
+        counts = self._count_layer_params()
+        lines = []
+        for stage in range(self.num_stages):
+            lo, hi = self.parts[stage], self.parts[stage + 1]
+            names = []
+            for spec in self._layer_specs[lo:hi]:
+                name = spec.module_args[0]
+                names.append(f"{name} (tied)" if isinstance(spec, TiedLayerSpec) and spec.forward_fn else name)
+            lines.append(f"stage {stage}: {', '.join(names)} | {sum(counts[lo:hi]) / 1e6:.3f}M params")
+        return lines
+
+    # -- names ---------------------------------------------------------------------------------------------------
+    def gpt_name(self, name: str) -> str:
+        """GPT's name for a parameter or buffer of this stage (`3.layer.attn.qkv.weight` -> `blocks.2.attn...`)."""
+        m = re.match(r"tied_modules\.(\w+)\.layer\.(.*)", name)
+        if m:
+            return f"embedding.{m.group(2)}"
+        idx, rest = name.split(".", 1)
+        assert rest.startswith("layer."), name
+        return f"{self._modules[idx].gpt_name}.{rest[len('layer.'):]}"
+
+    # -- routing -------------------------------------------------------------------------------------------------
+    def _routed(self) -> dict[int, BlockStage]:
+        return {m.index: m for m in self.modules() if isinstance(m, BlockStage) and hasattr(m.layer, "router")}
+
+    def drain_routing_records(self) -> list[dict]:
+        """{layer: record} per micro-batch of the last step, for this stage's routed blocks."""
+        stages = self._routed()
+        if not stages:
+            return []
+        per_layer = {i: s.records for i, s in stages.items()}
+        out = [dict(zip(per_layer, recs)) for recs in zip(*per_layer.values())]
+        for s in stages.values():
+            s.records = []
+        return out
+
+    def update_routing(self, logit_quantiles: dict[int, float]) -> None:
+        stages = self._routed()
+        for i, q in logit_quantiles.items():
+            if i in stages:
+                stages[i].layer.update_controller(q)
+
+    def tied_embedding(self) -> torch.Tensor | None:
+        """This stage's copy of the tied embedding weight (first and last stage), else None."""
+        if "embed" in self.tied_modules:
+            return self.tied_modules["embed"].layer.tokens.weight
+        return None
+
+
+def full_gpt_state(module: GPTPipe) -> dict[str, torch.Tensor]:
+    """Whole TP=1 weights under GPT's names, from every pipeline stage (collective over the world). The tied
+    embedding comes from the first stage."""
+    from skiptron.parallel.tensor_parallel import full_tensor
+
+    with torch.no_grad():
+        mine = {module.gpt_name(n): full_tensor(p).float().cpu() for n, p in module.named_parameters()}
+    stages = [None] * ps.get_pipeline_model_parallel_world_size()
+    dist.all_gather_object(stages, mine, group=ps.get_pipeline_model_parallel_group())
+    out = {}
+    for part in reversed(stages):
+        out.update(part)
+    return dict(sorted(out.items()))
