@@ -64,6 +64,7 @@ def init_model_parallel(tp: int, pp: int, device: torch.device) -> Layout:
     """(Re)build megatron-core's groups for a (tp, pp) layout; DP is what is left of the world."""
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+    destroy_subgroups()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     return Layout(
         rank=dist.get_rank(),
@@ -77,6 +78,18 @@ def init_model_parallel(tp: int, pp: int, device: torch.device) -> Layout:
         dp_rank=ps.get_data_parallel_rank(),
         device=device,
     )
+
+
+def destroy_subgroups() -> None:
+    """Destroy every process group but the world: megatron-core's `destroy_model_parallel` and DeepSpeed's engines
+    only drop their references, and each gloo group keeps its threads, so a process that changes layouts (tests,
+    benchmarks) would pile up thousands of them."""
+    from torch.distributed import distributed_c10d as c10d
+
+    world = c10d._get_default_group() if dist.is_initialized() else None
+    for group in list(getattr(getattr(c10d, "_world", None), "pg_map", {})):
+        if group is not world:
+            dist.destroy_process_group(group)
 
 
 def shutdown() -> None:
