@@ -30,3 +30,21 @@ def train_run(overrides, data, run_dir, metrics=("loss",)):
         if len(metrics) == 1:
             values = values[metrics[0]]
     return values, weights
+
+
+def signal_at_step(trainer, stop_at: int) -> None:
+    """Make rank 0 send itself SIGUSR1 during step `stop_at`, as SLURM does before a time limit."""
+    import os
+    import signal
+
+    import torch.distributed as dist
+
+    step_fn = trainer.train_step
+
+    def train_step(batches):
+        out = step_fn(batches)
+        if trainer.progress.step + 1 == stop_at and dist.get_rank() == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return out
+
+    trainer.train_step = train_step

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runs import BASE
+from runs import BASE, signal_at_step
 
 CKPT = ["train.max_steps=20", "optimizer.warmup_steps=3", "checkpoint.keep=0"]
 
@@ -28,15 +28,7 @@ def _train(overrides, data, run_dir, stop_at=None):
     trainer = Trainer.setup(cfg)
     start = trainer.progress.step
     if stop_at:
-        step_fn = trainer.train_step
-
-        def train_step(batches):
-            out = step_fn(batches)
-            if trainer.progress.step + 1 == stop_at and dist.get_rank() == 0:
-                os.kill(os.getpid(), signal.SIGUSR1)
-            return out
-
-        trainer.train_step = train_step
+        signal_at_step(trainer, stop_at)
     trainer.run()
     weights = full_state_dict(trainer.engine.module)
     dist.barrier()

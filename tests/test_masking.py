@@ -1,5 +1,4 @@
 """Mask finetuning (training/masking.py): exact thresholded masks, straight-through gradients, the task file, TP."""
-import pytest
 import torch
 import torch.nn.functional as F
 

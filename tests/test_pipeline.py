@@ -3,7 +3,7 @@ layout trains the same model to the same numbers."""
 import pytest
 import torch
 
-from runs import BASE
+from runs import BASE, signal_at_step
 
 LAYOUTS = {  # (tp, pp, dp) -> extra overrides
     (1, 1, 1): [], (2, 1, 1): [], (1, 2, 1): [], (1, 1, 2): [], (2, 2, 1): [], (1, 2, 2): [], (2, 1, 2): [],
@@ -13,8 +13,6 @@ LAYOUTS = {  # (tp, pp, dp) -> extra overrides
 def _train(overrides, data, run_dir, metrics=("loss",), stop_at=None):
     """Train BASE + overrides; returns per rank: rank 0 the logged metrics and whole weights, every rank its
     (megatron, deepspeed) coordinates and, on pipeline stages holding it, the tied embedding weight."""
-    import os
-    import signal
 
     import torch.distributed as dist
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
@@ -28,15 +26,7 @@ def _train(overrides, data, run_dir, metrics=("loss",), stop_at=None):
     cfg = load_config(None, BASE + [f"data.path={data}", f"run.dir={run_dir}"] + list(overrides))
     trainer = Trainer.setup(cfg)
     if stop_at:
-        step_fn = trainer.train_step
-
-        def train_step(batches):
-            out = step_fn(batches)
-            if trainer.progress.step + 1 == stop_at and dist.get_rank() == 0:
-                os.kill(os.getpid(), signal.SIGUSR1)
-            return out
-
-        trainer.train_step = train_step
+        signal_at_step(trainer, stop_at)
     trainer.run()
     module = trainer.engine.module
     weights = full_state_dict(module)

@@ -34,7 +34,6 @@ def single_process_groups():
 
     created = False
     if not dist.is_initialized():
-        import socket
         import tempfile
 
         store = tempfile.NamedTemporaryFile(prefix="skiptron-store-", delete=False).name
