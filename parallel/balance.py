@@ -265,11 +265,12 @@ class BalancedTokens:
         return out[0] if single else tuple(out)
 
 
-def balance(x, group=None) -> BalancedTokens:
+def balance(x, group=None, min_imbalance: float = 1.0) -> BalancedTokens:
     """Balance active tokens over `group` (default: the world). Collective: every rank of the group must call it.
 
     x: a tensor [n_local, ...] or a sequence of tensors sharing the first dim n_local (any dtypes, same device),
-    moved together. See the module notes for the plan, which tokens move, and autograd.
+    moved together. See the module notes for the plan, which tokens move, and autograd. No token moves when the
+    imbalance (max / mean of the gathered counts) is below `min_imbalance`: every rank decides from the same counts.
     """
     single = isinstance(x, torch.Tensor)
     xs = [x] if single else list(x)
@@ -293,7 +294,7 @@ def balance(x, group=None) -> BalancedTokens:
         counts = tuple(int(v) for v in torch.cat(gathered).tolist())
     rank = 0 if world == 1 else dist.get_rank(group)
 
-    moves = plan_moves(counts) if world > 1 else []
+    moves = plan_moves(counts) if world > 1 and _imbalance(counts) >= min_imbalance else []
     send_splits, recv_splits = [0] * world, [0] * world
     for src, dst, k in moves:
         if src == rank:

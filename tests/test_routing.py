@@ -7,7 +7,7 @@ from runs import train_run
 VOCAB = 64
 
 
-def _model(tp, balance=True, **skip):
+def _model(tp, balance=1.0, **skip):
     from skiptron.parallel.state import init_model_parallel
     from skiptron.training.config import ModelConfig
     from skiptron.training.model import GPT
@@ -16,7 +16,7 @@ def _model(tp, balance=True, **skip):
     torch.manual_seed(0)
     cfg = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, ffn_hidden_size=128, seq_len=32,
                       make_vocab_size_divisible_by=8, skip={"enabled": True, **skip})
-    return GPT(cfg, VOCAB, tp, balance_tokens=balance)
+    return GPT(cfg, VOCAB, tp, balance=balance)
 
 
 def _skewed_tokens(model, hot: bool, n=(4, 33), share=0.9):
@@ -37,6 +37,7 @@ def _skewed_tokens(model, hot: bool, n=(4, 33), share=0.9):
 
 
 def _loss_and_grads(tp, balance, granularity, kv, mode="threshold"):
+    """balance: the balancer's min imbalance, or None for off."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -54,13 +55,17 @@ def _loss_and_grads(tp, balance, granularity, kv, mode="threshold"):
         grads[name] = g
     total = loss.detach().clone()
     dist.all_reduce(total, group=dp)
+    active = [r.active_tokens for r in model.routing_records().values()]
+    tp_active = [None] * ps.get_tensor_model_parallel_world_size()
+    dist.all_gather_object(tp_active, active, group=ps.get_tensor_model_parallel_group())
+    assert all(a == active for a in tp_active), f"routing decisions differ across TP ranks: {tp_active}"
     return total, grads, model.routing_records()[0].balance
 
 
 @pytest.mark.parametrize("granularity,kv", [("layer", "all"), ("layer", "active"), ("mlp", "all")])
 def test_balancing_is_exact_dp2(pool2, granularity, kv):
-    off = pool2.run(_loss_and_grads, 1, False, granularity, kv)
-    on = pool2.run(_loss_and_grads, 1, True, granularity, kv)
+    off = pool2.run(_loss_and_grads, 1, None, granularity, kv)
+    on = pool2.run(_loss_and_grads, 1, 1.0, granularity, kv)
     stats = on[0][2]
     assert stats["imbalance_before"] > 1.4, stats  # the skew is real
     assert stats["imbalance_after"] < 1.02 and stats["tokens_moved"] > 0, stats
@@ -71,9 +76,9 @@ def test_balancing_is_exact_dp2(pool2, granularity, kv):
 
 
 def test_balancing_is_exact_tp2_dp2(pool4):
-    off = pool4.run(_loss_and_grads, 2, False, "layer", "all")
-    on = pool4.run(_loss_and_grads, 2, True, "layer", "all", "capacity")
-    on_threshold = pool4.run(_loss_and_grads, 2, True, "layer", "all")
+    off = pool4.run(_loss_and_grads, 2, None, "layer", "all")
+    on = pool4.run(_loss_and_grads, 2, 1.0, "layer", "all", "capacity")
+    on_threshold = pool4.run(_loss_and_grads, 2, 1.0, "layer", "all")
     assert on_threshold[0][2]["tokens_moved"] > 0
     for (loss_off, grads_off, _), (loss_on, grads_on, _) in zip(off, on_threshold):
         torch.testing.assert_close(loss_on, loss_off, atol=1e-5, rtol=0)
@@ -106,6 +111,16 @@ def _capacity_counts(rate):
     local = counts.clone()
     dist.all_reduce(counts)
     return counts.tolist(), local.tolist(), tokens[:, :-1].numel() * dist.get_world_size()
+
+
+def test_balancer_skips_the_exchange_below_its_threshold(pool2):
+    """parallel.balance_min_imbalance: every rank sees the same counts, so all skip the exchange together."""
+    off = pool2.run(_loss_and_grads, 1, None, "layer", "all")
+    high = pool2.run(_loss_and_grads, 1, 3.0, "layer", "all")
+    low = pool2.run(_loss_and_grads, 1, 1.2, "layer", "all")
+    assert high[0][2]["tokens_moved"] == 0 and high[0][2]["imbalance_before"] > 1.4
+    assert low[0][2]["tokens_moved"] > 0
+    torch.testing.assert_close(high[0][0], off[0][0], atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("rate", [0.25, 0.5, 0.9])
@@ -151,12 +166,12 @@ def _rows_seen(granularity, kv, balance):
 @pytest.mark.parametrize("granularity,kv", [("layer", "all"), ("layer", "active"), ("mlp", "all"),
                                             ("attention", "active")])
 def test_skipped_tokens_are_not_computed(pool2, granularity, kv):
-    for seen, active, total in pool2.run(_rows_seen, granularity, kv, False):
+    for seen, active, total in pool2.run(_rows_seen, granularity, kv, None):
         assert 0 < active < total
         assert seen["mlp"] == (total if granularity == "attention" else active)
         assert seen["out"] == (total if granularity == "mlp" else active)
         assert seen["qkv"] == (active if kv == "active" and granularity != "mlp" else total)
-    balanced = pool2.run(_rows_seen, granularity, kv, True)
+    balanced = pool2.run(_rows_seen, granularity, kv, 1.0)
     if granularity != "attention":
         mlp = [seen["mlp"] for seen, _, _ in balanced]
         assert sum(mlp) == sum(active for _, active, _ in balanced) and max(mlp) - min(mlp) <= 1
@@ -193,3 +208,18 @@ def test_skip_config_layers():
         SkipConfig(enabled=True, layers=[7]).routed_layers(6)
     with pytest.raises(ConfigError, match="model.skip.layers"):
         SkipConfig(enabled=True, layers="some").routed_layers(6)
+
+
+def test_rate_heatmap(tmp_path):
+    import json
+
+    from skiptron.tools.plot import plot_rate_heatmap
+
+    lines = [{"step": s, "loss": 1.0, "skip/rate/L1": 0.5, "skip/rate/L3": s / 10} for s in range(1, 11)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    out = plot_rate_heatmap(tmp_path, tmp_path / "rates.png")
+    assert out.stat().st_size > 1000 and out.read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "dense").mkdir()
+    (tmp_path / "dense" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    with pytest.raises(ValueError, match="model.skip.enabled"):
+        plot_rate_heatmap(tmp_path / "dense", tmp_path / "x.png")

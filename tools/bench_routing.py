@@ -62,7 +62,7 @@ def _skewed_model(cfg, vocab: int, rate: float, balance: bool, tokens: torch.Ten
     """A routed model whose router offsets make this rank execute `rate` of its tokens in every routed layer."""
     seed_everything(cfg.train.seed)
     model = GPT(cfg.model.model_copy(update={"skip": cfg.model.skip.model_copy(
-        update={"target_rate": rate, "controller_rate": 1.0})}), vocab, 1, balance_tokens=balance)
+        update={"target_rate": rate, "controller_rate": 1.0})}), vocab, 1, balance=1.0 if balance else None)
     with torch.no_grad():
         for _ in range(3):  # each layer's input depends on the layers before it
             model(tokens)

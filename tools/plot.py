@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from skiptron.training.metrics import read_metrics
 
 DEFAULT_METRICS = ("loss", "val_loss", "lr", "tokens_per_s", "mfu")
+RATE_PREFIX = "skip/rate/L"
 
 
 def _series(records: list[dict], metric: str) -> tuple[list[int], list[float]]:
@@ -59,6 +60,29 @@ def plot_runs(
     return out
 
 
+def plot_rate_heatmap(run_dir: str | Path, out: str | Path) -> Path:
+    """Execution rate per routed layer (rows) over training steps (columns), from `skip/rate/L<i>`."""
+    records = read_metrics(run_dir)
+    layers = sorted({int(k[len(RATE_PREFIX):]) for r in records for k in r if k.startswith(RATE_PREFIX)})
+    if not layers:
+        raise ValueError(f"{run_dir} logged no {RATE_PREFIX}<i> metrics: was model.skip.enabled set?")
+    steps = [r["step"] for r in records if f"{RATE_PREFIX}{layers[0]}" in r]
+    grid = [[math.nan if r.get(f"{RATE_PREFIX}{i}") is None else r[f"{RATE_PREFIX}{i}"]
+             for r in records if f"{RATE_PREFIX}{layers[0]}" in r] for i in layers]
+    fig = Figure(figsize=(10, 1.2 + 0.35 * len(layers)), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(grid, aspect="auto", interpolation="nearest", vmin=0.0, vmax=1.0, cmap="viridis",
+                      extent=(steps[0] - 0.5, steps[-1] + 0.5, len(layers) - 0.5, -0.5))
+    ax.set_yticks(range(len(layers)), [f"L{i}" for i in layers])
+    ax.set_xlabel("step")
+    ax.set_title(f"execution rate per routed layer: {Path(run_dir).resolve().name}")
+    fig.colorbar(image, ax=ax, label="fraction of tokens executed")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="skiptron-plot", description=__doc__.splitlines()[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
@@ -68,11 +92,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=",".join(DEFAULT_METRICS),
         help="comma-separated metric keys (default: %(default)s)",
     )
+    parser.add_argument("--rate-heatmap", action="store_true",
+                        help="instead: execution rate per routed layer over steps (first RUN_DIR)")
     args = parser.parse_args(argv)
-    out = args.out or Path(args.run_dirs[0]) / "curves.png"
+    name = "rates.png" if args.rate_heatmap else "curves.png"
+    out = args.out or Path(args.run_dirs[0]) / name
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     try:
-        path = plot_runs(args.run_dirs, out, metrics)
+        if args.rate_heatmap:
+            path = plot_rate_heatmap(args.run_dirs[0], out)
+        else:
+            path = plot_runs(args.run_dirs, out, metrics)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     print(path)

@@ -191,7 +191,7 @@ def seeded(seed: int, build):
         return build()
 
 
-def layer_sequence(cfg: ModelConfig, vocab_size: int, tp: int, balance_tokens: bool = True,
+def layer_sequence(cfg: ModelConfig, vocab_size: int, tp: int, balance: float | None = 1.0,
                    base_seed: int | None = None) -> list[tuple[str, object]]:
     """GPT's flat layer sequence: (name in GPT, builder) for the embedding, each block and the head. `GPT` and the
     pipeline module (`training/pipeline.py`) are both built from it. `base_seed` defaults to a draw from torch's RNG
@@ -211,7 +211,7 @@ def layer_sequence(cfg: ModelConfig, vocab_size: int, tp: int, balance_tokens: b
         else:
             inner = Block(cfg, mcfg)
         if i in routed:
-            return RoutedBlock(inner, cfg.skip, cfg.hidden_size, cfg.norm_eps, cfg.init_std, balance_tokens)
+            return RoutedBlock(inner, cfg.skip, cfg.hidden_size, cfg.norm_eps, cfg.init_std, balance)
         return inner
 
     seq = [("embedding", lambda: seeded(base_seed, lambda: Embedding(cfg, mcfg, padded)))]
@@ -267,13 +267,13 @@ class GPT(nn.Module):
     """Embedding -> blocks -> head. `forward(tokens)` takes [b, s+1] token ids and returns the mean LM loss plus,
     when layers are routed, the weighted routing budget loss (`last_lm_loss` keeps the LM part)."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, tp: int, balance_tokens: bool = True,
+    def __init__(self, cfg: ModelConfig, vocab_size: int, tp: int, balance: float | None = 1.0,
                  checkpoint_blocks: set[int] | frozenset = frozenset()):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.checkpoint_blocks = set(checkpoint_blocks)
-        seq = layer_sequence(cfg, vocab_size, tp, balance_tokens)
+        seq = layer_sequence(cfg, vocab_size, tp, balance)
         self.embedding = seq[0][1]()
         self.blocks = nn.ModuleList(build() for _, build in seq[1:-1])
         self.head = seq[-1][1]()

@@ -177,14 +177,14 @@ def _meta_param_count(spec: LayerSpec) -> int:
 class GPTPipe(PipelineModule):
     """GPT as a DeepSpeed pipeline: one stage's layers on each pipeline rank, the rest never built."""
 
-    def __init__(self, cfg: Config, vocab_size: int, balance_tokens: bool = True):
+    def __init__(self, cfg: Config, vocab_size: int, balance: float | None = 1.0):
         mc, par = cfg.model, cfg.parallel
         tp, pp = par.tp, par.pp
         dp = dist.get_world_size() // (tp * pp)
         routed = mc.skip.routed_layers(mc.num_layers)
         carry = bool(routed)
         checkpointed = par.checkpointed_blocks(mc.num_layers)
-        seq = layer_sequence(mc, vocab_size, tp, balance_tokens)
+        seq = layer_sequence(mc, vocab_size, tp, balance)
         (emb_name, emb_build), blocks, (head_name, head_build) = seq[0], seq[1:-1], seq[-1]
         tied = mc.tie_embeddings
         attr = "layer.tokens.weight"

@@ -16,6 +16,7 @@ sequence lives, since its keys and values do.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,9 @@ from skiptron.parallel.balance import balance
 
 from .config import SkipConfig
 from .model import Block, rms_norm
+
+
+BALANCE_KEYS = ("imbalance_before", "imbalance_after", "tokens_moved", "bytes_moved", "exchange_ms")
 
 
 @dataclass
@@ -97,12 +101,12 @@ class RoutedBlock(nn.Module):
     """A transformer block (or its MLP, or its attention) executed only for the tokens its router picks."""
 
     def __init__(self, block: Block, skip: SkipConfig, hidden: int, eps: float, init_std: float,
-                 balance_tokens: bool):
+                 balance: float | None):
         super().__init__()
         self.block = block
         self.router = Router(hidden, eps, init_std)
         self.skip = skip
-        self.balance_tokens = balance_tokens
+        self.balance = balance  # min imbalance that triggers the DP exchange; None: never
         self.record: RoutingRecord | None = None
 
     @torch.no_grad()
@@ -117,15 +121,20 @@ class RoutedBlock(nn.Module):
 
     def mlp_delta(self, h: torch.Tensor) -> tuple[torch.Tensor, dict, int]:
         """MLP output for the rows of h ([n, d]); rows may be computed on other DP ranks and sent back."""
-        group = state.dp_group_or_none() if self.balance_tokens else None
+        group = state.dp_group_or_none() if self.balance is not None else None
         if group is None or dist.get_world_size(group) == 1:
             return self.block.mlp(self.block.mlp_norm(h[None]))[0], {}, h.shape[0]
-        work = balance(h, group)
+        start = time.perf_counter()
+        work = balance(h, group, self.balance)
+        exchange_s = time.perf_counter() - start
         y = self.block.mlp(self.block.mlp_norm(work.tokens[None]))[0]
+        start = time.perf_counter()
+        y = work.restore(y)
         s = work.stats
         stats = {"imbalance_before": s.imbalance_before, "imbalance_after": s.imbalance_after,
-                 "tokens_moved": s.tokens_moved, "bytes_moved": s.bytes_moved}
-        return work.restore(y), stats, work.num_tokens
+                 "tokens_moved": s.tokens_moved, "bytes_moved": s.bytes_moved,
+                 "exchange_ms": 1e3 * (exchange_s + time.perf_counter() - start)}
+        return y, stats, work.num_tokens
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape
@@ -184,13 +193,12 @@ class RoutingMeter:
         values = quantiles + rates + [aux]
         if balanced:
             values += [sum(b[k] for b in balanced) / len(balanced)
-                       for k in ("imbalance_before", "imbalance_after", "tokens_moved", "bytes_moved")]
+                       for k in BALANCE_KEYS]
         mean = state.all_reduce_mean(torch.tensor(values, dtype=torch.float64), group).tolist()
         layer_quantiles, mean = dict(zip(layers, mean[:len(layers)])), mean[len(layers):]
         out = {f"skip/rate/L{i}": mean[j] for j, i in enumerate(layers)}
         out["skip/exec_rate"] = sum(mean[:len(layers)]) / len(layers)
         out["skip/aux_loss"] = mean[len(layers)]
         if balanced:
-            keys = ("imbalance_before", "imbalance_after", "tokens_moved", "bytes_moved")
-            out.update({f"skip/{k}": v for k, v in zip(keys, mean[len(layers) + 1:])})
+            out.update({f"skip/{k}": v for k, v in zip(BALANCE_KEYS, mean[len(layers) + 1:])})
         return out, layer_quantiles

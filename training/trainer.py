@@ -274,8 +274,8 @@ def build_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
     if cfg.parallel.pp > 1:
         from .pipeline import GPTPipe
 
-        return GPTPipe(cfg, vocab_size, balance_tokens=cfg.parallel.balance_tokens)
-    return GPT(cfg.model, vocab_size, cfg.parallel.tp, balance_tokens=cfg.parallel.balance_tokens,
+        return GPTPipe(cfg, vocab_size, balance=cfg.parallel.token_balance)
+    return GPT(cfg.model, vocab_size, cfg.parallel.tp, balance=cfg.parallel.token_balance,
                checkpoint_blocks=cfg.parallel.checkpointed_blocks(cfg.model.num_layers))
 
 
