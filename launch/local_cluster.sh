@@ -12,6 +12,9 @@
 # Needs root (slurmd starts jobs as their users). On Debian/Ubuntu it installs slurm-wlm and munge when missing.
 # Exit status 3: the cluster cannot run here (not root, or no SLURM and no apt-get), with the reason on stderr.
 set -euo pipefail
+# Job credentials live CRED_EXPIRE seconds, and a requeued job waits that long before it starts again (slurmd
+# refuses a job whose credential it revoked until the revocation expires; SLURM's default is 120 s).
+CRED_EXPIRE="${SKIPTRON_CLUSTER_CRED_EXPIRE:-20}"
 DIR="${SKIPTRON_CLUSTER_DIR:-/tmp/skiptron-slurm}"
 CONF="$DIR/slurm.conf"
 PORT="${SKIPTRON_CLUSTER_PORT:-17000}"
@@ -52,7 +55,7 @@ ClusterName=skiptron-local
 SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=$PORT
 AuthType=auth/munge
-AuthInfo=socket=$MUNGE_SOCKET
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=$CRED_EXPIRE
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres

@@ -241,9 +241,16 @@ def test_sbatch_preempted_job_saves_requeues_and_resumes_to_the_same_result(slur
         time.sleep(0.1)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True)
 
-    def start_now(state):  # SLURM holds a requeued job back for ~2 minutes (BeginTime); skip the wait in a test
+    requeued_at = []
+
+    def start_now(state):
+        """A requeued job waits for its revoked credential to expire (cred_expire, 20 s on the local cluster) and
+        then for the scheduler's next pass; once the credential has expired, skip the second wait. Starting it
+        sooner makes slurmd refuse it ("Job credential revoked") and the job fails."""
         if state.get("Restarts") == "1":
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env)
+            requeued_at.append(time.monotonic())
+            if time.monotonic() - requeued_at[0] > 22:
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env)
 
     state = _wait_job(env, job, on_pending=start_now)
     batch_log = (tmp_path / "job.out").read_text()

@@ -223,3 +223,28 @@ def test_rate_heatmap(tmp_path):
     (tmp_path / "dense" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
     with pytest.raises(ValueError, match="model.skip.enabled"):
         plot_rate_heatmap(tmp_path / "dense", tmp_path / "x.png")
+
+
+def _decode_vs_full(granularity, kv, enabled=True):
+    from skiptron.parallel.tensor_parallel import gather_tp
+    from skiptron.training.model import IncrementalDecoder
+
+    model = _model(2, granularity=granularity, kv=kv) if enabled else _model(2, layers=[0], enabled=False)
+    tokens = torch.randint(0, VOCAB, (3, 14), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = gather_tp(model.logits(tokens), dim=-1)
+        rates = [r.exec_rate for r in model.routing_records().values()]
+        decoder = IncrementalDecoder(model)
+        parts = [decoder(tokens[:, :5])] + [decoder(tokens[:, i:i + 1]) for i in range(5, 14)]
+    return full[..., :VOCAB], gather_tp(torch.cat(parts, dim=1), dim=-1)[..., :VOCAB], rates
+
+
+@pytest.mark.parametrize("granularity,kv,enabled", [("layer", "all", True), ("layer", "active", True),
+                                                    ("mlp", "all", True), ("attention", "active", True),
+                                                    ("layer", "all", False)])
+def test_kv_cache_decoding_matches_the_full_forward(pool2, granularity, kv, enabled):
+    """Generation with a KV cache through skipped layers (TP=2): a prompt chunk then one token at a time gives the
+    logits of the whole-sequence forward, with the same per-token decisions."""
+    for full, decoded, rates in pool2.run(_decode_vs_full, granularity, kv, enabled):
+        torch.testing.assert_close(decoded, full, atol=1e-5, rtol=1e-5)
+        assert all(0 < r < 1 for r in rates), rates  # some tokens executed, some skipped

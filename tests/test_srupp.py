@@ -131,7 +131,7 @@ def test_srupp_tp2_equals_tp1(pool2):
 
 def _decode_matches_full(tp: int):
     from skiptron.parallel.tensor_parallel import gather_tp
-    from skiptron.training.srupp import IncrementalDecoder
+    from skiptron.training.model import IncrementalDecoder
 
     model = _srupp_model(tp).eval()
     with torch.no_grad():

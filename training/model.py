@@ -11,6 +11,7 @@ Every layer builds its full weight on the CPU from the same seed and keeps its o
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +109,20 @@ class Attention(nn.Module):
         y, _ = self.out(self._merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True)))
         return y
 
+    def step(self, x: torch.Tensor, cache: KVCache | None, present: torch.Tensor):
+        """Incremental attention for the next tokens x [b, n, hidden] after `cache`; `present` [b, n] marks which
+        of them later tokens (and they themselves) may attend to. Returns (output [b, n, hidden], cache)."""
+        start = cache.length if cache is not None else 0
+        positions = torch.arange(start, start + x.shape[1], device=x.device)
+        q, k, v = self._heads(x, positions)
+        if cache is not None:
+            k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
+            present = torch.cat([cache.present, present], dim=1)
+        keys = torch.arange(k.shape[2], device=x.device)
+        mask = (keys[None, :] <= positions[:, None])[None] & present[:, None, :]
+        y, _ = self.out(self._merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])))
+        return y, KVCache(k, v, present)
+
     def forward_selected(self, x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, kv_all: bool):
         """Attention outputs [selected tokens, hidden] for selected tokens only, in row-major order of `valid`:
         `index` [b, n] holds their positions (padded; `valid` marks real entries). Keys and values come from every token (`kv_all`) or from the selected tokens alone. With
@@ -129,6 +144,20 @@ class Attention(nn.Module):
         y = self._merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None]))[valid]
         y, _ = self.out(y[None])
         return y[0]
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the tokens decoded so far ([b, heads, t, hd]) and which of them are visible
+    (`present` [b, t]: a token a routed `kv: active` layer skipped is cached but masked)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    present: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
 
 
 class SwiGLU(nn.Module):
@@ -164,6 +193,12 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), positions)
         return x + self.mlp(self.mlp_norm(x))
+
+    def step(self, x: torch.Tensor, cache: KVCache | None):
+        """Incremental forward of the next tokens with a KV cache (see `IncrementalDecoder`)."""
+        a, cache = self.attn.step(self.attn_norm(x), cache, torch.ones_like(x[..., 0], dtype=torch.bool))
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x)), cache
 
 
 class Embedding(nn.Module):
@@ -315,3 +350,21 @@ class GPT(nn.Module):
 def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
     """Norm gains and biases are not decayed."""
     return param.dim() < 2 or name.endswith(".bias")
+
+
+class IncrementalDecoder:
+    """Token-by-token (or chunk-by-chunk) decoding of a `GPT`: each call feeds the next tokens [b, n] and returns
+    this TP rank's vocabulary slice of their logits [b, n, vocab / tp], carrying every layer's state (KV cache, SRU++
+    recurrence state) between calls. Equal to `model.logits` on the whole sequence. Every block type has a
+    `step(x, state) -> (x, state)`; routed blocks decide per token as in training (threshold mode)."""
+
+    def __init__(self, model: GPT):
+        self.model = model
+        self.states: list = [None] * len(model.blocks)
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.model.embedding(tokens)
+        for i, block in enumerate(self.model.blocks):
+            h, self.states[i] = block.step(h, self.states[i])
+        return self.model.head.logits(h, self.model._tied_weight())

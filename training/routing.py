@@ -136,6 +136,29 @@ class RoutedBlock(nn.Module):
                  "exchange_ms": 1e3 * (exchange_s + time.perf_counter() - start)}
         return y, stats, work.num_tokens
 
+    def step(self, x: torch.Tensor, cache):
+        """Incremental forward with a KV cache: the same per-token decisions as `forward` in threshold mode (a
+        token's router sees only its own hidden state). Skipped tokens' rows are masked rather than gathered (decoding
+        steps are a token per sequence); with `kv: active` they are cached but invisible."""
+        if self.skip.mode != "threshold":
+            raise ValueError("model.skip.mode: capacity routing looks at the whole batch; decode with threshold mode")
+        p = self.router(x)
+        active = (p > 0.5)[..., None]
+        gate = p.to(x.dtype)[..., None]
+        block, granularity = self.block, self.skip.granularity
+        if granularity == "mlp":
+            a, cache = block.attn.step(block.attn_norm(x), cache, torch.ones_like(active[..., 0]))
+            h = x + a
+            return h + torch.where(active, gate * block.mlp(block.mlp_norm(h)), 0.0), cache
+        present = active[..., 0] if self.skip.kv == "active" else torch.ones_like(active[..., 0])
+        a, cache = block.attn.step(block.attn_norm(x), cache, present)
+        a = torch.where(active, a, 0.0)  # a skipped token's own row may have had nothing to attend to
+        if granularity == "attention":
+            h = x + gate * a
+            return h + block.mlp(block.mlp_norm(h)), cache
+        delta = a + block.mlp(block.mlp_norm(x + a))
+        return x + torch.where(active, gate * delta, 0.0), cache
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape
         logits = self.router.logits(x)

@@ -174,23 +174,3 @@ class SRUppBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         return self.step(x)[0]
-
-
-class IncrementalDecoder:
-    """Token-by-token (or chunk-by-chunk) decoding of a `GPT` built with `model.block = srupp`: each call feeds the
-    next tokens [b, n] and returns this TP rank's vocabulary slice of their logits [b, n, vocab / tp], carrying every
-    layer's recurrence state and attention keys/values between calls. Equal to `model.logits` on the whole sequence."""
-
-    def __init__(self, model):
-        bad = [i for i, block in enumerate(model.blocks) if not isinstance(block, SRUppBlock)]
-        if bad:
-            raise TypeError(f"IncrementalDecoder: layers {bad} are not SRU++ blocks (routed or transformer layers "
-                            f"have no incremental state here)")
-        self.model = model
-        self.states: list[SRUppState | None] = [None] * len(model.blocks)
-
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.model.embedding(tokens)
-        for i, block in enumerate(self.model.blocks):
-            h, self.states[i] = block.step(h, self.states[i])
-        return self.model.head.logits(h, self.model._tied_weight())
