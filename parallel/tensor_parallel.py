@@ -21,8 +21,19 @@ def gather_tp(shard: torch.Tensor, dim: int, stride: int = 1, group=None) -> tor
         return shard.clone()
     parts = [torch.empty_like(shard) for _ in range(world)]
     dist.all_gather(parts, shard.contiguous(), group=group)
+    return join_tp(parts, dim, stride)
+
+
+def join_tp(parts: list[torch.Tensor], dim: int, stride: int = 1) -> torch.Tensor:
+    """Whole tensor from TP shards split megatron-style (rank r holds chunks j*tp + r of `stride` chunks)."""
     chunks = [p.chunk(stride, dim=dim) for p in parts]
-    return torch.cat([chunks[r][j] for j in range(stride) for r in range(world)], dim=dim)
+    return torch.cat([chunks[r][j] for j in range(stride) for r in range(len(parts))], dim=dim)
+
+
+def split_tp(full: torch.Tensor, dim: int, stride: int, tp: int, rank: int) -> torch.Tensor:
+    """This TP rank's shard of a whole tensor (the inverse of `join_tp`)."""
+    chunks = full.chunk(stride * tp, dim=dim)
+    return torch.cat([chunks[j * tp + rank] for j in range(stride)], dim=dim).contiguous()
 
 
 def full_tensor(param: torch.Tensor, value: torch.Tensor | None = None) -> torch.Tensor:

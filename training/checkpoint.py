@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from skiptron.parallel.tensor_parallel import tp_layout
+from skiptron.parallel.tensor_parallel import join_tp, split_tp, tp_layout
 
 FORMAT = "skiptron-checkpoint"
 FORMAT_VERSION = 1
@@ -451,18 +451,6 @@ def _load_rank_state(path: Path, meta: dict, layout, extra: dict) -> None:
 
 
 # -- resharding: DeepSpeed's shards <-> whole tensors ------------------------------------------------------------
-def join_tp(parts: list[torch.Tensor], dim: int, stride: int = 1) -> torch.Tensor:
-    """Whole tensor from TP shards split megatron-style (rank r holds chunks j*tp + r of `stride` chunks)."""
-    chunks = [p.chunk(stride, dim=dim) for p in parts]
-    return torch.cat([chunks[r][j] for j in range(stride) for r in range(len(parts))], dim=dim)
-
-
-def split_tp(full: torch.Tensor, dim: int, stride: int, tp: int, rank: int) -> torch.Tensor:
-    """This TP rank's shard of a whole tensor (the inverse of `join_tp`)."""
-    chunks = full.chunk(stride * tp, dim=dim)
-    return torch.cat([chunks[j * tp + rank] for j in range(stride)], dim=dim).contiguous()
-
-
 def _load(path: Path):
     if not path.is_file():
         raise CheckpointError(f"{path} is missing from the checkpoint")

@@ -31,7 +31,7 @@ import torch
 from megatron.core import tensor_parallel as mtp
 from torch import nn
 
-from skiptron.parallel.tensor_parallel import full_tensor, tp_layout
+from skiptron.parallel.tensor_parallel import full_tensor, split_tp, tp_layout
 
 TASK_FORMAT = "skiptron-mask"
 TASK_VERSION = 1
@@ -94,8 +94,6 @@ def _tp_rank_world() -> tuple[int, int]:
 
 def _shard(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """This TP rank's shard of a whole tensor, laid out like the parameter `like`."""
-    from .checkpoint import split_tp
-
     layout = tp_layout(like)
     if layout is None:
         return full
