@@ -3,6 +3,8 @@ from setuptools import setup
 
 PACKAGES = {
     "skiptron.training": "training",
+    "skiptron.training.kernels": "training/kernels",
+    "skiptron.training.hf": "training/hf",
     "skiptron.parallel": "parallel",
     "skiptron.tools": "tools",
     "skiptron.configs": "configs",
@@ -15,7 +17,7 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
-    package_data={"skiptron.configs": ["*.yaml"]},
+    package_data={"skiptron.configs": ["*.yaml"], "skiptron.training.kernels": ["*.cpp"]},
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.15",
@@ -43,6 +45,8 @@ setup(
             "skiptron-bench=skiptron.tools.bench:main",
             "skiptron-bench-srupp=skiptron.tools.bench_srupp:main",
             "skiptron-bench-routing=skiptron.tools.bench_routing:main",
+            "skiptron-bench-pipeline=skiptron.tools.bench_pipeline:main",
+            "skiptron-bench-checkpoint=skiptron.tools.bench_checkpoint:main",
             "skiptron-convert=skiptron.tools.convert:main",
             "skiptron-finetune=skiptron.tools.finetune:main",
             "skiptron-compress=skiptron.tools.compress:main",

@@ -46,8 +46,11 @@ def _same_weights(a, b, atol=0.0):
             torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("layout", [["zero.stage=1"], ["zero.stage=3"], ["parallel.tp=2", "zero.stage=1"],
-                                    ["parallel.tp=2", "zero.stage=3"]], ids=["dp2-z1", "dp2-z3", "tp2-z1", "tp2-z3"])
+@pytest.mark.parametrize("layout", [
+    ["zero.stage=1"], ["zero.stage=3"], ["parallel.tp=2", "zero.stage=1"], ["parallel.tp=2", "zero.stage=3"],
+    ["model.skip.enabled=true", "zero.stage=1"],
+    ["model.block=srupp", "model.srupp.attention_every=2", "parallel.tp=2", "zero.stage=1"],
+], ids=["dp2-z1", "dp2-z3", "tp2-z1", "tp2-z3", "routed-dp2-z1", "srupp-tp2-z1"])
 def test_exact_resume_after_signal(pool2, tiny_data, tmp_path, layout):
     """20 steps == 10 steps, stopped by SIGUSR1 on one rank, + resume + 10 steps: bitwise equal losses and weights."""
     full = pool2.run(_train, layout, tiny_data, tmp_path / "full")
@@ -81,6 +84,43 @@ def test_resume_under_another_layout(pool2, tiny_data, tmp_path, before, after):
 
 
 # -- a finished run with several checkpoints, for the file-level tests ----------------------------------------------
+def _router_offsets(overrides, data, run_dir, train=True):
+    """Set up (resuming per `resume`) and train on this rank; the routers' controller offsets afterwards, by name."""
+    import torch.distributed as dist
+
+    from skiptron.training.config import load_config
+    from skiptron.training.trainer import Trainer
+
+    cfg = load_config(None, BASE + [f"data.path={data}", f"run.dir={run_dir}"] + overrides)
+    trainer = Trainer.setup(cfg)
+    if train:
+        trainer.run()
+    dist.barrier()
+    return {n: b.clone() for n, b in trainer.engine.module.named_buffers() if n.endswith("router.offset")}
+
+
+def test_weights_only_checkpoint_keeps_routing_controllers(pool2, tiny_data, tmp_path):
+    """A weights-only checkpoint (what from-hf, compress and finetune merge write) carries the routers' controller
+    offsets: a run started from it routes exactly as the trained model did."""
+    from skiptron.training import checkpoint as ckpt
+    from skiptron.training.config import load_config
+    from skiptron.training.masking import read_base_weights
+
+    routed = ["model.skip.enabled=true", "model.skip.target_rate=0.3", "train.max_steps=6",
+              "checkpoint.save_at_end=true"]
+    trained = pool2.run(_router_offsets, routed, tiny_data, tmp_path / "run")[0]
+    assert trained and all(v.abs().item() > 0 for v in trained.values())  # the controller moved them
+    src = ckpt.find_resumable(tmp_path / "run/checkpoints", log=None)
+    weights = read_base_weights(src)
+    ckpt.write_weights_checkpoint(tmp_path / "weights", load_config(src / "config.yaml"), weights,
+                                  ckpt.read_meta(src)["vocab_size"])
+    loaded = pool2.run(_router_offsets, routed + [f"resume={tmp_path / 'weights'}"], tiny_data, tmp_path / "again",
+                       train=False)[0]
+    assert loaded.keys() == trained.keys()
+    for name in trained:
+        assert torch.equal(loaded[name], trained[name]), name
+
+
 @pytest.fixture(scope="module")
 def saved_run(pools, tiny_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("saved")
@@ -169,7 +209,7 @@ def test_consolidate_agrees_with_deepspeed_zero_to_fp32(saved_run):
 
 # -- SIGKILL at any moment of a save ------------------------------------------------------------------------------
 CHILD = r"""
-import os, signal, sys
+import os, resource, signal, sys
 from skiptron.training import checkpoint as ckpt
 from skiptron.training.config import load_config
 from skiptron.training.trainer import Trainer
@@ -177,11 +217,15 @@ from skiptron.training.trainer import Trainer
 phase, overrides = sys.argv[1], sys.argv[2:]
 # let the save of step 2 finish, die inside the save of step 4
 target = {"rank-file": "_torch_save", "manifest": "_write_manifest", "publish": "_publish",
-          "retention": "apply_retention"}[phase]
+          "retention": "apply_retention", "disk-full": "save"}[phase]
 real = getattr(ckpt, target)
 
 def wrapper(*args, **kwargs):
     if trainer.progress.step == 4:
+        if phase == "disk-full":  # the disk fills up between two saves: writes past 16 KiB fail
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (16384, resource.RLIM_INFINITY))
+            return real(*args, **kwargs)
         if phase == "rank-file":  # a torn file: partly written, then killed
             with open(args[1], "wb") as f:
                 f.write(b"partial")
@@ -225,6 +269,27 @@ def test_sigkill_during_save_keeps_previous_checkpoint(pools, tiny_data, tmp_pat
     assert res[0]["start"] == 2 and res[0]["step"] == 4
 
 
+def test_disk_full_during_save_names_the_file_and_keeps_previous_checkpoint(tiny_data, tmp_path):
+    """A write that fails mid-save (here: RLIMIT_FSIZE, as a full disk would) stops the run with an error naming the
+    file; nothing of the failed save is published and the previous checkpoint stays `latest` and loadable."""
+    from skiptron.training import checkpoint as ckpt
+
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29720",
+               OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    args = BASE + ["train.max_steps=4", "checkpoint.interval=2", "checkpoint.keep=1", f"data.path={tiny_data}",
+                   f"run.dir={tmp_path}"]
+    proc = subprocess.run([sys.executable, "-c", CHILD, "disk-full", *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    root = tmp_path / "checkpoints"
+    assert f"CheckpointError: could not write {root}/.tmp-step00000004/" in out, out[-3000:]
+    assert (root / "latest").read_text() == "step00000002"
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step00000002"]
+    ckpt.verify(root / "step00000002")
+    assert ckpt.find_resumable(root, log=None).name == "step00000002"
+
+
 def test_cli_exits_with_distinct_code_on_sigterm(tiny_data, tmp_path):
     """SIGTERM to one torchrun worker: both save the same step and exit with EXIT_PREEMPTED."""
     from skiptron.training import checkpoint as ckpt
@@ -248,3 +313,56 @@ def test_cli_exits_with_distinct_code_on_sigterm(tiny_data, tmp_path):
     found = ckpt.find_resumable(run / "checkpoints", log=None)
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert found.name == f"step{steps[-1]:08d}" and (run / "checkpoints/latest").read_text() == found.name
+
+
+# -- pipeline-parallel checkpoints ----------------------------------------------------------------------------------
+def _weights_after_resume(overrides, data, ckpt_dir):
+    """Whole weights right after resuming from `ckpt_dir` (no step taken)."""
+    from skiptron.training.config import load_config
+    from skiptron.training.trainer import Trainer
+    from skiptron.training.weights import full_state_dict
+
+    trainer = Trainer.setup(load_config(None, BASE + [f"data.path={data}", f"resume={ckpt_dir}"] + overrides))
+    return full_state_dict(trainer.engine.module)
+
+
+def test_pipeline_checkpoint_converts_and_loads(pools, tiny_data, tmp_path):
+    """A (2,2,1) ZeRO-0 checkpoint (DeepSpeed's per-layer files, optimizer state in the per-stage model files):
+    `consolidate` gives the trained weights bitwise, with Adam moments for every parameter; `to-hf` exports it;
+    `from-hf --tp 2 --pp 2` brings that back as a checkpoint that loads under (1,2,2) with the same weights."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    from skiptron.tools.convert import main
+    from skiptron.training import checkpoint as ckpt
+
+    layout = ["parallel.tp=2", "parallel.pp=2", "zero.stage=0", "train.micro_batch_size=1"]
+    run = pools(4).run(_train, layout + ["train.max_steps=3", "checkpoint.save_at_end=true"], tiny_data,
+                       tmp_path / "run")[0]
+    path = tmp_path / "run/checkpoints/step00000003"
+    weights = run["weights"]
+    assert ckpt.read_meta(path)["params"].keys() == weights.keys()  # GPT's names, gathered from both stages
+    full, moments, step, _ = ckpt.read_full_state(path)
+    assert step == 3 and moments.keys() == weights.keys()
+    assert all(m["exp_avg_sq"].abs().sum() > 0 for m in moments.values())
+    assert main(["consolidate", "--checkpoint", str(path), "--out", str(tmp_path / "full.pt")]) == 0
+    consolidated = torch.load(tmp_path / "full.pt")
+    _same_weights(consolidated, weights)
+    _same_weights(full, weights)
+
+    hf = tmp_path / "hf"
+    assert main(["to-hf", "--checkpoint", str(path), "--out", str(hf)]) == 0
+    exported, vocab = load_file(str(hf / "model.safetensors")), ckpt.read_meta(path)["vocab_size"]
+    assert torch.equal(exported["model.embed_tokens.weight"], weights["embedding.tokens.weight"][:vocab])
+    v = weights["blocks.1.attn.qkv.weight"].chunk(3)[2]  # blocks.1 lives on the second stage
+    assert torch.equal(exported["model.layers.1.self_attn.v_proj.weight"], v)
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(hf)).__name__ == "LlamaForCausalLM"
+
+    back = tmp_path / "from-hf"
+    assert main(["from-hf", "--hf", str(hf), "--out", str(back), "--tp", "2", "--pp", "2",
+                 "--vocab-multiple", "64"]) == 0
+    loaded = pools(4).run(_weights_after_resume, ["parallel.pp=2", "train.micro_batch_size=1"], tiny_data, back)[0]
+    assert loaded.keys() == weights.keys()
+    for name, value in weights.items():
+        rows = vocab if name == "embedding.tokens.weight" else None  # from-hf pads the vocabulary with zeros
+        assert torch.equal(loaded[name][:rows], value[:rows]), name

@@ -13,8 +13,9 @@ transformers = pytest.importorskip("transformers")
 DOCS = ["def f(x):\n    return x + 1\n", "import os\nprint(os.sep)\n", "class A:\n    pass\n"]
 
 
-def _train_and_score(data, run_dir, tokens, docs):
-    """Train TP=2 briefly and save; return skiptron's logits on `tokens` and its summed NLL of each doc (after EOT)."""
+def _train_and_score(data, run_dir, tokens, docs, overrides=()):
+    """Train TP=2 briefly and save; return skiptron's logits on `tokens`, its routed layers' execution rates on them
+    and its summed NLL of each doc (after EOT)."""
     import torch.nn.functional as F
 
     from skiptron.parallel.tensor_parallel import gather_tp
@@ -23,26 +24,27 @@ def _train_and_score(data, run_dir, tokens, docs):
     from skiptron.training.trainer import Trainer
 
     cfg = load_config(None, BASE + [f"data.path={data}", f"run.dir={run_dir}", "parallel.tp=2",
-                                    "train.max_steps=6", "checkpoint.save_at_end=true"])
+                                    "train.max_steps=6", "checkpoint.save_at_end=true"] + list(overrides))
     trainer = Trainer.setup(cfg)
     trainer.run()
     model, vocab = trainer.engine.module, trainer.vocab_size
     tok = load_tokenizer(Path(data) / "tokenizer.json")
     with torch.no_grad():
         logits = gather_tp(model.logits(tokens), dim=-1)[..., :vocab]
+        rates = {i: r.exec_rate for i, r in model.routing_records().items()}
         nll = []
         for doc in docs:
             ids = [eot_id(tok)] + tok.encode(doc).ids
             out = gather_tp(model.logits(torch.tensor([ids[:-1]])), dim=-1)[0, :, :vocab]
             nll.append(F.cross_entropy(out, torch.tensor(ids[1:]), reduction="sum").item())
-    return logits, nll
+    return logits, rates, nll
 
 
 @pytest.fixture(scope="module")
 def trained(pools, tiny_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("trained")
     tokens = torch.randint(0, 257, (2, 20), generator=torch.Generator().manual_seed(0))
-    (logits, nll), _ = pools(2).run(_train_and_score, tiny_data, run, tokens, DOCS)
+    (logits, _, nll), _ = pools(2).run(_train_and_score, tiny_data, run, tokens, DOCS)
     from skiptron.training import checkpoint as ckpt
 
     return {"checkpoint": ckpt.find_resumable(run / "checkpoints", log=None), "tokens": tokens, "logits": logits,
@@ -65,12 +67,69 @@ def test_to_hf_logits_match(trained, tmp_path):
     assert tok.decode(tok(DOCS[0])["input_ids"]) == DOCS[0]
 
 
-def test_lm_eval_reports_the_models_own_numbers(trained, tmp_path):
-    """lm-eval on a local loglikelihood_rolling task: bits per byte == skiptron's NLL of the same text."""
+SKIP = ["model.skip.enabled=true", "model.skip.target_rate=0.5"]
+CUSTOM = {  # one tiny model per code path of modeling_skiptron.py
+    "layer-kv-all": SKIP,
+    "mlp-bias-untied": SKIP + ["model.skip.granularity=mlp", "model.bias=true", "model.tie_embeddings=false"],
+    "layer-kv-active": SKIP + ["model.skip.kv=active"],
+    "attention-kv-active-first-layer": SKIP + ["model.skip.granularity=attention", "model.skip.kv=active",
+                                               "model.skip.layers=[0]"],
+    "srupp-attention-every-2": ["model.block=srupp", "model.srupp.attention_every=2", "model.num_layers=3"],
+    "srupp-routed": SKIP + ["model.block=srupp", "model.srupp.attention_every=2", "model.num_layers=3",
+                            "model.skip.kv=active", "model.skip.layers=[1,2]"],
+    "factorized-embedding-tied": ["model.embedding_rank=8"],
+}
+
+
+@pytest.mark.parametrize("case", list(CUSTOM))
+def test_to_hf_custom_code_logits_match(pools, tiny_data, tmp_path, case):
+    """Routed, SRU++, biased and factorized-embedding models export with their modeling code; transformers loads it
+    (trust_remote_code) and its logits are skiptron's. Routing is live: each routed layer executes some tokens and
+    skips others, exactly as many as in skiptron."""
+    from skiptron.tools.convert import main
+    from skiptron.training import checkpoint as ckpt
+
+    run, out = tmp_path / "run", tmp_path / "hf"
+    tokens = torch.randint(0, 257, (2, 20), generator=torch.Generator().manual_seed(0))
+    (logits, rates, _), _ = pools(2).run(_train_and_score, tiny_data, run, tokens, [], CUSTOM[case])
+    assert main(["to-hf", "--checkpoint", str(ckpt.find_resumable(run / "checkpoints", log=None)),
+                 "--out", str(out)]) == 0
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "modeling_skiptron.py",
+            "configuration_skiptron.py"} <= {p.name for p in out.iterdir()}
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
+    assert type(model).__name__ == "SkiptronForCausalLM"
+    decisions = {}
+    for i, block in enumerate(model.blocks):
+        if hasattr(block, "router"):
+            block.router.register_forward_hook(lambda m, args, p, i=i: decisions.__setitem__(i, p > 0.5))
+    with torch.no_grad():
+        hf_logits = model(tokens).logits
+    torch.testing.assert_close(hf_logits, logits, atol=1e-4, rtol=0)
+    assert decisions.keys() == rates.keys()
+    for i, active in decisions.items():
+        assert 0 < active.float().mean() < 1, f"layer {i}: routing is not mixed on these tokens"
+        assert active.float().mean().item() == pytest.approx(rates[i], abs=1e-6)
+    greedy = model.generate(tokens[:1, :6], max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        steps = model(greedy).logits[0, 5:-1].argmax(-1)
+    assert torch.equal(greedy[0, 6:], steps)
+
+
+def test_to_hf_refuses_capacity_routing(tmp_path):
+    from skiptron.tools.convert import main
+    from skiptron.training import checkpoint as ckpt
+    from skiptron.training.config import load_config
+
+    cfg = load_config(None, BASE + SKIP + ["model.skip.mode=capacity"])
+    ckpt.write_weights_checkpoint(tmp_path / "ckpt", cfg, {}, 257)
+    with pytest.raises(SystemExit, match="model.skip.mode=capacity"):
+        main(["to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")])
+
+
+def _lm_eval_bits_per_byte(hf: Path, tmp_path: Path) -> float:
+    """`skiptron-convert eval` of `hf` on a local loglikelihood_rolling task over DOCS."""
     from skiptron.tools.convert import main
 
-    hf = tmp_path / "hf"
-    main(["to-hf", "--checkpoint", str(trained["checkpoint"]), "--out", str(hf)])
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
     tasks = tmp_path / "tasks"
@@ -90,9 +149,32 @@ metric_list:
     out = tmp_path / "results.json"
     assert main(["eval", "--hf", str(hf), "--tasks", "skiptron_local", "--include-path", str(tasks),
                  "--out", str(out)]) == 0
-    reported = json.loads(out.read_text())["skiptron_local"]["bits_per_byte,none"]
-    expected = sum(trained["nll"]) / sum(len(d.encode()) for d in DOCS) / math.log(2)
-    assert reported == pytest.approx(expected, rel=1e-4)
+    return json.loads(out.read_text())["skiptron_local"]["bits_per_byte,none"]
+
+
+def _bits_per_byte(nll: list[float]) -> float:
+    return sum(nll) / sum(len(d.encode()) for d in DOCS) / math.log(2)
+
+
+def test_lm_eval_reports_the_models_own_numbers(trained, tmp_path):
+    """lm-eval on a local loglikelihood_rolling task: bits per byte == skiptron's NLL of the same text."""
+    from skiptron.tools.convert import main
+
+    hf = tmp_path / "hf"
+    main(["to-hf", "--checkpoint", str(trained["checkpoint"]), "--out", str(hf)])
+    assert _lm_eval_bits_per_byte(hf, tmp_path) == pytest.approx(_bits_per_byte(trained["nll"]), rel=1e-4)
+
+
+def test_lm_eval_runs_custom_code(pools, tiny_data, tmp_path):
+    """lm-eval loads a routed export with its modeling code and reports skiptron's own NLL."""
+    from skiptron.tools.convert import main
+    from skiptron.training import checkpoint as ckpt
+
+    run, hf = tmp_path / "run", tmp_path / "hf"
+    tokens = torch.zeros(1, 4, dtype=torch.long)
+    (_, _, nll), _ = pools(2).run(_train_and_score, tiny_data, run, tokens, DOCS, CUSTOM["layer-kv-active"])
+    main(["to-hf", "--checkpoint", str(ckpt.find_resumable(run / "checkpoints", log=None)), "--out", str(hf)])
+    assert _lm_eval_bits_per_byte(hf, tmp_path) == pytest.approx(_bits_per_byte(nll), rel=1e-4)
 
 
 def test_consolidate_cli(trained, tmp_path):

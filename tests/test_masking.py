@@ -1,4 +1,5 @@
 """Mask finetuning (training/masking.py): exact thresholded masks, straight-through gradients, the task file, TP."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -139,3 +140,69 @@ def test_mask_tp2_equals_tp1_and_zero3(pool2, tiny_data, tmp_path):
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
     assert tp1[0][0][-1] < tp1[0][0][0]
+
+
+# -- from a Hugging Face model ----------------------------------------------------------------------------------
+def _mask_finetune_tp2(data, run_dir, base, tokens):
+    """Mask finetuning (TP=2, 8 steps) from the converted checkpoint; rank 0 gets the per-step losses, the task
+    file and the finetuned logits on `tokens`."""
+    import torch.distributed as dist
+
+    from skiptron.parallel.tensor_parallel import gather_tp
+    from skiptron.training.masking import save_task_file
+    from skiptron.training.metrics import read_metrics
+    from skiptron.training.trainer import Trainer
+
+    cfg = _cfg(MASK + [f"data.path={data}", f"run.dir={run_dir}", f"finetune.base={base}", "model.tie_embeddings=false",
+                       "train.max_steps=8", "finetune.train_head=true", "optimizer.lr=1e-2"], tp=2)
+    trainer = Trainer.setup(cfg)
+    trainer.run()
+    model = trainer.engine.module
+    path = save_task_file(model, run_dir / "task.safetensors", cfg, is_writer=dist.get_rank() == 0)
+    with torch.no_grad():
+        logits = gather_tp(model.eval().logits(tokens), dim=-1)[..., :trainer.vocab_size]
+    dist.barrier()
+    losses = [m["loss"] for m in read_metrics(run_dir)] if dist.get_rank() == 0 else None
+    return losses, path, logits
+
+
+def test_mask_finetuning_from_a_hugging_face_llama(pools, tiny_data, tmp_path):
+    """LlamaForCausalLM (transformers, random init) -> skiptron-convert from-hf -> mask finetuning under TP=2 ->
+    skiptron-finetune merge -> skiptron-convert to-hf: the loss falls; the exported Llama reproduces the finetuned
+    logits; every block matrix is the original HF weight, zeroed where its mask dropped it; the embedding and the
+    block norms are untouched (the head, final norm and output matrix, is trained: finetune.train_head)."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    from skiptron.tools.convert import main as convert
+    from skiptron.tools.finetune import main as finetune
+
+    hf_cfg = transformers.LlamaConfig(vocab_size=257, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
+                                      rms_norm_eps=1e-5, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "hf")
+    base, merged, back = tmp_path / "base", tmp_path / "merged", tmp_path / "back"
+    assert convert(["from-hf", "--hf", str(tmp_path / "hf"), "--out", str(base), "--vocab-multiple", "64"]) == 0
+    tokens = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(1))
+    losses, task, finetuned = pools(2).run(_mask_finetune_tp2, tiny_data, tmp_path / "ft", base, tokens)[0]
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert finetune(["merge", "--base", str(base), "--task", str(task), "--out", str(merged)]) == 0
+    assert convert(["to-hf", "--checkpoint", str(merged), "--out", str(back)]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(back, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).logits, finetuned, atol=1e-5, rtol=0)
+    before, after = load_file(str(tmp_path / "hf" / "model.safetensors")), load_file(str(back / "model.safetensors"))
+    assert before.keys() == after.keys()
+    dropped = 0
+    for name, w in before.items():
+        if name in ("model.norm.weight", "lm_head.weight"):
+            assert not torch.equal(after[name], w)  # finetune.train_head: the final norm and the untied output
+        elif name.endswith("proj.weight"):
+            kept = after[name] != 0
+            assert torch.equal(after[name][kept], w[kept]), name
+            dropped += int((~kept & (w != 0)).sum())
+        else:
+            assert torch.equal(after[name], w), name
+    total = sum(w.numel() for n, w in before.items() if n.endswith("proj.weight"))
+    assert 0.1 < dropped / total < 0.9, dropped / total  # the masks started at 90% kept and moved from there

@@ -10,7 +10,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from skiptron.tools.plot import main as plot_main
 from skiptron.tools.plot import plot_runs
-from skiptron.training.flops import model_flops_per_token, peak_flops
+from skiptron.training.config import ModelConfig
+from skiptron.training.flops import config_flops_per_token, model_flops_per_token, peak_flops
 from skiptron.training.metrics import MetricsLogger, read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -55,6 +56,38 @@ def test_flops_close_to_6n_for_125m_model():
     flops = model_flops_per_token(layers, h, f, heads, vocab, seq)
     assert flops == pytest.approx(6 * n + 12 * layers * h * seq)  # Chinchilla form
     assert flops == pytest.approx(6 * n, rel=0.1)  # rule of thumb
+
+
+def test_config_flops_dense_matches_the_formula():
+    m = ModelConfig(num_layers=3, hidden_size=64, num_heads=4, ffn_hidden_size=176, seq_len=32)
+    assert config_flops_per_token(m, 512) == pytest.approx(model_flops_per_token(3, 64, 176, 4, 512, 32))
+
+
+def test_config_flops_srupp_by_hand():
+    # d=64, d'=16, seq 32, 4 layers with attention in layers 1 and 3 (attention_every=2), vocab 128.
+    m = ModelConfig(block="srupp", num_layers=4, hidden_size=64, num_heads=4, seq_len=32,
+                    srupp={"attention_every": 2, "proj_size": 16})
+    plain = 2 * 64 * 16 + 2 * 16 * 3 * 64  # query d -> d', gates d' -> 3d
+    attention = 2 * 16 * 32 + 2 * 2 * 32 * 16  # keys/values d' -> 2d', scores + values over 32 positions
+    expected = 3 * (4 * plain + 2 * attention + 2 * 64 * 128)
+    assert config_flops_per_token(m, 128) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("granularity,kv,routed", [("layer", "active", {"q", "kv", "scores", "out", "mlp"}),
+                                                   ("layer", "all", {"q", "scores", "out", "mlp"}),
+                                                   ("mlp", "all", {"mlp"}),
+                                                   ("attention", "all", {"q", "scores", "out"})])
+def test_config_flops_routed_layers_count_their_routed_parts_at_their_rate(granularity, kv, routed):
+    from skiptron.training.flops import transformer_layer_flops
+
+    skip = {"enabled": True, "granularity": granularity, "kv": kv, "layers": [1]}
+    m = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, ffn_hidden_size=176, seq_len=32, skip=skip)
+    parts = transformer_layer_flops(64, 176, 4, 32)
+    saved = 3 * 0.7 * sum(f for name, f in parts.items() if name in routed)  # layer 1 at rate 0.3
+    dense = config_flops_per_token(ModelConfig(num_layers=2, hidden_size=64, num_heads=4, ffn_hidden_size=176, seq_len=32), 256)
+    assert config_flops_per_token(m, 256, {1: 0.3}) == pytest.approx(dense - saved)
+    assert config_flops_per_token(m, 256, {0: 0.3}) == pytest.approx(
+        config_flops_per_token(m, 256, {1: m.skip.target_rate}))  # layer 0 is not routed: its rate is ignored
 
 
 def test_peak_flops_cpu():

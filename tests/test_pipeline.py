@@ -7,6 +7,7 @@ from runs import BASE, signal_at_step
 
 LAYOUTS = {  # (tp, pp, dp) -> extra overrides
     (1, 1, 1): [], (2, 1, 1): [], (1, 2, 1): [], (1, 1, 2): [], (2, 2, 1): [], (1, 2, 2): [], (2, 1, 2): [],
+    (2, 2, 2): [],  # 8 processes on the test machine's cores: the model stays tiny (BASE: 2 layers, hidden 64)
 }
 
 
@@ -74,6 +75,12 @@ def test_layout_trains_like_one_process(pools, tiny_data, tmp_path, reference, t
     assert len(losses) == 5
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference["metrics"]["loss"]), atol=1e-4, rtol=0)
     _same_weights(runs[0]["weights"], reference["weights"])
+    _check_ranks(runs, tp, pp, dp)
+
+
+def _check_ranks(runs, tp, pp, dp):
+    """Both libraries place every rank at the same, expected (pp, dp, tp); the tied embedding is identical on the
+    first and last stage after training."""
     for rank, run in enumerate(runs):
         assert run["coords"]["megatron"] == run["coords"]["deepspeed"]
         assert run["coords"]["megatron"] == (rank // (tp * dp), rank // tp % dp, rank % tp)
@@ -82,23 +89,29 @@ def test_layout_trains_like_one_process(pools, tiny_data, tmp_path, reference, t
         for run in runs:
             if run["tied"] is not None:
                 tied.setdefault(run["stage"], []).append(run["tied"])
-        assert sorted(tied) == [0, pp - 1]
-        for first, last in zip(tied[0], tied[pp - 1]):  # same TP shard on both ends (ranks in TP order)
+        assert sorted(tied) == [0, pp - 1] and len(tied[0]) == tp * dp
+        for first, last in zip(tied[0], tied[pp - 1]):  # same (DP, TP) position on both ends (ranks in order)
             assert torch.equal(first, last)
 
 
 SKIP = ["model.skip.enabled=true", "model.skip.target_rate=0.5", "model.num_layers=4", "parallel.balance_tokens=true"]
+SKIP_METRICS = ("loss", "skip/exec_rate", "skip/aux_loss", "skip/imbalance_before", "skip/rate/L0", "skip/rate/L3")
 
 
-def test_skip_routing_under_pipeline(pools, tiny_data, tmp_path):
-    """Routed layers on both stages of (1,2,2), with the DP token balancer running in each stage's DP group and
-    every other block recomputed in the backward: losses, routing metrics and weights (routers included) equal
-    those of (1,1,1)."""
-    metrics = ("loss", "skip/exec_rate", "skip/aux_loss", "skip/imbalance_before", "skip/rate/L0", "skip/rate/L3")
-    ov = _layout(1, 1, 1) + SKIP
-    ref = pools(1).run(_train, ov, tiny_data, tmp_path / "ref", metrics)[0]
-    runs = pools(4).run(_train, _layout(1, 2, 2) + SKIP + ["parallel.activation_checkpointing=every:2"],
-                        tiny_data, tmp_path / "pp", metrics)
+@pytest.fixture(scope="module")
+def routed_reference(pools, tiny_data, tmp_path_factory):
+    return pools(1).run(_train, _layout(1, 1, 1) + SKIP, tiny_data, tmp_path_factory.mktemp("routed"),
+                        SKIP_METRICS)[0]
+
+
+@pytest.mark.parametrize("tp,pp,dp", [(1, 2, 2), (2, 2, 2)], ids=["tp1-pp2-dp2", "tp2-pp2-dp2"])
+def test_skip_routing_under_pipeline(pools, tiny_data, tmp_path, routed_reference, tp, pp, dp):
+    """Routed layers on both stages, with the DP token balancer running in each stage's DP group and every other
+    block recomputed in the backward: losses, routing metrics and weights (routers included) equal those of
+    (1,1,1); rank mapping and tied embedding as in the plain layouts."""
+    ref = routed_reference
+    runs = pools(tp * pp * dp).run(_train, _layout(tp, pp, dp) + SKIP + ["parallel.activation_checkpointing=every:2"],
+                                   tiny_data, tmp_path / "pp", SKIP_METRICS)
     got = runs[0]["metrics"]
     for key in ("loss", "skip/exec_rate", "skip/aux_loss", "skip/rate/L0", "skip/rate/L3"):
         torch.testing.assert_close(torch.tensor(got[key]), torch.tensor(ref["metrics"][key]), atol=1e-4, rtol=0,
@@ -107,6 +120,7 @@ def test_skip_routing_under_pipeline(pools, tiny_data, tmp_path):
     assert any(v > 0 for v in got["skip/aux_loss"])
     _same_weights(runs[0]["weights"], ref["weights"])
     assert any("router" in n for n in ref["weights"])
+    _check_ranks(runs, tp, pp, dp)
 
 
 def test_activation_checkpointing_changes_nothing(pools, tiny_data, tmp_path, reference):
@@ -121,20 +135,55 @@ def test_activation_checkpointing_changes_nothing(pools, tiny_data, tmp_path, re
                                atol=1e-5, rtol=0)
 
 
-def test_resume_under_tp2_pp2(pools, tiny_data, tmp_path):
-    """6 steps == 3 steps, stopped by a signal and checkpointed, + resume + 3 steps, under (2,2,1): exact."""
-    ov = _layout(2, 2, 1) + ["train.max_steps=6", "checkpoint.keep=0"]
+def test_resume_under_tp2_pp2_and_resharded(pools, tiny_data, tmp_path):
+    """6 steps == 3 steps, stopped by a signal and checkpointed, + resume + 3 steps, under (2,2,1): exact. The
+    step-3 checkpoint resharded to (1,1,2) (PP -> no PP) continues the same trajectory, and that run's step-4
+    checkpoint resharded back to (1,2,2) (no PP -> PP) too: Adam moments came over, so several steps agree."""
+    ov = ["train.max_steps=6", "checkpoint.keep=0"]
     pool = pools(4)
-    full = pool.run(_train, ov, tiny_data, tmp_path / "full")[0]
-    first = pool.run(_train, ov, tiny_data, tmp_path / "cut", stop_at=3)[0]
+    full = pool.run(_train, _layout(2, 2, 1) + ov, tiny_data, tmp_path / "full")[0]
+    first = pool.run(_train, _layout(2, 2, 1) + ov, tiny_data, tmp_path / "cut", stop_at=3)[0]
     assert first["metrics"]["step"] == [1, 2, 3]
-    second = pool.run(_train, ov, tiny_data, tmp_path / "cut")[0]
+    cut = tmp_path / "cut/checkpoints/step00000003"
+    second = pool.run(_train, _layout(2, 2, 1) + ov, tiny_data, tmp_path / "cut")[0]
     assert second["metrics"]["step"] == [1, 2, 3, 4, 5, 6]
     assert second["metrics"]["loss"] == full["metrics"]["loss"]
     for name, value in full["weights"].items():
         assert torch.equal(value, second["weights"][name]), name
-    with pytest.raises(AssertionError, match="pipeline-parallel layout is not supported"):
-        pool.run(_train, _layout(1, 1, 4) + ["train.max_steps=6"], tiny_data, tmp_path / "cut")
+
+    ref = dict(zip(full["metrics"]["step"], full["metrics"]["loss"]))
+    to_dp = pools(2).run(_train, _layout(1, 1, 2) + ov + [f"resume={cut}", "checkpoint.interval=4"], tiny_data,
+                         tmp_path / "to-dp")[0]
+    assert to_dp["metrics"]["step"] == [4, 5, 6]
+    torch.testing.assert_close(torch.tensor(to_dp["metrics"]["loss"]), torch.tensor([ref[s] for s in (4, 5, 6)]),
+                               atol=1e-5, rtol=0)
+    _same_weights(to_dp["weights"], full["weights"], atol=1e-5)
+    back = pool.run(_train, _layout(1, 2, 2) + ov + [f"resume={tmp_path / 'to-dp/checkpoints/step00000004'}"],
+                    tiny_data, tmp_path / "back")[0]
+    assert back["metrics"]["step"] == [5, 6]
+    torch.testing.assert_close(torch.tensor(back["metrics"]["loss"]), torch.tensor([ref[5], ref[6]]), atol=1e-5,
+                               rtol=0)
+    _same_weights(back["weights"], full["weights"], atol=1e-5)
+
+
+def test_bubble_and_stage_memory_are_reported(pool2, tiny_data, tmp_path):
+    """(1,2,1) with 1 and with 8 micro-batches per step: every step logs each stage's bubble fraction in (0, 1)
+    and peak memory; the bubble shrinks with more micro-batches, as (p-1)/(m+p-1) says (1/2 -> 1/9). Micro-batches
+    of 8 samples and hidden 256, so that compute, not the p2p latency of tiny messages, fills the schedule."""
+    metrics = ("pipe/bubble", "pipe/bubble/S0", "pipe/bubble/S1", "mem/S0_gb", "mem/S1_gb")
+    bubble = {}
+    for m in (1, 8):
+        ov = ["parallel.pp=2", "model.hidden_size=256", "train.micro_batch_size=8", f"train.global_batch_size={8 * m}",
+              "train.max_steps=3"]
+        got = pool2.run(_train, ov, tiny_data, tmp_path / f"m{m}", metrics)[0]["metrics"]
+        for key in metrics:
+            assert len(got[key]) == 3 and all(v is not None for v in got[key]), key
+        for key in ("pipe/bubble/S0", "pipe/bubble/S1"):
+            assert all(0 < v < 1 for v in got[key]), (m, key, got[key])
+        for key in ("mem/S0_gb", "mem/S1_gb"):  # peak RSS of a torch process on CPU: some 0.1 to a few GiB
+            assert all(0.05 < v < 16 for v in got[key]), (m, key, got[key])
+        bubble[m] = sum(got["pipe/bubble"]) / 3
+    assert bubble[1] > 0.25 and bubble[8] < bubble[1] - 0.1, bubble
 
 
 def _mismatched_topology():

@@ -62,7 +62,8 @@ def _loss_and_grads(tp, balance, granularity, kv, mode="threshold"):
     return total, grads, model.routing_records()[0].balance
 
 
-@pytest.mark.parametrize("granularity,kv", [("layer", "all"), ("layer", "active"), ("mlp", "all")])
+@pytest.mark.parametrize("granularity,kv", [("layer", "all"), ("layer", "active"), ("mlp", "all"),
+                                            ("attention", "all")])
 def test_balancing_is_exact_dp2(pool2, granularity, kv):
     off = pool2.run(_loss_and_grads, 1, None, granularity, kv)
     on = pool2.run(_loss_and_grads, 1, 1.0, granularity, kv)
@@ -87,9 +88,11 @@ def test_balancing_is_exact_tp2_dp2(pool4):
     assert all(torch.isfinite(r[0]) for r in on)
 
 
-def test_balancing_is_exact_under_zero2(pool2, tiny_data, tmp_path):
-    """Whole DeepSpeed ZeRO-2 steps: the same losses and updated weights with the balancer on and off."""
-    skip = ["model.skip.enabled=true", "zero.stage=2", "train.max_steps=3", "model.skip.mode=capacity",
+@pytest.mark.parametrize("stage", [2, 3])
+def test_balancing_is_exact_under_zero(pool2, tiny_data, tmp_path, stage):
+    """Whole DeepSpeed ZeRO-2/3 steps: the same losses and updated weights with the balancer on and off (ZeRO-3
+    also checks that the routed block gathers the QKV weight it slices)."""
+    skip = ["model.skip.enabled=true", f"zero.stage={stage}", "train.max_steps=3", "model.skip.mode=capacity",
             "model.skip.target_rate=0.4"]
     keys = ("loss", "skip/tokens_moved")
     off = pool2.run(train_run, skip + ["parallel.balance_tokens=false"], tiny_data, tmp_path / "off", keys)
@@ -142,19 +145,24 @@ def test_threshold_budget_is_met_after_training(pool2, tiny_data, tmp_path):
 
 
 def _rows_seen(granularity, kv, balance):
-    """Rows that reached the routed block's attention projection and MLP, next to the active-token count."""
+    """Rows that reached each of the routed block's projections and its MLP, next to the active-token count."""
     import torch.distributed as dist
 
     model = _model(1, balance, granularity=granularity, kv=kv, mode="capacity", target_rate=0.25)
     block = model.blocks[0].block
-    seen = {"qkv": 0, "out": 0, "mlp": 0}
+    seen = {"qkv": 0, "q": 0, "kv": 0, "out": 0, "mlp": 0}
+    project = block.attn.project
+
+    def counted_project(x, parts="qkv"):
+        seen[parts] += x.shape[:-1].numel()
+        return project(x, parts)
 
     def counter(key):
         def hook(_, args):
             seen[key] += args[0].shape[:-1].numel()
         return hook
 
-    block.attn.qkv.register_forward_pre_hook(counter("qkv"))
+    block.attn.project = counted_project
     block.attn.out.register_forward_pre_hook(counter("out"))
     block.mlp.gate_up.register_forward_pre_hook(counter("mlp"))
     g = torch.Generator().manual_seed(dist.get_rank())
@@ -164,17 +172,25 @@ def _rows_seen(granularity, kv, balance):
 
 
 @pytest.mark.parametrize("granularity,kv", [("layer", "all"), ("layer", "active"), ("mlp", "all"),
-                                            ("attention", "active")])
+                                            ("attention", "active"), ("attention", "all")])
 def test_skipped_tokens_are_not_computed(pool2, granularity, kv):
+    routed_attention = granularity != "mlp"
     for seen, active, total in pool2.run(_rows_seen, granularity, kv, None):
         assert 0 < active < total
         assert seen["mlp"] == (total if granularity == "attention" else active)
-        assert seen["out"] == (total if granularity == "mlp" else active)
-        assert seen["qkv"] == (active if kv == "active" and granularity != "mlp" else total)
+        assert seen["out"] == (active if routed_attention else total)
+        assert seen["qkv"] == (active if routed_attention and kv == "active" else 0 if routed_attention else total)
+        assert seen["q"] == (active if routed_attention and kv == "all" else 0)
+        assert seen["kv"] == (total if routed_attention and kv == "all" else 0)
+    # balanced: every position-wise computation of the active tokens is evened out over the two ranks
     balanced = pool2.run(_rows_seen, granularity, kv, 1.0)
-    if granularity != "attention":
-        mlp = [seen["mlp"] for seen, _, _ in balanced]
-        assert sum(mlp) == sum(active for _, active, _ in balanced) and max(mlp) - min(mlp) <= 1
+    position_wise = ["mlp"] * (granularity != "attention") + (["out", "q" if kv == "all" else "qkv"]
+                                                              if routed_attention else [])
+    total_active = sum(active for _, active, _ in balanced)
+    assert len({active for _, active, _ in balanced}) == 2  # the ranks' own loads differ
+    for key in position_wise:
+        rows = [seen[key] for seen, _, _ in balanced]
+        assert sum(rows) == total_active and max(rows) - min(rows) <= 1, (key, rows)
 
 
 def _selected_vs_dense():
@@ -186,8 +202,9 @@ def _selected_vs_dense():
     dense = attn(x, torch.arange(16))
     active = torch.rand(3, 16, generator=torch.Generator().manual_seed(0)) < 0.5
     index, valid = pack_positions(active)
-    picked = attn.forward_selected(x, index, valid, kv_all=True)
-    everything = attn.forward_selected(x, *pack_positions(torch.ones(3, 16, dtype=torch.bool)), kv_all=False)
+    picked = attn.project_out(attn.forward_selected(x, index, valid, kv_all=True))
+    everything = attn.project_out(
+        attn.forward_selected(x, *pack_positions(torch.ones(3, 16, dtype=torch.bool)), kv_all=False))
     return dense.detach(), active, picked.detach(), everything.detach()
 
 

@@ -80,24 +80,41 @@ def test_config_keys_and_errors():
     assert cfg.model.srupp.projection(64) == 16
     with pytest.raises(ConfigError, match="model.srupp.num_heads"):
         load_config(None, ["model.block=srupp", "model.hidden_size=64", "model.srupp.num_heads=3"])
-    with pytest.raises(ConfigError, match="model.skip.enabled"):
-        load_config(None, ["model.block=srupp", "model.skip.enabled=true"])
+    routed = ["model.block=srupp", "model.skip.enabled=true"]
+    assert load_config(None, routed + ["model.skip.kv=active"]).model.skip.routed_layers(4) == [0, 1, 2, 3]
+    with pytest.raises(ConfigError, match="model.skip.kv: .*set model.skip.kv=active"):
+        load_config(None, routed)
+    for granularity in ("mlp", "attention"):
+        with pytest.raises(ConfigError, match=f"model.skip.granularity: '{granularity}'.*use granularity=layer"):
+            load_config(None, routed + ["model.skip.kv=active", f"model.skip.granularity={granularity}"])
     with pytest.raises(ConfigError, match="model.hidden_size.*parallel.tp=3"):
         load_config(None, ["model.block=srupp", "model.hidden_size=64", "parallel.tp=3"])
 
 
 # -- the model under tensor parallelism ------------------------------------------------------------------------------
 
-def _srupp_model(tp: int, vocab: int = 50):
+def _srupp_model(tp: int, vocab: int = 50, routed: bool = False):
+    """Three SRU++ layers (layer 1 with attention); `routed`: layers 1 and 2 behind routers whose logits are spread
+    wide (x50), so decisions are mixed and far from the 0.5 threshold."""
     from skiptron.parallel.state import init_model_parallel
     from skiptron.training.config import ModelConfig
     from skiptron.training.model import GPT
 
     init_model_parallel(tp, 1, torch.device("cpu"))
     torch.manual_seed(0)
+    skip = {"enabled": True, "kv": "active", "layers": [1, 2]} if routed else {}
     cfg = ModelConfig(block="srupp", num_layers=3, hidden_size=64, num_heads=4, seq_len=16,
-                      make_vocab_size_divisible_by=8, srupp={"attention_every": 2, "num_heads": 2})
-    return GPT(cfg, vocab, tp)
+                      make_vocab_size_divisible_by=8, srupp={"attention_every": 2, "num_heads": 2}, skip=skip)
+    model = GPT(cfg, vocab, tp)
+    if routed:
+        with torch.no_grad():
+            for i in (1, 2):
+                model.blocks[i].router.proj.weight.mul_(50)
+    return model
+
+
+def _layer(block):
+    return getattr(block, "block", block)
 
 
 def _logits_and_grads(tp: int):
@@ -129,26 +146,83 @@ def test_srupp_tp2_equals_tp1(pool2):
     assert all(g.abs().sum() > 0 for g in ref_grads.values()), [n for n, g in ref_grads.items() if g.abs().sum() == 0]
 
 
-def _decode_matches_full(tp: int):
+def _decode_matches_full(tp: int, routed: bool = False):
     from skiptron.parallel.tensor_parallel import gather_tp
     from skiptron.training.model import IncrementalDecoder
 
-    model = _srupp_model(tp).eval()
+    model = _srupp_model(tp, routed=routed).eval()
     with torch.no_grad():
         for block in model.blocks:
-            if block.has_attention:
-                block.alpha.fill_(0.7)
-        tokens = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(3))
+            if _layer(block).has_attention:
+                _layer(block).alpha.fill_(0.7)
+        tokens = torch.randint(0, 50, (3, 12), generator=torch.Generator().manual_seed(3))
         full = model.logits(tokens)
+        rates = [r.exec_rate for r in model.routing_records().values()]
         decoder = IncrementalDecoder(model)
         chunks = [decoder(tokens[:, :5])] + [decoder(tokens[:, i:i + 1]) for i in range(5, 12)]  # prefill, then 1 by 1
         stepped = torch.cat(chunks, dim=1)
-    return gather_tp(full, dim=-1)[..., :50], gather_tp(stepped, dim=-1)[..., :50]
+    return gather_tp(full, dim=-1)[..., :50], gather_tp(stepped, dim=-1)[..., :50], rates
 
 
-def test_incremental_decoding_equals_full_forward(pool2):
-    for full, stepped in pool2.run(_decode_matches_full, 2):
+@pytest.mark.parametrize("routed", [False, True], ids=["dense", "routed"])
+def test_incremental_decoding_equals_full_forward(pool2, routed):
+    for full, stepped, rates in pool2.run(_decode_matches_full, 2, routed):
         torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
+        assert len(rates) == (2 if routed else 0) and all(0.2 < r < 0.8 for r in rates), rates
+
+
+def _routed_vs_reference(tp: int):
+    """The routed layers' outputs in the model's forward, and the reference: each sequence's active tokens run alone
+    through the SRU++ layer (in order), x + p (F(x) - x) for them, x for the others; plus the whole logits."""
+    from skiptron.parallel.tensor_parallel import gather_tp
+
+    model = _srupp_model(tp, routed=True)
+    seen = {}
+    for i in (1, 2):
+        model.blocks[i].register_forward_hook(lambda m, args, out, i=i: seen.__setitem__(i, (args[0], out)))
+    tokens = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for block in model.blocks:
+            if _layer(block).has_attention:
+                _layer(block).alpha.fill_(0.5)
+        logits = gather_tp(model.logits(tokens), dim=-1)[..., :50]
+        pairs, rates = [], []
+        for i, (x, out) in seen.items():
+            routed = model.blocks[i]
+            p = routed.router(x)
+            active = p > 0.5
+            ref = x.clone()
+            for s in range(x.shape[0]):
+                a = active[s]
+                y = routed.block(x[s:s + 1, a])[0]
+                ref[s, a] = x[s, a] + p[s, a, None] * (y - x[s, a])
+            pairs.append((out, ref))
+            rates.append(active.float().mean().item())
+    return pairs, rates, logits
+
+
+def test_routed_srupp_equals_the_per_sequence_reference(pool2):
+    """A routed SRU++ layer runs over each sequence's active tokens only (packed, order kept): TP=2 matches the
+    per-sequence reference and TP=1's logits."""
+    _, _, ref_logits = pool2.run(_routed_vs_reference, 1)[0]
+    for pairs, rates, logits in pool2.run(_routed_vs_reference, 2):
+        assert all(0.2 < r < 0.8 for r in rates), rates
+        for out, ref in pairs:
+            torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+
+
+def test_routed_srupp_trains_to_its_budget(pool2, tiny_data, tmp_path):
+    """Routed SRU++ through the trainer (DP=2, balancer on: not used by SRU++ layers): the loss falls and the
+    measured execution rate settles at the target."""
+    ov = ["model.block=srupp", "model.srupp.attention_every=2", "model.skip.enabled=true", "model.skip.kv=active",
+          "model.skip.target_rate=0.3", "train.max_steps=30"]
+    (values, _), _ = pool2.run(train_run, ov, tiny_data, tmp_path / "routed", ("loss", "skip/exec_rate"))
+    rates, losses = values["skip/exec_rate"], values["loss"]
+    assert rates[0] > 0.4, rates[:5]
+    late = rates[-20:]  # single steps (128 tokens per rank) scatter around the mean
+    assert abs(sum(late) / len(late) - 0.3) < 0.06, [round(r, 3) for r in rates]
+    assert losses[-1] < losses[0] - 0.3, losses
 
 
 def test_srupp_trains_through_the_trainer_tp2_like_tp1(pool2, tiny_data, tmp_path):

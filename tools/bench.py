@@ -20,7 +20,7 @@ from torch import nn
 from skiptron.parallel import state
 from skiptron.training.config import Config, load_config
 from skiptron.training.engine import build_engine
-from skiptron.training.flops import model_flops_per_token
+from skiptron.training.flops import config_flops_per_token
 from skiptron.training.model import GPT
 from skiptron.training.trainer import Trainer, seed_everything
 
@@ -138,8 +138,7 @@ def main(argv=None) -> int:
     times = alternate_timings(systems, device, args.warmup, args.rounds, args.steps)
 
     tokens = cfg.train.global_batch_size * seq
-    fpt = model_flops_per_token(cfg.model.num_layers, cfg.model.hidden_size, cfg.model.ffn_size,
-                                cfg.model.num_heads, padded, seq)
+    fpt = config_flops_per_token(cfg.model, padded)
     result = {"config": args.config, "overrides": args.overrides, "device": str(device), "threads":
               torch.get_num_threads(), "tokens_per_step": tokens, "precision": precision}
     for name, t in times.items():

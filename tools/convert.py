@@ -1,6 +1,6 @@
-"""`skiptron-convert`: checkpoints to and from Hugging Face Llama, consolidation, and lm-eval evaluation.
+"""`skiptron-convert`: checkpoints to and from Hugging Face, consolidation, and lm-eval evaluation.
 
-    skiptron-convert to-hf --checkpoint DIR --out DIR           sharded checkpoint -> LlamaForCausalLM directory
+    skiptron-convert to-hf --checkpoint DIR --out DIR           sharded checkpoint -> Hugging Face model directory
     skiptron-convert from-hf --hf DIR --out DIR [--tp N --pp N]  Llama directory -> skiptron (weights-only) checkpoint
     skiptron-convert consolidate --checkpoint DIR --out FILE     ZeRO/TP shards -> one fp32 state dict (torch.save)
     skiptron-convert eval --hf DIR --tasks T[,T] [--include-path DIR] [--out FILE]   lm-eval on a converted model
@@ -8,7 +8,10 @@
 A skiptron dense block is exactly a Llama decoder layer (pre-norm RMSNorm, rotate-half rotary, SwiGLU, no biases),
 so the mapping is a renaming plus splitting the fused QKV and gate/up weights; the padded vocabulary rows are dropped
 (their logits are -inf in skiptron). `from-hf` writes a layout-independent checkpoint (whole fp32 weights), which
-`resume=<dir>` loads under any TP/DP/ZeRO layout; `--tp/--pp` only check that the model splits that way.
+`resume=<dir>` loads under any TP/PP/DP/ZeRO layout; `--tp/--pp` only check that the model splits that way.
+Every other model (skip-routed, SRU++, biases, factorized embedding) exports as `SkiptronForCausalLM`: the modeling
+code of training/hf/ is copied next to the weights, which keep skiptron's names, and `AutoModelForCausalLM.
+from_pretrained(dir, trust_remote_code=True)` loads it.
 `to-hf`/`from-hf`/`eval` need the `eval` extra (`pip install -e .[eval]`).
 """
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -25,6 +29,10 @@ from skiptron.training import checkpoint as ckpt
 from skiptron.training.config import ConfigError, build_config, load_config
 
 SAFETENSORS = "model.safetensors"
+HF_CODE = ("configuration_skiptron.py", "modeling_skiptron.py")
+AUTO_MAP = {"AutoConfig": "configuration_skiptron.SkiptronConfig",
+            "AutoModelForCausalLM": "modeling_skiptron.SkiptronForCausalLM"}
+VOCAB_ROWS = ("embedding.tokens.weight", "embedding.codes.weight", "head.output.weight")
 
 
 def _layer_map(i: int) -> dict[str, str]:
@@ -84,33 +92,115 @@ def _eot(tokenizer_file: Path) -> tuple[str | None, int | None]:
     return EOT, eot_id(load_tokenizer(tokenizer_file))
 
 
+def is_llama(model_cfg) -> bool:
+    """Whether a model is exactly a Llama: dense transformer blocks, no biases, an ordinary token embedding."""
+    m = model_cfg
+    return m.block == "transformer" and not m.skip.enabled and not m.bias and m.embedding_rank is None
+
+
+def _llama_config(m, vocab: int, eot_id: int | None):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=m.ffn_size, num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads, num_key_value_heads=m.num_heads, hidden_act="silu",
+        max_position_embeddings=m.seq_len, rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
+        tie_word_embeddings=m.tie_embeddings, attention_bias=False, mlp_bias=False, initializer_range=m.init_std,
+        bos_token_id=eot_id, eos_token_id=eot_id, torch_dtype="float32", architectures=["LlamaForCausalLM"])
+
+
+def _skiptron_config(m, vocab: int, eot_id: int | None):
+    from skiptron.training.hf.configuration_skiptron import SkiptronConfig
+
+    return SkiptronConfig(
+        vocab_size=vocab, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+        intermediate_size=m.ffn_size, max_position_embeddings=m.seq_len, rms_norm_eps=m.norm_eps,
+        rope_theta=m.rope_theta, initializer_range=m.init_std, bias=m.bias, tie_embeddings=m.tie_embeddings,
+        embedding_rank=m.embedding_rank, block=m.block,
+        routed_layers=m.skip.routed_layers(m.num_layers), skip_granularity=m.skip.granularity, skip_kv=m.skip.kv,
+        srupp_proj_size=m.srupp.projection(m.hidden_size), srupp_num_heads=m.srupp.num_heads,
+        srupp_attention_layers=[i for i in range(m.num_layers) if m.block == "srupp" and m.srupp.has_attention(i)],
+        bos_token_id=eot_id, eos_token_id=eot_id, torch_dtype="float32", architectures=["SkiptronForCausalLM"],
+        auto_map=AUTO_MAP)
+
+
+def skiptron_hf_state(weights: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], model_cfg,
+                      vocab_size: int) -> dict[str, torch.Tensor]:
+    """skiptron whole weights plus the routers' controller offsets -> SkiptronForCausalLM's state dict (skiptron's
+    names; a bare factor parameter `embedding.codes` becomes `embedding.codes.weight`), vocabulary padding dropped.
+    A routed layer without a saved offset (weights-only checkpoints keep no buffers) gets 0, as skiptron itself
+    gives it when loading that checkpoint."""
+    out = {}
+    for name, t in weights.items():
+        if name in ("embedding.codes", "embedding.decoder"):
+            name += ".weight"
+        out[name] = t[:vocab_size] if name in VOCAB_ROWS else t
+    for i in model_cfg.skip.routed_layers(model_cfg.num_layers):
+        key = f"blocks.{i}.router.offset"
+        if key not in buffers:
+            print(f"skiptron-convert: warning: no {key} in the checkpoint; using 0 (as skiptron does when it loads "
+                  f"this checkpoint)", file=sys.stderr)
+        out[key] = buffers.get(key, torch.zeros(())).reshape(())
+    return {k: v.float().contiguous() for k, v in out.items()}
+
+
+def _check_state(path: Path, hf_cfg, state: dict[str, torch.Tensor]) -> None:
+    """The exported tensors are exactly SkiptronForCausalLM's, in name and shape (else the export would load with
+    missing or freshly initialized weights)."""
+    from skiptron.training.hf.modeling_skiptron import SkiptronForCausalLM
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in SkiptronForCausalLM(hf_cfg).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    problems = [f"missing {k}" for k in sorted(expected.keys() - got.keys())]
+    problems += [f"unexpected {k}" for k in sorted(got.keys() - expected.keys())]
+    problems += [f"{k}: shape {got[k]}, expected {expected[k]}" for k in sorted(expected.keys() & got.keys())
+                 if got[k] != expected[k]]
+    if problems:
+        raise SystemExit(f"skiptron-convert: {path}: the weights do not fit the exported model: " + "; ".join(problems))
+
+
 def to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """A checkpoint (any layout) -> a Hugging Face LlamaForCausalLM directory (safetensors, config, tokenizer)."""
+    """A checkpoint (any layout) -> a Hugging Face directory (safetensors, config, generation config, tokenizer):
+    LlamaForCausalLM when `is_llama`, else SkiptronForCausalLM with its modeling code (trust_remote_code)."""
     _require("transformers")
     from safetensors.torch import save_file
-    from transformers import GenerationConfig, LlamaConfig
+    from transformers import GenerationConfig
+
+    from skiptron.training import hf
 
     path, out = Path(checkpoint), Path(out)
     ckpt.verify(path)
     meta = ckpt.read_meta(path)
     cfg = load_config(path / "config.yaml")
     m = cfg.model
-    if m.block != "transformer" or m.skip.enabled or m.bias:
-        raise SystemExit(f"skiptron-convert: {path}: only dense, bias-free transformer models export as Llama "
-                         f"(model.block={m.block}, model.skip.enabled={m.skip.enabled}, model.bias={m.bias})")
     vocab = meta["vocab_size"]
-    weights, _, _, _ = ckpt.read_full_state(path, meta=meta, with_optimizer=False)
+    if m.skip.enabled and m.skip.mode == "capacity":
+        raise SystemExit(
+            f"skiptron-convert: {path}: model.skip.mode=capacity: a routing decision is a top-k over the whole "
+            f"data-parallel batch (skiptron decides so at evaluation too), not a function of the token, so no "
+            f"standalone model reproduces it; only threshold-mode routing exports")
+    weights, _, _, extras = ckpt.read_full_state(path, meta=meta, with_optimizer=False)
+    masked = sorted(k for k in weights if k.endswith(".mask_scores"))
+    if masked:
+        raise SystemExit(f"skiptron-convert: {path}: a mask-finetuning checkpoint ({masked[0]}, ...); merge the masks "
+                         f"first (skiptron-finetune merge --base CKPT --task FILE --out DIR) and export DIR")
     eot, eot_id = _eot(path / "tokenizer.json")
-    hf_cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=m.ffn_size, num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_heads, num_key_value_heads=m.num_heads, hidden_act="silu",
-        max_position_embeddings=m.seq_len, rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
-        tie_word_embeddings=m.tie_embeddings, attention_bias=False, mlp_bias=False, initializer_range=m.init_std,
-        bos_token_id=eot_id, eos_token_id=eot_id, torch_dtype="float32", architectures=["LlamaForCausalLM"])
+    llama = is_llama(m)
+    if llama:
+        hf_cfg, state = _llama_config(m, vocab, eot_id), to_hf_state(weights, m, vocab)
+    else:
+        hf_cfg = _skiptron_config(m, vocab, eot_id)
+        state = skiptron_hf_state(weights, extras.get("buffers", {}), m, vocab)
+        _check_state(path, hf_cfg, state)
     out.mkdir(parents=True, exist_ok=True)
     hf_cfg.save_pretrained(out)
-    GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id).save_pretrained(out)
-    save_file(to_hf_state(weights, m, vocab), str(out / SAFETENSORS), metadata={"format": "pt"})
+    if not llama:
+        for name in HF_CODE:
+            shutil.copyfile(Path(hf.__file__).parent / name, out / name)
+    # The Skiptron model keeps no KV cache: generation re-runs the sequence (see modeling_skiptron.py).
+    GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id, use_cache=llama).save_pretrained(out)
+    save_file(state, str(out / SAFETENSORS), metadata={"format": "pt"})
     if eot is not None:
         from transformers import PreTrainedTokenizerFast
 
@@ -161,11 +251,9 @@ def from_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tp: int = 1, pp: 
                       "make_vocab_size_divisible_by": vocab_multiple, "tie_embeddings": tied,
                       "norm_eps": c.get("rms_norm_eps", 1e-5),
                       "rope_theta": rope.get("rope_theta", c.get("rope_theta", 10000.0))},
-            "parallel": {"tp": tp, "pp": 1}})
+            "parallel": {"tp": tp, "pp": pp}})
     except ConfigError as err:
-        raise SystemExit(f"skiptron-convert: {hf_dir} cannot be used with --tp {tp}: {err}") from err
-    if pp != 1:
-        raise SystemExit("skiptron-convert: --pp: pipeline parallelism is not available yet; use --pp 1")
+        raise SystemExit(f"skiptron-convert: {hf_dir} cannot be used with --tp {tp} --pp {pp}: {err}") from err
     weights = from_hf_state(state, cfg.model, cfg.model.padded_vocab_size(vocab))
     tokenizer = hf_dir / "tokenizer.json"
     return ckpt.write_weights_checkpoint(out, cfg, weights, vocab, tokenizer if tokenizer.is_file() else None)
@@ -182,15 +270,19 @@ def consolidate(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
 
 def evaluate(hf_dir: str | os.PathLike, tasks: list[str], include_path: str | None = None, batch_size: int = 1,
              limit: int | None = None) -> dict:
-    """lm-eval (offline) on a converted model directory; tasks may be defined by YAML files under `include_path`."""
+    """lm-eval (offline) on a converted model directory; tasks may be defined by YAML files under `include_path`.
+    A SkiptronForCausalLM export runs its own modeling code (trust_remote_code)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     _require("lm_eval")
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    model_args = f"pretrained={hf_dir},dtype=float32"
+    if json.loads((Path(hf_dir) / "config.json").read_text()).get("model_type") == "skiptron":
+        model_args += ",trust_remote_code=True"
     results = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={hf_dir},dtype=float32", tasks=tasks, batch_size=batch_size,
+        model="hf", model_args=model_args, tasks=tasks, batch_size=batch_size,
         device="cuda" if torch.cuda.is_available() else "cpu", limit=limit,
         task_manager=TaskManager(include_path=include_path) if include_path else None)
     return {"results": results["results"], "configs": {k: str(v) for k, v in results.get("configs", {}).items()}}
@@ -200,7 +292,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="skiptron-convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("to-hf", help="checkpoint -> Hugging Face Llama directory")
+    a = sub.add_parser("to-hf", help="checkpoint -> Hugging Face directory (Llama, or skiptron's modeling code)")
     a.add_argument("--checkpoint", required=True)
     a.add_argument("--out", required=True)
     b = sub.add_parser("from-hf", help="Hugging Face Llama directory -> skiptron checkpoint")

@@ -19,7 +19,10 @@ and names what is wrong with the ones it skips.
 Resume: when the layout (TP, PP, DP, ZeRO stage, precision) is unchanged, DeepSpeed loads its own shards (exact,
 bitwise). Otherwise the checkpoint is *resharded*: `read_full_state` rebuilds every parameter's fp32 master weight
 and Adam moments as whole TP=1 tensors from DeepSpeed's files (using the layout recorded in trainer.json, never
-guessing), and `apply_full_state` cuts out this rank's TP shard and hands it to DeepSpeed's ZeRO partitions. We
+guessing), and `apply_full_state` cuts out this rank's TP shard and hands it to DeepSpeed's ZeRO partitions.
+Pipeline checkpoints record their parameters under GPT's names too (trainer.json's `pipeline` maps them to each
+stage's files: DeepSpeed's per-layer weight files and per-(stage, TP rank) optimizer files), so a checkpoint moves
+between any PP sizes, PP = 1 included, the same way; the tied embedding's first-stage copy is the one read. We
 write the resharding rather than use DeepSpeed's universal checkpoint because the latter needs name patterns for
 megatron's strided QKV / gate-up splits and does not cover ZeRO-3 reliably; here the per-parameter layout is exact.
 Resharding reads the whole model state on every rank (CPU memory: ~12 bytes per parameter, once, at resume).
@@ -29,6 +32,7 @@ survives a change of DP size.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -112,6 +116,34 @@ def _torch_save(obj, path: Path) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """Name the file when writing it fails (a full disk or quota: OSError, or a RuntimeError from torch's zip writer),
+    and remove the torn file: the save stops before anything is published, so the previous checkpoint stays `latest`."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        path.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free / 2**20 if path.parent.exists() else float("nan")
+        raise CheckpointError(f"could not write {path}: {reason} ({free:.1f} MiB free there); nothing was published, "
+                              f"the previous checkpoint is still `latest`") from err
+
+
+def _name_write_errors(engine) -> None:
+    """Route DeepSpeed's own checkpoint files through `_writing`, so a failed write names its file there too."""
+    writer = engine.checkpoint_engine
+    if getattr(writer, "skiptron_named_errors", False):
+        return
+    save_file = writer.save
+
+    def save(state_dict, path):
+        with _writing(Path(path)):
+            return save_file(state_dict, path)
+
+    writer.save, writer.skiptron_named_errors = save, True
 
 
 def _sha256(path: Path) -> str:
@@ -249,7 +281,7 @@ def param_layouts(module: torch.nn.Module, tp: int, vocab_size: int) -> dict[str
         if dim is not None:
             shape[dim] *= tp
         entry = {"shape": shape, "partition_dim": dim, "stride": stride}
-        if getattr(p, "partition_dim", None) == 0 and name.endswith(("tokens.weight", "output.weight")):
+        if getattr(p, "partition_dim", None) == 0 and name.endswith(("tokens.weight", "output.weight", "embedding.codes")):
             entry["vocab_padding"] = shape[0] - vocab_size
         out[name] = entry
     return out
@@ -261,6 +293,29 @@ def optimizer_group_names(engine) -> list[list[str]]:
 
     names = {id(p): n for n, p in engine.module.named_parameters()}
     return [[names[id(p)] for p in g["params"]] for g in param_groups(engine.module, 0.0)]
+
+
+def model_meta(engine, tp: int, vocab_size: int) -> dict:
+    """trainer.json's `params` (every parameter's layout) and optimizer groups. A pipeline's are gathered from
+    all stages (collective) and `params` is keyed by GPT's names, as for a GPT checkpoint; `pipeline` holds what
+    finds each name in DeepSpeed's per-stage files: GPT's name of every layer index, the stage boundaries, and each
+    stage's optimizer groups by the stage's own parameter names."""
+    from deepspeed.pipe import PipelineModule
+
+    module = engine.module
+    params, groups = param_layouts(module, tp, vocab_size), optimizer_group_names(engine)
+    if not isinstance(module, PipelineModule):
+        return {"params": params, "optimizer_groups": groups}
+    from megatron.core import parallel_state as ps
+
+    from .pipeline import gpt_name
+
+    layers = module.layer_names()
+    stages = _gather((params, groups), group=ps.get_pipeline_model_parallel_group())
+    merged = {gpt_name(n, layers): entry for stage_params, _ in stages for n, entry in stage_params.items()}
+    return {"params": dict(sorted(merged.items())),
+            "pipeline": {"layers": layers, "parts": [int(i) for i in module.parts],
+                         "optimizer_groups": [stage_groups for _, stage_groups in stages]}}
 
 
 def save(engine, cfg, layout, progress: Progress, vocab_size: int, extra: dict | None = None,
@@ -275,26 +330,31 @@ def save(engine, cfg, layout, progress: Progress, vocab_size: int, extra: dict |
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier()
+    _name_write_errors(engine)
     engine.save_checkpoint(str(root), tag=tmp.name, client_state={"step": progress.step}, save_latest=False)
-    _torch_save({"rng": rng_state(), "extra": {k: v.state_dict() for k, v in (extra or {}).items()}},
-                tmp / _rank_file(layout.rank))
+    with _writing(tmp / _rank_file(layout.rank)):
+        _torch_save({"rng": rng_state(), "extra": {k: v.state_dict() for k, v in (extra or {}).items()}},
+                    tmp / _rank_file(layout.rank))
     meta = {
         "format": FORMAT, "version": FORMAT_VERSION, "kind": "training", **asdict(progress),
         "time": time.time(), "vocab_size": vocab_size,
         "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "world_size": layout.world_size,
                    "zero_stage": cfg.zero.stage, "precision": _precision(engine)},
-        "params": param_layouts(engine.module, layout.tp, vocab_size),
-        "optimizer_groups": optimizer_group_names(engine),
+        **model_meta(engine, layout.tp, vocab_size),
     }
     if layout.is_writer:
         from .config import save_config
 
-        (tmp / META).write_text(json.dumps(meta, indent=1))
-        save_config(cfg, tmp / "config.yaml")
+        with _writing(tmp / META):
+            (tmp / META).write_text(json.dumps(meta, indent=1))
+        with _writing(tmp / "config.yaml"):
+            save_config(cfg, tmp / "config.yaml")
         if tokenizer and Path(tokenizer).is_file():
-            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+            with _writing(tmp / "tokenizer.json"):
+                shutil.copyfile(tokenizer, tmp / "tokenizer.json")
     _barrier()
-    _write_manifest(tmp, _checksums(tmp, _listing(tmp)), layout.is_writer)
+    with _writing(tmp / MANIFEST):
+        _write_manifest(tmp, _checksums(tmp, _listing(tmp)), layout.is_writer)
     if layout.is_writer:
         _publish(tmp, final)
         _update_latest(root, tag)
@@ -395,8 +455,10 @@ def load(engine, cfg, layout, path: Path, vocab_size: int, extra: dict | None = 
     """Restore weights, optimizer, scheduler, RNG, `extra` and the progress from `path`. Collective."""
     meta = read_meta(path)
     check_compatible(path, meta, cfg, vocab_size)
-    if meta.get("kind") == "weights":  # from `skiptron-convert from-hf`: weights only, a fresh optimizer
-        apply_full_state(engine, _load_weights_file(path), None, 0)
+    if meta.get("kind") == "weights":  # from `skiptron-convert from-hf` and other tools: weights, a fresh optimizer
+        weights = _load_weights_file(path)
+        apply_full_state(engine, weights, None, 0)
+        _apply_buffers(engine, weights)
         return Progress()
     if same_layout(meta, cfg, layout, engine):
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
@@ -405,11 +467,6 @@ def load(engine, cfg, layout, path: Path, vocab_size: int, extra: dict | None = 
             raise CheckpointError(f"DeepSpeed could not load {path}")
     else:
         s = meta["layout"]
-        if s["pp"] > 1 or layout.pp > 1:
-            raise CheckpointError(
-                f"{path}: saved with tp={s['tp']} pp={s['pp']} dp={s['dp']} zero={s['zero_stage']}, loading with "
-                f"tp={layout.tp} pp={layout.pp} dp={layout.dp} zero={cfg.zero.stage}: resharding to or from a "
-                f"pipeline-parallel layout is not supported yet; resume with the layout it was saved with")
         if layout.is_writer and log:
             log(f"resharding {path}: saved with tp={s['tp']} pp={s['pp']} dp={s['dp']} zero={s['zero_stage']} "
                 f"{s['precision']}, loading with tp={layout.tp} pp={layout.pp} dp={layout.dp} zero={cfg.zero.stage}")
@@ -423,12 +480,17 @@ def load(engine, cfg, layout, path: Path, vocab_size: int, extra: dict | None = 
         engine.global_samples = extras["global_samples"]
         engine.skipped_steps = extras["skipped_steps"]
         engine.micro_steps = engine.global_steps * engine.gradient_accumulation_steps()
-        buffers = dict(engine.module.named_buffers())
-        for name, value in extras["buffers"].items():  # replicated state such as routing controllers
-            if name in buffers:
-                buffers[name].copy_(value)
+        _apply_buffers(engine, extras["buffers"])
     _load_rank_state(path, meta, layout, extra or {})
     return Progress(meta["step"], meta["consumed_samples"], meta["consumed_tokens"])
+
+
+def _apply_buffers(engine, values: dict[str, torch.Tensor]) -> None:
+    """Replicated module state such as routing controllers, by GPT name (other entries are ignored)."""
+    to_gpt = _gpt_names(engine.module)
+    for local_name, buffer in engine.module.named_buffers():
+        if to_gpt(local_name) in values:
+            buffer.copy_(values[to_gpt(local_name)])
 
 
 def _load_rank_state(path: Path, meta: dict, layout, extra: dict) -> None:
@@ -460,37 +522,73 @@ def _load(path: Path):
         raise CheckpointError(f"cannot read {path}: {err}") from err
 
 
-def _model_file(path: Path, stage: int, tp_rank: int) -> Path:
+def _model_file(path: Path, stage: int, mp_rank: int) -> Path:
+    """DeepSpeed's model-parallel rank `mp_rank` is the TP rank, under PP stage x TP + TP rank."""
     prefix = "zero_pp_rank_0_" if stage == 3 else ""
-    return path / f"{prefix}mp_rank_{tp_rank:02d}_model_states.pt"
+    return path / f"{prefix}mp_rank_{mp_rank:02d}_model_states.pt"
 
 
-def _optim_file(path: Path, dp_rank: int, tp_rank: int) -> Path:
-    return path / f"zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_optim_states.pt"
+def _optim_file(path: Path, dp_rank: int, mp_rank: int) -> Path:
+    return path / f"zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
 
 
-def _read_tp_rank(path: Path, meta: dict, tp_rank: int, with_optimizer: bool):
-    """One TP rank's local tensors {name: {"param", "exp_avg", "exp_avg_sq"}}, ZeRO partitions joined over DP."""
+def _gpt_names(module: torch.nn.Module):
+    """Parameter/buffer name in `module` -> the checkpoint's (GPT's) name; they differ only on pipeline stages."""
+    from deepspeed.pipe import PipelineModule
+
+    return module.gpt_name if isinstance(module, PipelineModule) else (lambda name: name)
+
+
+def _stage_module_state(path: Path, pipe: dict, stage: int, tp_rank: int) -> dict[str, torch.Tensor]:
+    """A pipeline stage's weights and buffers (this TP rank's shards) under GPT's names, from DeepSpeed's per-layer
+    files `layer_<index>-model_<tp rank>-model_states.pt`."""
+    out = {}
+    for idx in range(pipe["parts"][stage], pipe["parts"][stage + 1]):
+        name = pipe["layers"][idx]
+        if name is not None:  # None: the tied output layer, whose weight is the embedding's (first stage)
+            state = _load(path / f"layer_{idx:02d}-model_{tp_rank:02d}-model_states.pt")
+            out.update({f"{name}.{k.removeprefix('layer.')}": v for k, v in state.items()})
+    return out
+
+
+def _read_tp_rank(path: Path, meta: dict, tp_rank: int, with_optimizer: bool, pp_rank: int = 0):
+    """One (pipeline stage, TP rank)'s tensors {GPT name: {"param", "exp_avg", "exp_avg_sq"}}, ZeRO partitions
+    joined over DP, and its model-states file with `module` holding its weights and buffers under GPT's names."""
     lay = meta["layout"]
     stage, dp = lay["zero_stage"], lay["dp"]
-    model = _load(_model_file(path, stage, tp_rank))
+    pipe = meta.get("pipeline")
+    mp_rank = pp_rank * lay["tp"] + tp_rank
+    model = _load(_model_file(path, stage, mp_rank))
+    if pipe:
+        from .pipeline import gpt_name
+
+        def rename(name):
+            return gpt_name(name, pipe["layers"])
+        model["module"] = _stage_module_state(path, pipe, pp_rank, tp_rank)
+        groups = pipe["optimizer_groups"][pp_rank]
+    else:
+        def rename(name):
+            return name
+        groups = meta["optimizer_groups"]
     keys = ("param",) + (ADAM_KEYS if with_optimizer else ())
     out: dict[str, dict[str, torch.Tensor]] = {}
     if stage == 0:
         if lay["precision"] != "fp32":
             raise CheckpointError(f"{path}: resharding a ZeRO-0 {lay['precision']} checkpoint is not supported")
-        names = [n for group in meta["optimizer_groups"] for n in group]
+        names = [n for group in groups for n in group]
         state = model["optimizer"]["state"]
         for i, name in enumerate(names):
-            out[name] = {"param": model["module"][name].float()}
+            if rename(name) not in model["module"]:  # the last stage's tied embedding: no file of its own
+                continue
+            out[rename(name)] = {"param": model["module"][rename(name)].float()}
             if with_optimizer:
-                out[name].update({k: state[i][k] for k in ADAM_KEYS} if i in state else {})
+                out[rename(name)].update({k: state[i][k] for k in ADAM_KEYS} if i in state else {})
         return out, model, _opt_step(state)
     shapes = [(n, torch.Size(s)) for group in model["param_shapes"] for n, s in group.items()]
     pieces = {n: {k: [] for k in keys} for n, _ in shapes}
     opt_step = 0
     for d in range(dp):
-        osd = _load(_optim_file(path, d, tp_rank))["optimizer_state_dict"]
+        osd = _load(_optim_file(path, d, mp_rank))["optimizer_state_dict"]
         if stage == 3:
             state = osd["optimizer_state_dict"]["state"]
             flat = {"param": torch.cat(osd["fp32_flat_groups"])}
@@ -513,7 +611,7 @@ def _read_tp_rank(path: Path, meta: dict, tp_rank: int, with_optimizer: bool):
                         pieces[name][k].append(flat[k].narrow(0, frag.start, frag.numel))
         opt_step = _opt_step(state)
     for name, shape in shapes:
-        out[name] = {k: torch.cat(v)[: shape.numel()].view(shape).clone() for k, v in pieces[name].items()}
+        out[rename(name)] = {k: torch.cat(v)[: shape.numel()].view(shape).clone() for k, v in pieces[name].items()}
     return out, model, opt_step
 
 
@@ -532,12 +630,17 @@ def read_full_state(path: str | os.PathLike, meta: dict | None = None, with_opti
     meta = meta or read_meta(path)
     if meta.get("kind") == "weights":
         return _load_weights_file(path), None, 0, {}
-    tp = meta["layout"]["tp"]
-    per_rank, opt_step, first_model = [], 0, None
+    tp, pp = meta["layout"]["tp"], meta["layout"].get("pp", 1)
+    per_rank, opt_step, stage_models = [], 0, [None] * pp  # stage_models: TP rank 0's model-states files
     for t in range(tp):
-        local, model, opt_step = _read_tp_rank(path, meta, t, with_optimizer)
+        local = {}
+        for s in reversed(range(pp)):  # the first stage's copy of a tied embedding is the one kept
+            part, model, opt_step = _read_tp_rank(path, meta, t, with_optimizer, s)
+            local.update(part)
+            if t == 0:
+                stage_models[s] = model
         per_rank.append(local)
-        first_model = first_model or model
+    first_model = stage_models[0]
     weights, moments = {}, {} if with_optimizer else None
     for name, info in meta["params"].items():
         missing = [t for t in range(tp) if name not in per_rank[t]]
@@ -555,7 +658,7 @@ def read_full_state(path: str | os.PathLike, meta: dict | None = None, with_opti
         if with_optimizer:
             moments[name] = joined
     extras = {k: first_model.get(k) for k in ("lr_scheduler", "global_steps", "global_samples", "skipped_steps")}
-    extras["buffers"] = {k: v for k, v in first_model["module"].items()
+    extras["buffers"] = {k: v for model in stage_models for k, v in model["module"].items()
                          if torch.is_tensor(v) and k not in meta["params"]}
     return weights, moments, opt_step, extras
 
@@ -581,7 +684,9 @@ def apply_full_state(engine, weights: dict, moments: dict | None, opt_step: int)
         if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO 1/2: link the new state
             engine.optimizer._hp_optimizer_states_linked = False
             engine.optimizer._lazy_init_hp_params_optimizer_state()
-    for name, p in engine.module.named_parameters():
+    to_gpt = _gpt_names(engine.module)
+    for local_name, p in engine.module.named_parameters():
+        name = to_gpt(local_name)
         if name not in weights:
             raise CheckpointError(f"the checkpoint has no weight for parameter {name}")
         layout = tp_layout(p)
@@ -619,7 +724,8 @@ def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
 
 def write_weights_checkpoint(out: str | os.PathLike, cfg, weights: dict[str, torch.Tensor], vocab_size: int,
                              tokenizer: str | os.PathLike | None = None) -> Path:
-    """A layout-independent checkpoint of whole fp32 weights (no optimizer): loads under any TP/DP/ZeRO layout."""
+    """A layout-independent checkpoint of whole fp32 weights (no optimizer): loads under any TP/PP/DP/ZeRO layout.
+    `weights` may also hold persistent buffers (routing controllers) by name; loading restores them."""
     from .config import save_config
 
     out = Path(out)

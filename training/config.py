@@ -87,6 +87,8 @@ class ModelConfig(Section):
     vocab_size: int | None = Field(None, ge=2, description="default: the prepared data's vocabulary")
     make_vocab_size_divisible_by: int = Field(128, ge=1)
     tie_embeddings: bool = True
+    embedding_rank: int | None = Field(
+        None, ge=1, description="factorized token embedding codes (V x k) @ decoder (k -> d); None = a full V x d table")
     bias: bool = False
     norm_eps: float = Field(1e-5, gt=0)
     rope_theta: float = Field(10000.0, gt=0)
@@ -118,9 +120,15 @@ class ModelConfig(Section):
                 f"model.hidden_size: {self.hidden_size} is not divisible by model.num_heads {self.num_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"model.hidden_size: head dim {self.head_dim} (hidden / heads) must be even for rotary")
-        if self.block == "srupp" and self.skip.enabled:
-            raise ConfigError("model.skip.enabled: skip routing does not support model.block=srupp yet (the router "
-                              "wraps the transformer's attention and MLP)")
+        if self.embedding_rank is not None and self.embedding_rank > self.hidden_size:
+            raise ConfigError(f"model.embedding_rank: {self.embedding_rank} is larger than model.hidden_size "
+                              f"{self.hidden_size}; a factorized embedding needs 1 <= k <= hidden_size")
+        if self.block == "srupp" and self.skip.enabled and self.skip.granularity != "layer":
+            raise ConfigError(f"model.skip.granularity: '{self.skip.granularity}' routes a transformer's attention or "
+                              f"MLP; an SRU++ block (model.block=srupp) is routed whole: use granularity=layer")
+        if self.block == "srupp" and self.skip.enabled and self.skip.kv != "active":
+            raise ConfigError("model.skip.kv: a routed SRU++ layer runs over the active tokens only (its recurrence "
+                              "cannot take a skipped token's state without running on it); set model.skip.kv=active")
         if self.block == "srupp" and self.srupp.projection(self.hidden_size) % self.srupp.num_heads:
             raise ConfigError(f"model.srupp.num_heads: projection size {self.srupp.projection(self.hidden_size)} is "
                               f"not divisible by {self.srupp.num_heads} heads")
@@ -303,6 +311,10 @@ class Config(Section):
         if self.parallel.pp > self.model.num_layers:
             raise ConfigError(f"parallel.pp: {self.parallel.pp} pipeline stages for {self.model.num_layers} layers; "
                               f"every stage needs at least one block")
+        if self.parallel.pp > 1 and self.model.embedding_rank is not None and self.model.tie_embeddings:
+            raise ConfigError("model.embedding_rank: a factorized embedding tied to the output layer is not supported "
+                              "with pipeline parallelism (parallel.pp > 1) yet; use parallel.pp=1 or "
+                              "model.tie_embeddings=false")
         if self.parallel.pp > 1 and self.zero.stage >= 2:
             raise ConfigError(
                 f"zero.stage: ZeRO-{self.zero.stage} cannot be combined with pipeline parallelism (parallel.pp="

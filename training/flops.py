@@ -11,6 +11,25 @@ import re
 import torch
 
 
+def transformer_layer_flops(hidden_size: int, ffn_hidden_size: int, num_heads: int, seq_len: int, *,
+                            num_kv_heads: int | None = None, swiglu: bool = True) -> dict[str, float]:
+    """Forward FLOPs per token of one transformer layer, by part (see `model_flops_per_token`)."""
+    kv_width = (num_kv_heads or num_heads) * hidden_size / num_heads
+    return {"q": 2 * hidden_size * hidden_size, "kv": 2 * 2 * hidden_size * kv_width,
+            "scores": 2 * 2 * seq_len * hidden_size, "out": 2 * hidden_size * hidden_size,
+            "mlp": 2 * (3 if swiglu else 2) * hidden_size * ffn_hidden_size}
+
+
+def srupp_layer_flops(hidden_size: int, proj_size: int, seq_len: int, attention: bool) -> dict[str, float]:
+    """Forward FLOPs per token of one SRU++ layer, by part: the query projection d -> d', in attention layers keys
+    and values from the query (d' -> 2d') and the scores over the sequence, and the gate projection d' -> 3d. The
+    elementwise recurrence (about 15 FLOPs per unit) is ignored like norms and softmax."""
+    parts = {"query": 2 * hidden_size * proj_size, "gates": 2 * proj_size * 3 * hidden_size}
+    if attention:
+        parts.update(kv=2 * proj_size * 2 * proj_size, scores=2 * 2 * seq_len * proj_size)
+    return parts
+
+
 def model_flops_per_token(
     num_layers: int,
     hidden_size: int,
@@ -44,13 +63,40 @@ def model_flops_per_token(
     rotary embeddings are ignored (negligible). `exec_rate` is the fraction of
     (token, layer) pairs actually executed, for models that skip layers.
     """
-    kv_width = (num_kv_heads or num_heads) * hidden_size / num_heads
-    projections = 2 * hidden_size * (2 * hidden_size + 2 * kv_width)
-    attention = 2 * 2 * seq_len * hidden_size
-    mlp = 2 * (3 if swiglu else 2) * hidden_size * ffn_hidden_size
-    per_layer = projections + attention + mlp
-    lm_head = 2 * hidden_size * vocab_size
-    return 3.0 * (num_layers * exec_rate * per_layer + lm_head)
+    per_layer = sum(transformer_layer_flops(hidden_size, ffn_hidden_size, num_heads, seq_len,
+                                            num_kv_heads=num_kv_heads, swiglu=swiglu).values())
+    return 3.0 * (num_layers * exec_rate * per_layer + 2 * hidden_size * vocab_size)
+
+
+def _routed_parts(skip) -> set[str]:
+    """The parts of a routed layer that run for active tokens only (the rest runs for every token)."""
+    if skip.granularity == "mlp":
+        return {"mlp"}
+    attention = {"q", "scores", "out"} | ({"kv"} if skip.kv == "active" else set())
+    return attention | ({"mlp"} if skip.granularity == "layer" else set())
+
+
+def config_flops_per_token(model, padded_vocab: int, layer_rates: dict[int, float] | None = None) -> float:
+    """Training FLOPs per token of the model a `ModelConfig` describes (transformer or SRU++ blocks). A routed layer's
+    routed parts count at its execution rate (`layer_rates`: layer -> measured rate; the configured target when not
+    given), the parts every token still runs (K/V with `kv: all`, attention with `mlp` granularity) in full."""
+    routed = set(model.skip.routed_layers(model.num_layers)) if model.skip.enabled else set()
+    total = 2.0 * model.hidden_size * padded_vocab
+    if model.embedding_rank:
+        # a factorized embedding's decoder, k -> d per token (the tied output layer's codes @ decoder.T is computed
+        # once per micro-batch, not per token: ignored)
+        total += 2.0 * model.embedding_rank * model.hidden_size
+    for layer in range(model.num_layers):
+        if model.block == "srupp":
+            proj = model.srupp.projection(model.hidden_size)
+            parts = srupp_layer_flops(model.hidden_size, proj, model.seq_len, model.srupp.has_attention(layer))
+            scaled = set(parts)  # a routed SRU++ layer runs for its active tokens only
+        else:
+            parts = transformer_layer_flops(model.hidden_size, model.ffn_size, model.num_heads, model.seq_len)
+            scaled = _routed_parts(model.skip)
+        rate = (layer_rates or {}).get(layer, model.skip.target_rate) if layer in routed else 1.0
+        total += sum(f * (rate if name in scaled else 1.0) for name, f in parts.items())
+    return 3.0 * total
 
 
 # Dense (no sparsity) tensor-core peaks in FLOP/s from the vendor data sheets,

@@ -164,25 +164,30 @@ def apply_mask_finetuning(model: nn.Module, ft, num_layers: int) -> dict[str, nn
 
 # -- base weights -----------------------------------------------------------------------------------------------
 def read_base_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Whole fp32 weights of a checkpoint of any layout (a training or weights-only checkpoint)."""
+    """Whole fp32 weights of a checkpoint of any layout (a training or weights-only checkpoint), with its persistent
+    buffers (routing controllers) under their names."""
     from . import checkpoint as ckpt
 
     path = Path(path)
     ckpt.verify(path)
-    weights, _, _, _ = ckpt.read_full_state(path, with_optimizer=False)
+    weights, _, _, extras = ckpt.read_full_state(path, with_optimizer=False)
+    weights = {**weights, **extras.get("buffers", {})}
     return {k: v.detach() for k, v in weights.items()}  # ZeRO's flat fp32 groups are saved as leaf tensors with grad
 
 
 @torch.no_grad()
 def load_whole_weights(model: nn.Module, weights: dict[str, torch.Tensor], strict_extra: bool = False) -> None:
-    """Copy whole (TP=1) tensors into this rank's shards. Every model parameter except the mask scores must be
-    present. Call before DeepSpeed wraps the model."""
+    """Copy whole (TP=1) tensors into this rank's shards, and buffers found under their names. Every model parameter
+    except the mask scores must be present. Call before DeepSpeed wraps the model."""
     missing = [n for n, _ in model.named_parameters() if n not in weights and not n.endswith(SCORES)]
     if missing:
         raise KeyError(f"the base checkpoint has no weight for {missing}")
     for name, p in model.named_parameters():
         if name in weights:
             p.copy_(_shard(weights[name], p).to(p.dtype))
+    for name, b in model.named_buffers():
+        if name in weights:
+            b.copy_(weights[name])
 
 
 def check_base_compatible(path: str | os.PathLike, cfg, vocab_size: int) -> None:

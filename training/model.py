@@ -91,13 +91,27 @@ class Attention(nn.Module):
 
     def _heads(self, x: torch.Tensor, positions: torch.Tensor):
         """q, k, v as [b, local heads, s, head dim], rotated by their positions."""
-        qkv, _ = self.qkv(x)
-        return self._split_heads(qkv, positions)
+        return self._split_heads(self.project(x), positions)
 
-    def _split_heads(self, qkv: torch.Tensor, positions: torch.Tensor):
-        b, s, _ = qkv.shape
-        q, k, v = qkv.view(b, s, 3, self.local_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return self.rotary(q, positions), self.rotary(k, positions), v
+    def _split_heads(self, t: torch.Tensor, positions: torch.Tensor, parts: str = "qkv"):
+        """The `parts` of a projection [b, s, len(parts) x local heads x hd] as [b, local heads, s, hd] each."""
+        b, s, _ = t.shape
+        heads = t.view(b, s, len(parts), self.local_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return [self.rotary(h, positions) if part in "qk" else h for part, h in zip(parts, heads)]
+
+    def project(self, x: torch.Tensor, parts: str = "qkv") -> torch.Tensor:
+        """The fused projection's `parts` ("qkv", "q" or "kv") for tokens x [..., hidden]. Routed layers project
+        only some tokens' queries; they use slices of the fused weight (this rank's rows are [q; k; v] of its heads)."""
+        if parts == "qkv":
+            return self.qkv(x)[0]
+        n = self.local_heads * self.head_dim
+        rows = slice(0, n) if parts == "q" else slice(n, 3 * n)
+        bias = self.qkv.bias[rows] if self.qkv.bias is not None else None
+        return F.linear(mtp.copy_to_tensor_model_parallel_region(x), self.qkv.weight[rows], bias)
+
+    def project_out(self, context: torch.Tensor) -> torch.Tensor:
+        """The row-parallel output projection of attention context rows [n, local heads x hd] -> [n, hidden]."""
+        return self.out(context[None])[0][0]
 
     def _merge_heads(self, y: torch.Tensor) -> torch.Tensor:
         """[b, heads, n, hd] -> [b, n, heads x hd]"""
@@ -123,27 +137,30 @@ class Attention(nn.Module):
         y, _ = self.out(self._merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])))
         return y, KVCache(k, v, present)
 
-    def forward_selected(self, x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, kv_all: bool):
-        """Attention outputs [selected tokens, hidden] for selected tokens only, in row-major order of `valid`:
-        `index` [b, n] holds their positions (padded; `valid` marks real entries). Keys and values come from every token (`kv_all`) or from the selected tokens alone. With
-        `kv_all` the fused QKV projection still runs on every token (one GEMM); scores, softmax and the output
-        projection run on the selected queries only."""
+    def forward_selected(self, x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, kv_all: bool,
+                         tokenwise=None) -> torch.Tensor:
+        """Attention context rows [selected tokens, local heads x hd] (before the output projection, `project_out`)
+        of the selected tokens only, in row-major order of `valid`: `index` [b, n] holds their positions (padded;
+        `valid` marks real entries). Keys and values come from every token (`kv_all`: K and V are projected for every
+        token, Q for the selected ones) or from the selected tokens alone. The selected rows' projection is
+        position-wise: `tokenwise(fn, rows)` runs it (a routed block balances it across DP ranks; default: here)."""
+        tokenwise = tokenwise or (lambda fn, rows: fn(rows))
+        picked = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))[valid]
+
+        def padded(rows: torch.Tensor) -> torch.Tensor:
+            return rows.new_zeros(*valid.shape, rows.shape[-1]).masked_scatter(valid[..., None], rows)
+
         if kv_all:
             positions = torch.arange(x.shape[1], device=x.device)
-            q, k, v = self._heads(x, positions)
-            q = torch.gather(q, 2, index[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
+            q, = self._split_heads(padded(tokenwise(lambda rows: self.project(rows, "q"), picked)), index, "q")
+            k, v = self._split_heads(self.project(x, "kv"), positions, "kv")
             key_pos, key_ok = positions.expand_as(x[..., 0]), torch.ones_like(x[..., 0], dtype=torch.bool)
         else:
-            picked = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))[valid]
-            qkv, _ = self.qkv(picked[None])
-            padded = qkv.new_zeros(*valid.shape, qkv.shape[-1]).masked_scatter(valid[..., None], qkv[0])
-            q, k, v = self._split_heads(padded, index)
+            q, k, v = self._split_heads(padded(tokenwise(lambda rows: self.project(rows[None])[0], picked)), index)
             key_pos, key_ok = index, valid
         mask = (key_pos[:, None, :] <= index[:, :, None]) & key_ok[:, None, :]
         mask = mask | ~valid[:, :, None]  # padded query rows see everything, so softmax stays finite
-        y = self._merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None]))[valid]
-        y, _ = self.out(y[None])
-        return y[0]
+        return self._merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None]))[valid]
 
 
 @dataclass
@@ -202,13 +219,42 @@ class Block(nn.Module):
 
 
 class Embedding(nn.Module):
+    """The token embedding: a vocab-parallel V x d table, or with `model.embedding_rank` k the factorization
+    `codes @ decoder.T` (codes V x k, vocab-parallel like the table; decoder d x k, replicated), which holds V*k + d*k
+    instead of V*d parameters (what `skiptron-compress` writes). `output_weight()` is the matrix tied logits use."""
+
     def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig, padded_vocab: int):
         super().__init__()
-        self.tokens = mtp.VocabParallelEmbedding(
-            padded_vocab, cfg.hidden_size, init_method=normal_init(cfg.init_std), config=mcfg)
+        self.rank = cfg.embedding_rank
+        if self.rank is None:
+            self.tokens = mtp.VocabParallelEmbedding(
+                padded_vocab, cfg.hidden_size, init_method=normal_init(cfg.init_std), config=mcfg)
+            return
+        tp, tp_rank = mcfg.tensor_model_parallel_size, ps.get_tensor_model_parallel_rank()
+        per_rank = padded_vocab // tp
+        self.vocab_start = tp_rank * per_rank
+        # the whole codes drawn on every rank, then sliced: any TP layout starts from the TP=1 weights. A decoder
+        # with entries of variance 1/k gives the reconstructed embedding the table's init_std.
+        codes = torch.randn(padded_vocab, self.rank) * cfg.init_std
+        self.codes = nn.Parameter(codes[self.vocab_start:self.vocab_start + per_rank].clone())
+        mtp.set_tensor_model_parallel_attributes(self.codes, is_parallel=True, dim=0, stride=1)
+        self.decoder = nn.Parameter(torch.randn(cfg.hidden_size, self.rank) / math.sqrt(self.rank))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.tokens(tokens)
+        if self.rank is None:
+            return self.tokens(tokens)
+        local = tokens - self.vocab_start
+        outside = (local < 0) | (local >= self.codes.shape[0])
+        codes = F.embedding(local.masked_fill(outside, 0), self.codes).masked_fill(outside[..., None], 0.0)
+        # k-wide all-reduce (cheaper than d-wide), then the replicated decoder
+        return F.linear(mtp.reduce_from_tensor_model_parallel_region(codes), self.decoder)
+
+    def output_weight(self) -> torch.Tensor:
+        """This TP rank's vocabulary rows of the embedding matrix [V / tp, d]. Factorized: local codes @ decoder.T,
+        the decoder entering through megatron's copy region so its gradient from every rank's rows is summed."""
+        if self.rank is None:
+            return self.tokens.weight
+        return self.codes @ mtp.copy_to_tensor_model_parallel_region(self.decoder).T
 
 
 def vocab_padding(vocab_size: int, padded_vocab: int, tp: int) -> torch.Tensor:
@@ -324,7 +370,7 @@ class GPT(nn.Module):
         return {i: b.record for i, b in enumerate(self.blocks) if getattr(b, "record", None) is not None}
 
     def _tied_weight(self):
-        return self.embedding.tokens.weight if self.cfg.tie_embeddings else None
+        return self.embedding.output_weight() if self.cfg.tie_embeddings else None
 
     def hidden_states(self, inputs: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(inputs.shape[1], device=inputs.device)

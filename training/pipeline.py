@@ -227,14 +227,14 @@ class GPTPipe(PipelineModule):
         return lines
 
     # -- names ---------------------------------------------------------------------------------------------------
+    def layer_names(self) -> list[str | None]:
+        """GPT's module name for every layer index of the whole pipeline; None for the tied output layer, which
+        owns no state (DeepSpeed writes one checkpoint file per other layer and TP rank)."""
+        return [None if isinstance(s, TiedLayerSpec) and s.forward_fn else s.module_args[0]
+                for s in self._layer_specs]
+
     def gpt_name(self, name: str) -> str:
-        """GPT's name for a parameter or buffer of this stage (`3.layer.attn.qkv.weight` -> `blocks.2.attn...`)."""
-        m = re.match(r"tied_modules\.(\w+)\.layer\.(.*)", name)
-        if m:
-            return f"embedding.{m.group(2)}"
-        idx, rest = name.split(".", 1)
-        assert rest.startswith("layer."), name
-        return f"{self._modules[idx].gpt_name}.{rest[len('layer.'):]}"
+        return gpt_name(name, self.layer_names())
 
     # -- routing -------------------------------------------------------------------------------------------------
     def _routed(self) -> dict[int, BlockStage]:
@@ -262,6 +262,18 @@ class GPTPipe(PipelineModule):
         if "embed" in self.tied_modules:
             return self.tied_modules["embed"].layer.tokens.weight
         return None
+
+
+def gpt_name(name: str, layer_names: list[str | None]) -> str:
+    """GPT's name for a pipeline parameter or buffer (`3.layer.attn.qkv.weight` -> `blocks.2.attn.qkv.weight`),
+    given the pipeline's `layer_names` (also recorded in checkpoints, so files can be read without a model)."""
+    m = re.match(r"tied_modules\.(\w+)\.layer\.(.*)", name)
+    if m:
+        return f"embedding.{m.group(2)}"
+    idx, rest = name.split(".", 1)
+    if not rest.startswith("layer.") or layer_names[int(idx)] is None:
+        raise KeyError(f"{name} is not a parameter or buffer of a pipeline stage layer")
+    return f"{layer_names[int(idx)]}.{rest[len('layer.'):]}"
 
 
 def full_gpt_state(module: GPTPipe) -> dict[str, torch.Tensor]:

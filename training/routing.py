@@ -10,15 +10,17 @@ with no sampling noise and the same decisions in training and inference.
 Budget: the auxiliary loss (rate - target)^2 per routed layer, with rate = mean(hard + p - stopgrad(p)), i.e. the
 measured hard execution rate in the forward and the soft rate's gradient in the backward.
 
-Balance: the MLP of the active tokens (the position-wise part, two thirds of a block's matmul FLOPs) runs after the
-active tokens are evened out across data-parallel ranks (`skiptron.parallel.balance`); attention stays where the
-sequence lives, since its keys and values do.
+Balance: an active token's position-wise work (its MLP; in `layer`/`attention` granularity also its attention
+projections: Q, or QKV with `kv: active`, and the output projection) runs after the active tokens are evened out across
+data-parallel ranks (`skiptron.parallel.balance`). Only the attention scores stay where the sequence lives, since its
+keys and values do (with `kv: all` every token's K and V are projected there too: that work is not routed).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
+import deepspeed
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -41,7 +43,7 @@ class RoutingRecord:
     exec_rate: float
     logit_quantile: float
     active_tokens: int
-    mlp_tokens: int
+    computed_tokens: list[int]  # rows of each position-wise computation this rank ran (after balancing)
     balance: dict = field(default_factory=dict)
 
 
@@ -98,7 +100,8 @@ def pack_positions(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class RoutedBlock(nn.Module):
-    """A transformer block (or its MLP, or its attention) executed only for the tokens its router picks."""
+    """A transformer block (or its MLP, or its attention), or an SRU++ layer, executed only for the tokens its router
+    picks."""
 
     def __init__(self, block: Block, skip: SkipConfig, hidden: int, eps: float, init_std: float,
                  balance: float | None):
@@ -108,6 +111,11 @@ class RoutedBlock(nn.Module):
         self.skip = skip
         self.balance = balance  # min imbalance that triggers the DP exchange; None: never
         self.record: RoutingRecord | None = None
+        self.exchanges: list[tuple] = []  # this forward's position-wise computations: (rows, BalanceStats, seconds)
+        # Queries of `kv: all` layers are projected with slices of the fused QKV weight, outside that module's
+        # forward: ZeRO-3 must gather it for this block's forward.
+        for param in block.attn.qkv.parameters() if isinstance(block, Block) else ():
+            deepspeed.zero.register_external_parameter(self, param)
 
     @torch.no_grad()
     def update_controller(self, logit_quantile: float) -> None:
@@ -119,22 +127,39 @@ class RoutedBlock(nn.Module):
             return capacity_mask(p, self.skip.target_rate, state.dp_group_or_none())
         return p > 0.5
 
-    def mlp_delta(self, h: torch.Tensor) -> tuple[torch.Tensor, dict, int]:
-        """MLP output for the rows of h ([n, d]); rows may be computed on other DP ranks and sent back."""
+    def tokenwise(self, fn, *rows: torch.Tensor) -> torch.Tensor:
+        """fn(*rows) for position-wise work on active tokens' rows ([n, ...] each). With the DP balancer on, some rows
+        are computed on other ranks and their results (and, in the backward, gradients) come back."""
         group = state.dp_group_or_none() if self.balance is not None else None
         if group is None or dist.get_world_size(group) == 1:
-            return self.block.mlp(self.block.mlp_norm(h[None]))[0], {}, h.shape[0]
+            self.exchanges.append((rows[0].shape[0], None, 0.0))
+            return fn(*rows)
         start = time.perf_counter()
-        work = balance(h, group, self.balance)
+        work = balance(rows, group, self.balance)
         exchange_s = time.perf_counter() - start
-        y = self.block.mlp(self.block.mlp_norm(work.tokens[None]))[0]
+        y = fn(*work.tokens)
         start = time.perf_counter()
         y = work.restore(y)
-        s = work.stats
-        stats = {"imbalance_before": s.imbalance_before, "imbalance_after": s.imbalance_after,
-                 "tokens_moved": s.tokens_moved, "bytes_moved": s.bytes_moved,
-                 "exchange_ms": 1e3 * (exchange_s + time.perf_counter() - start)}
-        return y, stats, work.num_tokens
+        self.exchanges.append((work.num_tokens, work.stats, exchange_s + time.perf_counter() - start))
+        return y
+
+    def _balance_metrics(self) -> dict:
+        """This forward's exchanges together: the loads are the same for each, the traffic and time add up."""
+        done = [(s, t) for _, s, t in self.exchanges if s is not None]
+        if not done:
+            return {}
+        first = done[0][0]
+        return {"imbalance_before": first.imbalance_before, "imbalance_after": first.imbalance_after,
+                "tokens_moved": sum(s.tokens_moved for s, _ in done), "bytes_moved": sum(s.bytes_moved for s, _ in done),
+                "exchange_ms": 1e3 * sum(t for _, t in done)}
+
+    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
+        return self.block.mlp(self.block.mlp_norm(h[None]))[0]
+
+    def _attn_out_and_mlp(self, context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """An active token's position-wise rest of the block: output projection, residual, MLP (minus its input x)."""
+        a = self.block.attn.project_out(context)
+        return a + self._mlp(x + a)
 
     def step(self, x: torch.Tensor, cache):
         """Incremental forward with a KV cache: the same per-token decisions as `forward` in threshold mode (a
@@ -146,6 +171,9 @@ class RoutedBlock(nn.Module):
         active = (p > 0.5)[..., None]
         gate = p.to(x.dtype)[..., None]
         block, granularity = self.block, self.skip.granularity
+        if not isinstance(block, Block):  # SRU++: its state advances over the active tokens only
+            y, cache = block.step_selected(x, cache, active[..., 0])
+            return x + torch.where(active, gate * (y - x), 0.0), cache
         if granularity == "mlp":
             a, cache = block.attn.step(block.attn_norm(x), cache, torch.ones_like(active[..., 0]))
             h = x + a
@@ -170,26 +198,28 @@ class RoutedBlock(nn.Module):
         rows = active.flatten().nonzero().squeeze(1)
         gate = p.flatten()[rows].to(x.dtype)[:, None]
         granularity = self.skip.granularity
-        stats, mlp_tokens = {}, 0
+        self.exchanges = []
 
-        if granularity == "mlp":
+        if not isinstance(self.block, Block):  # SRU++: the whole layer over each sequence's active tokens, packed
+            index, valid = pack_positions(active)
+            out = flat.index_add(0, rows, gate * (self.block.forward_selected(x, index, valid) - flat[rows]))
+        elif granularity == "mlp":
             h = x + self.block.attn(self.block.attn_norm(x), positions)
-            delta, stats, mlp_tokens = self.mlp_delta(h.reshape(b * s, d)[rows])
-            out = h.reshape(b * s, d).index_add(0, rows, gate * delta)
+            out = h.reshape(b * s, d).index_add(0, rows, gate * self.tokenwise(self._mlp, h.reshape(b * s, d)[rows]))
         else:
             index, valid = pack_positions(active)
-            attn = self.block.attn.forward_selected(self.block.attn_norm(x), index, valid, self.skip.kv == "all")
+            context = self.block.attn.forward_selected(self.block.attn_norm(x), index, valid, self.skip.kv == "all",
+                                                       self.tokenwise)
             if granularity == "attention":
-                out = flat.index_add(0, rows, gate * attn).view(b, s, d)
+                out = flat.index_add(0, rows, gate * self.tokenwise(self.block.attn.project_out, context)).view(b, s, d)
                 out = out + self.block.mlp(self.block.mlp_norm(out))
             else:
-                h = flat[rows] + attn
-                mlp, stats, mlp_tokens = self.mlp_delta(h)
-                out = flat.index_add(0, rows, gate * (attn + mlp))
+                out = flat.index_add(0, rows, gate * self.tokenwise(self._attn_out_and_mlp, context, flat[rows]))
         self.record = RoutingRecord(
             aux_loss=(rate - self.skip.target_rate) ** 2, exec_rate=hard.mean().item(),
             logit_quantile=torch.quantile(logits.detach().flatten(), 1 - self.skip.target_rate).item(),
-            active_tokens=int(rows.numel()), mlp_tokens=mlp_tokens, balance=stats)
+            active_tokens=int(rows.numel()), computed_tokens=[n for n, _, _ in self.exchanges],
+            balance=self._balance_metrics())
         return out.view(b, s, d)
 
 

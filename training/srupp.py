@@ -82,11 +82,13 @@ class _GatherUnits(torch.autograd.Function):
 @dataclass
 class SRUppState:
     """What one layer carries from token to token when decoding: the recurrence state c [b, local units] and, for
-    attention layers, the keys and values of every token so far [b, heads, t, head dim]."""
+    attention layers, the keys and values of every token so far [b, heads, t, head dim]; `present` [b, t] marks the
+    keys that are visible (None: all), for a routed layer whose skipped tokens are cached but invisible."""
 
     c: torch.Tensor
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
+    present: torch.Tensor | None = None
 
 
 class ProjectedAttention(nn.Module):
@@ -103,20 +105,31 @@ class ProjectedAttention(nn.Module):
         b, n, _ = t.shape
         return t.view(b, n, self.heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, q: torch.Tensor, state: SRUppState | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Attention output [b, n, d'] for the n new queries, and the keys/values including them. With a state, the
-        new tokens follow the `state.k.shape[2]` earlier ones and see all of them."""
+    def forward(self, q: torch.Tensor, state: SRUppState | None, present: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Attention output [b, n, d'] for the n new queries, and the keys/values and visibility (`SRUppState`)
+        including them. With a state, the new tokens follow the `state.k.shape[2]` earlier ones and see the visible
+        ones; `present` [b, n] marks which new tokens are visible (None: all). An absent token's own row sees
+        everything, so its (unused) output stays finite."""
         k, v = (self._split(t) for t in self.kv(q).chunk(2, dim=-1))
         qh = self._split(q)
-        if state is None or state.k is None:
+        seen = state.present if state is not None and state.k is not None else None
+        if present is not None or seen is not None:
+            old = 0 if state is None or state.k is None else state.k.shape[2]
+            seen = torch.cat([seen if seen is not None else q.new_ones(q.shape[0], old, dtype=torch.bool),
+                              present if present is not None else q.new_ones(q.shape[:2], dtype=torch.bool)], dim=1)
+        if state is not None and state.k is not None:
+            k, v = torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2)
+        n, total = qh.shape[2], k.shape[2]
+        if seen is None and total == n:
             y = F.scaled_dot_product_attention(qh, k, v, is_causal=True)
         else:
-            k, v = torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2)
-            n, total = qh.shape[2], k.shape[2]
-            mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(diagonal=total - n)
-            y = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask)
+            mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(diagonal=total - n)[None]
+            if seen is not None:
+                mask = mask & seen[:, None, :] | ~seen[:, -n:, None]
+            y = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask[:, None])
         b, _, n, _ = y.shape
-        return y.transpose(1, 2).reshape(b, n, -1), k, v
+        return y.transpose(1, 2).reshape(b, n, -1), k, v, seen
 
 
 class SRUppBlock(nn.Module):
@@ -156,13 +169,19 @@ class SRUppBlock(nn.Module):
     def has_attention(self) -> bool:
         return self.attention is not None
 
-    def step(self, x: torch.Tensor, state: SRUppState | None = None) -> tuple[torch.Tensor, SRUppState]:
+    def step(self, x: torch.Tensor, state: SRUppState | None = None, present: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, SRUppState]:
         """Run the layer on x [b, n, d], the n tokens that follow `state` (None: the start of the sequence); return
-        the output [b, n, d] and the state after them."""
+        the output [b, n, d] and the state after them. `present` [b, n] (decoding through a routed layer, n = 1):
+        a token that is not present leaves the recurrence state as it was and its key invisible; its output is
+        meaningless (the router passes the token through)."""
+        if present is not None and x.shape[1] != 1:
+            raise ValueError("SRU++ step: per-token presence needs one token per call (the fused recurrence has no "
+                             "per-token mask)")
         q, _ = self.query(_ScatterUnits.apply(self.norm(x)))
-        k = v = None
+        k = v = seen = None
         if self.attention is not None:
-            a, k, v = self.attention(q, state)
+            a, k, v, seen = self.attention(q, state, present)
             q = q + self.alpha * a
         u, _ = self.gates(self.proj_norm(q))
         b, n, _ = x.shape
@@ -170,7 +189,28 @@ class SRUppBlock(nn.Module):
         x_local = _ScatterUnits.apply(x)
         c0 = state.c if state is not None else x.new_zeros(b, self.local_units)
         h, c = sru_recurrence(u, x_local, self.weight_c, self.bias, c0)
-        return _GatherUnits.apply(h), SRUppState(c, k, v)
+        if present is not None:
+            c = torch.where(present, c, c0)
+        return _GatherUnits.apply(h), SRUppState(c, k, v, seen)
+
+    def forward_selected(self, x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Outputs [selected tokens, d] (row-major order of `valid`) of the layer run over each sequence's selected
+        tokens alone, in order: `index` [b, n] their positions, left-aligned (`valid` marks real entries; the padding
+        comes after them, so the causal recurrence and attention never carry it into a selected token)."""
+        if index.shape[1] == 0:
+            return x.new_zeros(0, x.shape[-1])
+        packed = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return self.step(packed)[0][valid]
+
+    def step_selected(self, x: torch.Tensor, state: SRUppState | None, present: torch.Tensor
+                      ) -> tuple[torch.Tensor, SRUppState]:
+        """`step` for routed decoding: token by token, each sequence's state advanced only over its present
+        ([b, n]) tokens, which gives `forward_selected`'s outputs for them."""
+        outs = []
+        for t in range(x.shape[1]):
+            y, state = self.step(x[:, t:t + 1], state, present[:, t:t + 1])
+            outs.append(y)
+        return torch.cat(outs, dim=1), state
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         return self.step(x)[0]

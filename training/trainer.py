@@ -16,7 +16,7 @@ from skiptron.parallel import health, state
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, save_config
 from .engine import build_engine
-from .flops import model_flops_per_token, peak_flops
+from .flops import config_flops_per_token, peak_flops
 from .loader import TokenLoader, read_manifest
 from .masking import prepare_model
 from .metrics import MetricsLogger
@@ -196,14 +196,12 @@ class Trainer:
         cfg, layout = self.cfg, self.layout
         ga = cfg.grad_accum_steps(layout.world_size)
         tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
-        routed = len(cfg.model.skip.routed_layers(cfg.model.num_layers))
+        padded_vocab = cfg.model.padded_vocab_size(self.vocab_size)
 
-        def model_flops(exec_rate: float | None) -> float:
-            """Per-token training FLOPs; routed layers count at their measured execution rate."""
-            layer_rate = 1.0 if exec_rate is None else 1 - routed * (1 - exec_rate) / cfg.model.num_layers
-            return model_flops_per_token(
-                cfg.model.num_layers, cfg.model.hidden_size, cfg.model.ffn_size, cfg.model.num_heads,
-                cfg.model.padded_vocab_size(self.vocab_size), cfg.model.seq_len, exec_rate=layer_rate)
+        def model_flops(step_metrics: dict) -> float:
+            """Per-token training FLOPs; routed layers count at their measured execution rates."""
+            rates = {int(k.rsplit("/L", 1)[1]): v for k, v in step_metrics.items() if k.startswith("skip/rate/L")}
+            return config_flops_per_token(cfg.model, padded_vocab, rates)
         peak = peak_flops(layout.device, torch.bfloat16 if self.precision == "bf16" else torch.float32,
                           cfg.logging.peak_tflops * 1e12 if cfg.logging.peak_tflops else None)
         log = MetricsLogger(cfg.run.dir, is_writer=layout.is_writer, total_steps=cfg.train.max_steps,
@@ -232,7 +230,7 @@ class Trainer:
             self.progress.advance(cfg.train.global_batch_size, tokens_per_step)
             elapsed = time.perf_counter() - start
             tokens_per_s = tokens_per_step / elapsed
-            flops_per_token = model_flops(step_metrics.get("skip/exec_rate"))
+            flops_per_token = model_flops(step_metrics)
             metrics = {
                 **step_metrics,
                 "lr": self.engine.get_lr()[0],

@@ -1,0 +1,110 @@
+"""`skiptron-bench-checkpoint --config tiny|125m|...`: what checkpointing costs.
+
+One process, random tokens, the configured model, optimizer and ZeRO stage: times a train step, then a full save
+(DeepSpeed shards + RNG/extra state + manifest with checksums, fsynced, published atomically) and a load of it into
+the same engine, and reports the checkpoint's size and the fraction of training time spent saving at the configured
+`checkpoint.interval`: save / (interval x step + save).
+
+`--sequences N` times steps of N sequences instead of the configured global batch (a 125m step of 256 x 2048 tokens
+takes minutes on a CPU): the full step is then estimated as global_batch / N times the measured one, and that is
+said in the output.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from skiptron.parallel import state
+from skiptron.tools.bench import alternate_timings
+from skiptron.training import checkpoint as ckpt
+from skiptron.training.config import load_config
+from skiptron.training.engine import build_engine
+from skiptron.training.model import GPT
+from skiptron.training.trainer import Trainer, seed_everything
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def run(args) -> dict:
+    device, _ = state.init_world("auto")
+    out_dir = Path(args.dir or tempfile.mkdtemp(prefix="skiptron-bench-ckpt-"))
+    overrides = list(args.overrides) + [f"run.dir={out_dir}", f"checkpoint.dir={out_dir / 'checkpoints'}"]
+    cfg = load_config(args.config, overrides)
+    interval, global_batch = cfg.checkpoint.interval, cfg.train.global_batch_size
+    sequences = args.sequences or global_batch
+    if args.sequences:
+        micro = min(cfg.train.micro_batch_size, sequences)
+        cfg = load_config(args.config, overrides + [f"train.micro_batch_size={micro}",
+                                                    f"train.global_batch_size={sequences}"])
+    layout = state.init_model_parallel(cfg.parallel.tp, 1, device)
+    if layout.world_size != 1:
+        raise SystemExit("the checkpoint benchmark runs as one process")
+    seed_everything(cfg.train.seed)
+    engine, precision = build_engine(cfg, GPT(cfg.model, args.vocab_size, cfg.parallel.tp), layout)
+    trainer = Trainer(cfg, layout, engine, precision, args.vocab_size, manifest={})
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, args.vocab_size, (cfg.train.micro_batch_size, cfg.model.seq_len + 1), generator=g)
+               .to(device) for _ in range(cfg.grad_accum_steps(1))]
+    step_s = statistics.median(alternate_timings({"step": lambda: trainer.train_step(iter(batches))}, device,
+                                                 1, args.rounds, 1)["step"])
+    full_step_s = step_s * global_batch / sequences
+
+    saves, loads, path = [], [], None
+    for i in range(args.rounds):
+        trainer.progress.step = i + 1
+        start = time.perf_counter()
+        path = ckpt.save(engine, cfg, layout, trainer.progress, args.vocab_size, trainer.extra_state)
+        saves.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        ckpt.load(engine, cfg, layout, path, args.vocab_size, trainer.extra_state, log=None)
+        loads.append(time.perf_counter() - start)
+    save_s, load_s = statistics.median(saves), statistics.median(loads)
+    size = _size(path)
+    params = sum(p.numel() for p in engine.module.parameters())
+    fraction = save_s / (interval * full_step_s + save_s) if interval else None
+    result = {"config": args.config, "overrides": args.overrides, "params": params, "zero_stage": cfg.zero.stage,
+              "checkpoint_bytes": size, "save_s": save_s, "load_s": load_s, "step_s": full_step_s,
+              "step_measured_on_sequences": sequences, "interval": interval, "save_fraction": fraction,
+              "save_mb_per_s": size / save_s / 1e6}
+    print(f"{args.config}: {params / 1e6:.1f} M parameters, ZeRO-{cfg.zero.stage}, {precision}")
+    print(f"checkpoint {size / 1e6:.1f} MB | save {save_s:.2f} s ({size / save_s / 1e6:.0f} MB/s) | "
+          f"load {load_s:.2f} s")
+    estimate = f" (estimated from {sequences} sequences)" if args.sequences else ""
+    print(f"train step {full_step_s:.2f} s{estimate}")
+    if fraction is not None:
+        print(f"checkpoint.interval={interval}: {100 * fraction:.3f}% of training time spent saving")
+    state.shutdown()
+    if not args.dir:
+        shutil.rmtree(out_dir)
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="skiptron-bench-checkpoint", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--sequences", type=int, help="time steps of this many sequences and scale to the global batch")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--dir", help="where to write the checkpoints (default: a new temporary directory)")
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_intermixed_args(argv)
+    result = run(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
