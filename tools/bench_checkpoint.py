@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -33,6 +34,15 @@ from skiptron.training.trainer import Trainer, seed_everything
 
 def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _drop_page_cache() -> None:
+    """Make the load read from the disk, not from the page cache the save just filled (Linux, root)."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as err:
+        raise SystemExit(f"--cold needs root on Linux to write /proc/sys/vm/drop_caches: {err}") from err
 
 
 def run(args) -> dict:
@@ -65,6 +75,8 @@ def run(args) -> dict:
         start = time.perf_counter()
         path = ckpt.save(engine, cfg, layout, trainer.progress, args.vocab_size, trainer.extra_state)
         saves.append(time.perf_counter() - start)
+        if args.cold:
+            _drop_page_cache()
         start = time.perf_counter()
         ckpt.load(engine, cfg, layout, path, args.vocab_size, trainer.extra_state, log=None)
         loads.append(time.perf_counter() - start)
@@ -74,15 +86,15 @@ def run(args) -> dict:
     fraction = save_s / (interval * full_step_s + save_s) if interval else None
     result = {"config": args.config, "overrides": args.overrides, "params": params, "zero_stage": cfg.zero.stage,
               "checkpoint_bytes": size, "save_s": save_s, "load_s": load_s, "step_s": full_step_s,
-              "step_measured_on_sequences": sequences, "interval": interval, "save_fraction": fraction,
+              "step_measured_on_sequences": sequences, "cold_load": args.cold, "interval": interval, "save_fraction": fraction,
               "save_mb_per_s": size / save_s / 1e6}
     print(f"{args.config}: {params / 1e6:.1f} M parameters, ZeRO-{cfg.zero.stage}, {precision}")
     print(f"checkpoint {size / 1e6:.1f} MB | save {save_s:.2f} s ({size / save_s / 1e6:.0f} MB/s) | "
-          f"load {load_s:.2f} s")
+          f"load {load_s:.2f} s ({'cold' if args.cold else 'warm'} page cache)")
     estimate = f" (estimated from {sequences} sequences)" if args.sequences else ""
     print(f"train step {full_step_s:.2f} s{estimate}")
     if fraction is not None:
-        print(f"checkpoint.interval={interval}: {100 * fraction:.3f}% of training time spent saving")
+        print(f"checkpoint.interval={interval}: {100 * fraction:.2g}% of training time spent saving")
     state.shutdown()
     if not args.dir:
         shutil.rmtree(out_dir)
@@ -96,6 +108,7 @@ def main(argv=None) -> int:
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--sequences", type=int, help="time steps of this many sequences and scale to the global batch")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--cold", action="store_true", help="drop the page cache before each load (Linux, root)")
     p.add_argument("--dir", help="where to write the checkpoints (default: a new temporary directory)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("overrides", nargs="*")
