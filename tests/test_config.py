@@ -30,11 +30,23 @@ def test_overrides_are_typed_and_dotted():
     (["train.max_steps=many"], 1, "train.max_steps"),
     (["train.precision=fp8"], 1, "train.precision"),
     (["model.hidden_size"], 1, "dotted.key=value"),
+    (["parallel.sequence_parallel=true", "parallel.tp=3", "model.num_heads=3", "model.hidden_size=96",
+      "model.ffn_hidden_size=258", "model.make_vocab_size_divisible_by=384"], 3, "model.seq_len: 256 is not divisible"),
+    (["parallel.sequence_parallel=true", "parallel.tp=2", "model.block=srupp"], 2, "model.block: 'srupp'"),
+    (["parallel.sequence_parallel=true", "parallel.tp=2", "model.skip.enabled=true"], 2, "model.skip.enabled"),
+    (["parallel.sequence_parallel=true", "parallel.pp=2"], 2, "parallel.pp: pipeline parallelism"),
 ])
 def test_invalid_settings_name_the_key(overrides, world, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         cfg = load_config("tiny", overrides)
         cfg.validate_for_launch(world)
+
+
+@pytest.mark.parametrize("backend", ["gloo", "auto"])
+def test_sequence_parallel_is_accepted_on_any_backend(backend):
+    """gloo emulates reduce-scatter exactly (parallel/sequence_parallel.py), so only the model's limits apply."""
+    cfg = load_config("tiny", ["parallel.sequence_parallel=true", "parallel.tp=2", f"parallel.backend={backend}"])
+    assert cfg.parallel.sequence_parallel
 
 
 def test_grad_accum_is_derived():

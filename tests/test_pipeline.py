@@ -210,7 +210,7 @@ def test_rank_mapping_mismatch_is_an_error(pool4):
     (["parallel.pp=2", "zero.stage=2"], "ZeRO-2 cannot be combined with pipeline"),
     (["parallel.pp=2", "zero.stage=3"], "ZeRO-3 cannot be combined with pipeline"),
     (["parallel.pp=8"], "every stage needs at least one block"),
-    (["parallel.sequence_parallel=true", "parallel.backend=gloo"], "gloo backend"),
+    (["parallel.sequence_parallel=true", "parallel.pp=2"], "parallel.pp: pipeline parallelism"),
     (["parallel.activation_checkpointing=some"], "parallel.activation_checkpointing"),
 ])
 def test_pipeline_config_validation(overrides, match):

@@ -19,10 +19,6 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key."""
 
 
-_SP_GLOO = ("parallel.sequence_parallel: sequence parallelism needs reduce-scatter, which the gloo backend (CPU) does "
-            "not have; use parallel.sequence_parallel=false on CPU")
-
-
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -156,7 +152,10 @@ class ParallelConfig(Section):
     activation_checkpointing: str = Field(
         "none", description="none | full (every block) | every:K (blocks K-1, 2K-1, ...): recompute in the backward")
     sequence_parallel: bool = Field(
-        False, description="megatron-style sequence parallelism in TP regions (needs NCCL's reduce-scatter)")
+        False, description="megatron-style sequence parallelism: outside the TP regions (norms, residual stream) "
+                           "each TP rank holds seq_len / tp tokens; reduce-scatter / all-gather on NCCL, emulated "
+                           "exactly on gloo (all-reduce / all-gather, more traffic). Dense transformer blocks, "
+                           "parallel.pp=1, seq_len divisible by parallel.tp")
 
     def checkpointed_blocks(self, num_layers: int) -> set[int]:
         spec = self.activation_checkpointing
@@ -320,13 +319,25 @@ class Config(Section):
                 f"zero.stage: ZeRO-{self.zero.stage} cannot be combined with pipeline parallelism (parallel.pp="
                 f"{self.parallel.pp}): DeepSpeed's pipeline engine supports ZeRO 0 and 1 only; use zero.stage=1")
         if self.parallel.sequence_parallel:
-            import torch
-
-            if self.parallel.backend == "gloo" or self.parallel.backend == "auto" and not torch.cuda.is_available():
-                raise ConfigError(_SP_GLOO)
-            raise ConfigError("parallel.sequence_parallel: not implemented yet (the model's TP regions are "
-                              "batch-first and not sharded along the sequence); use parallel.sequence_parallel=false")
+            self._check_sequence_parallel()
         return self
+
+    def _check_sequence_parallel(self) -> None:
+        """Sequence parallelism covers dense transformer blocks without pipeline stages."""
+        m, p = self.model, self.parallel
+        off = "or parallel.sequence_parallel=false"
+        if m.seq_len % p.tp:
+            raise ConfigError(f"model.seq_len: {m.seq_len} is not divisible by parallel.tp={p.tp}, which "
+                              f"parallel.sequence_parallel=true needs (each TP rank holds seq_len / tp tokens)")
+        if m.block != "transformer":
+            raise ConfigError(f"model.block: '{m.block}' blocks are not supported with parallel.sequence_parallel="
+                              f"true (their recurrence runs along the sequence); use model.block=transformer {off}")
+        if m.skip.enabled:
+            raise ConfigError("model.skip.enabled: skip routing is not supported with parallel.sequence_parallel="
+                              f"true (routers pick tokens across the whole sequence); use model.skip.enabled=false {off}")
+        if p.pp > 1:
+            raise ConfigError(f"parallel.pp: pipeline parallelism (parallel.pp={p.pp}) is not supported with "
+                              f"parallel.sequence_parallel=true; use parallel.pp=1 {off}")
 
     # -- layout-dependent checks ------------------------------------------------------------------------------
     def data_parallel_size(self, world_size: int) -> int:

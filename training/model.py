@@ -7,6 +7,13 @@ block can be wrapped by a router.
 Every layer builds its full weight on the CPU from the same seed and keeps its own shard
 (`use_cpu_initialization`), so any tensor-parallel layout starts from exactly the weights of TP=1. Fused
 (QKV, gate+up) projections use megatron's `stride` so each TP shard holds whole heads / matching gate and up rows.
+
+With `sequence_parallel` (dense blocks only) the residual stream and the norms hold s / tp tokens per TP rank
+([b, s/tp, d]); the TP regions gather the sequence on entry and reduce-scatter it on exit
+(`parallel/sequence_parallel.py`). megatron's linears keep `sequence_parallel=False` (they shard dim 0 of
+sequence-first tensors): column-parallel ones skip their input-gradient all-reduce (`disable_grad_reduce`, the
+gather's backward reduce-scatters instead), row-parallel ones are applied here so their output is reduce-scattered
+instead of all-reduced. Same parameters and names either way, so checkpoints do not depend on it.
 """
 from __future__ import annotations
 
@@ -20,6 +27,8 @@ from megatron.core import ModelParallelConfig
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel as mtp
 from torch import nn
+
+from skiptron.parallel import sequence_parallel as sp
 
 from .config import ModelConfig
 
@@ -51,6 +60,32 @@ def normal_init(std: float):
     return lambda w: nn.init.normal_(w, mean=0.0, std=std)
 
 
+def row_parallel(linear: mtp.RowParallelLinear, x: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """A row-parallel linear's output: all-reduced (megatron's forward) or, with sequence parallelism,
+    reduce-scattered along the sequence. The caller registers the linear's parameters with ZeRO-3
+    (`external_parameters`): in the SP path the linear's own forward does not run."""
+    if not sequence_parallel:
+        return linear(x)[0]
+    y = sp.reduce_scatter_to_sequence(F.linear(x, linear.weight))
+    return y if linear.bias is None else y + linear.bias
+
+
+def external_parameters(owner: nn.Module, module: nn.Module) -> None:
+    """ZeRO-3 gathers `module`'s parameters for `owner`'s forward, which uses them outside `module`'s forward."""
+    import deepspeed
+
+    for param in module.parameters():
+        deepspeed.zero.register_external_parameter(owner, param)
+
+
+def shard_local(*params: nn.Parameter | None) -> None:
+    """Sequence parallelism: these replicated parameters (norm gains, row-parallel biases) see only this rank's
+    tokens; their gradients are summed over TP."""
+    for param in params:
+        if param is not None:
+            sp.sum_grad_over_tp(param)
+
+
 class Rotary(nn.Module):
     """Rotary position embedding (rotate-half form, as in Llama and Hugging Face)."""
 
@@ -75,19 +110,23 @@ class Rotary(nn.Module):
 class Attention(nn.Module):
     """Causal self-attention; heads are split over TP ranks (column-parallel QKV, row-parallel output)."""
 
-    def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig):
+    def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig, sequence_parallel: bool = False):
         super().__init__()
         tp = mcfg.tensor_model_parallel_size
         self.local_heads = cfg.num_heads // tp
         self.head_dim = cfg.head_dim
+        self.sequence_parallel = sequence_parallel
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         self.qkv = mtp.ColumnParallelLinear(
             cfg.hidden_size, 3 * cfg.hidden_size, config=mcfg, init_method=normal_init(cfg.init_std),
-            bias=cfg.bias, gather_output=False, stride=3)
+            bias=cfg.bias, gather_output=False, stride=3, disable_grad_reduce=sequence_parallel)
         self.out = mtp.RowParallelLinear(
             cfg.hidden_size, cfg.hidden_size, config=mcfg, init_method=normal_init(out_std), bias=cfg.bias,
             input_is_parallel=True, skip_bias_add=False)
         self.rotary = Rotary(cfg.head_dim, cfg.seq_len, cfg.rope_theta)
+        if sequence_parallel:
+            external_parameters(self, self.out)
+            shard_local(self.out.bias)
 
     def _heads(self, x: torch.Tensor, positions: torch.Tensor):
         """q, k, v as [b, local heads, s, head dim], rotated by their positions."""
@@ -119,9 +158,12 @@ class Attention(nn.Module):
         return y.transpose(1, 2).reshape(b, n, self.local_heads * self.head_dim)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [b, s, hidden], or this rank's [b, s/tp, hidden] with sequence parallelism; positions: [s]."""
+        if self.sequence_parallel:
+            x = sp.gather_from_sequence(x)
         q, k, v = self._heads(x, positions)
-        y, _ = self.out(self._merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True)))
-        return y
+        context = self._merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        return row_parallel(self.out, context, self.sequence_parallel)
 
     def step(self, x: torch.Tensor, cache: KVCache | None, present: torch.Tensor):
         """Incremental attention for the next tokens x [b, n, hidden] after `cache`; `present` [b, n] marks which
@@ -180,32 +222,40 @@ class KVCache:
 class SwiGLU(nn.Module):
     """SwiGLU MLP; the FFN dimension is split over TP ranks."""
 
-    def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig):
+    def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig, sequence_parallel: bool = False):
         super().__init__()
+        self.sequence_parallel = sequence_parallel
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         self.gate_up = mtp.ColumnParallelLinear(
             cfg.hidden_size, 2 * cfg.ffn_size, config=mcfg, init_method=normal_init(cfg.init_std), bias=cfg.bias,
-            gather_output=False, stride=2)
+            gather_output=False, stride=2, disable_grad_reduce=sequence_parallel)
         self.down = mtp.RowParallelLinear(
             cfg.ffn_size, cfg.hidden_size, config=mcfg, init_method=normal_init(out_std), bias=cfg.bias,
             input_is_parallel=True, skip_bias_add=False)
+        if sequence_parallel:
+            external_parameters(self, self.down)
+            shard_local(self.down.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            x = sp.gather_from_sequence(x)
         gate_up, _ = self.gate_up(x)
         gate, up = gate_up.chunk(2, dim=-1)
-        y, _ = self.down(F.silu(gate) * up)
-        return y
+        return row_parallel(self.down, F.silu(gate) * up, self.sequence_parallel)
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x)). With sequence parallelism x and the
+    norms are this rank's tokens [b, s/tp, d]."""
 
-    def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig):
+    def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig, sequence_parallel: bool = False):
         super().__init__()
         self.attn_norm = rms_norm(cfg.hidden_size, cfg.norm_eps)
-        self.attn = Attention(cfg, mcfg)
+        self.attn = Attention(cfg, mcfg, sequence_parallel)
         self.mlp_norm = rms_norm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg, mcfg)
+        self.mlp = SwiGLU(cfg, mcfg, sequence_parallel)
+        if sequence_parallel:
+            shard_local(*self.attn_norm.parameters(), *self.mlp_norm.parameters())
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), positions)
@@ -273,10 +323,11 @@ def seeded(seed: int, build):
 
 
 def layer_sequence(cfg: ModelConfig, vocab_size: int, tp: int, balance: float | None = 1.0,
-                   base_seed: int | None = None) -> list[tuple[str, object]]:
+                   base_seed: int | None = None, sequence_parallel: bool = False) -> list[tuple[str, object]]:
     """GPT's flat layer sequence: (name in GPT, builder) for the embedding, each block and the head. `GPT` and the
     pipeline module (`training/pipeline.py`) are both built from it. `base_seed` defaults to a draw from torch's RNG
-    (the same on every rank after `seed_everything`)."""
+    (the same on every rank after `seed_everything`). `sequence_parallel` covers dense blocks only (the config
+    refuses it with routing, SRU++ blocks and pipeline parallelism)."""
     from .routing import RoutedBlock
 
     if base_seed is None:
@@ -290,14 +341,14 @@ def layer_sequence(cfg: ModelConfig, vocab_size: int, tp: int, balance: float | 
             from .srupp import SRUppBlock
             inner = SRUppBlock(cfg, mcfg, i)
         else:
-            inner = Block(cfg, mcfg)
+            inner = Block(cfg, mcfg, sequence_parallel)
         if i in routed:
             return RoutedBlock(inner, cfg.skip, cfg.hidden_size, cfg.norm_eps, cfg.init_std, balance)
         return inner
 
     seq = [("embedding", lambda: seeded(base_seed, lambda: Embedding(cfg, mcfg, padded)))]
     seq += [(f"blocks.{i}", (lambda i=i: seeded(base_seed + 1 + i, lambda: block(i)))) for i in range(cfg.num_layers)]
-    seq.append(("head", lambda: seeded(base_seed + 1 + cfg.num_layers, lambda: Head(cfg, mcfg, vocab_size, padded))))
+    seq.append(("head", lambda: seeded(base_seed + 1 + cfg.num_layers, lambda: Head(cfg, mcfg, vocab_size, padded, sequence_parallel))))
     return seq
 
 
@@ -313,27 +364,33 @@ class Head(nn.Module):
     """Final norm, vocab-parallel logits and the vocab-parallel cross entropy.
 
     Padded vocabulary entries get logits of -inf before the softmax, so they carry no probability and the loss is
-    the same for every TP size and vocabulary size."""
+    the same for every TP size and vocabulary size. With sequence parallelism the final norm runs on this rank's
+    tokens, which are then gathered for the (column-parallel) logits."""
 
-    def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig, vocab_size: int, padded_vocab: int):
+    def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig, vocab_size: int, padded_vocab: int,
+                 sequence_parallel: bool = False):
         super().__init__()
         self.norm = rms_norm(cfg.hidden_size, cfg.norm_eps)
         self.vocab_size = vocab_size
+        self.sequence_parallel = sequence_parallel
         self.output = None
         if not cfg.tie_embeddings:
             self.output = mtp.ColumnParallelLinear(
                 cfg.hidden_size, padded_vocab, config=mcfg, init_method=normal_init(cfg.init_std), bias=False,
-                gather_output=False)
+                gather_output=False, disable_grad_reduce=sequence_parallel)
+        if sequence_parallel:
+            shard_local(*self.norm.parameters())
         self.register_buffer("padding", vocab_padding(vocab_size, padded_vocab, mcfg.tensor_model_parallel_size),
                              persistent=False)
 
     def logits(self, h: torch.Tensor, embedding_weight: torch.Tensor | None) -> torch.Tensor:
-        """This TP rank's slice of the logits, padded entries at -inf."""
+        """This TP rank's slice of the logits, padded entries at -inf (for the whole sequence)."""
         h = self.norm(h)
-        if self.output is not None:
-            logits, _ = self.output(h)
-        else:
-            logits = F.linear(mtp.copy_to_tensor_model_parallel_region(h), embedding_weight)
+        if self.sequence_parallel:
+            h = sp.gather_from_sequence(h)  # its backward sums over TP, so no linear below does
+        elif self.output is None:
+            h = mtp.copy_to_tensor_model_parallel_region(h)  # the untied ColumnParallelLinear does this itself
+        logits = self.output(h)[0] if self.output is not None else F.linear(h, embedding_weight)
         if self.padding.any():
             logits = logits.masked_fill(self.padding, float("-inf"))
         return logits
@@ -346,15 +403,17 @@ class Head(nn.Module):
 
 class GPT(nn.Module):
     """Embedding -> blocks -> head. `forward(tokens)` takes [b, s+1] token ids and returns the mean LM loss plus,
-    when layers are routed, the weighted routing budget loss (`last_lm_loss` keeps the LM part)."""
+    when layers are routed, the weighted routing budget loss (`last_lm_loss` keeps the LM part). With
+    `sequence_parallel` the embedding output is split into TP sequence shards and the head gathers them again."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, tp: int, balance: float | None = 1.0,
-                 checkpoint_blocks: set[int] | frozenset = frozenset()):
+                 checkpoint_blocks: set[int] | frozenset = frozenset(), sequence_parallel: bool = False):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.checkpoint_blocks = set(checkpoint_blocks)
-        seq = layer_sequence(cfg, vocab_size, tp, balance)
+        self.sequence_parallel = sequence_parallel
+        seq = layer_sequence(cfg, vocab_size, tp, balance, sequence_parallel=sequence_parallel)
         self.embedding = seq[0][1]()
         self.blocks = nn.ModuleList(build() for _, build in seq[1:-1])
         self.head = seq[-1][1]()
@@ -373,8 +432,11 @@ class GPT(nn.Module):
         return self.embedding.output_weight() if self.cfg.tie_embeddings else None
 
     def hidden_states(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The last block's output [b, s, d]; with sequence parallelism this rank's tokens [b, s/tp, d]."""
         positions = torch.arange(inputs.shape[1], device=inputs.device)
         h = self.embedding(inputs)
+        if self.sequence_parallel:
+            h = sp.scatter_to_sequence(h)
         for i, block in enumerate(self.blocks):
             h = run_block(block, h, positions, i in self.checkpoint_blocks)
         return h
@@ -405,6 +467,9 @@ class IncrementalDecoder:
     `step(x, state) -> (x, state)`; routed blocks decide per token as in training (threshold mode)."""
 
     def __init__(self, model: GPT):
+        if model.sequence_parallel:
+            raise ValueError("IncrementalDecoder: decoding is not sequence parallel; build the GPT with "
+                             "sequence_parallel=False (the same parameters load into it)")
         self.model = model
         self.states: list = [None] * len(model.blocks)
 
