@@ -5,9 +5,10 @@ region starts with `gather_from_sequence` (all-gather; its backward reduce-scatt
 input-gradient all-reduce) and a row-parallel region ends with `reduce_scatter_to_sequence` (instead of the
 all-reduce). megatron-core's own helpers shard dim 0 of sequence-first tensors, hence these.
 
-NCCL runs `reduce_scatter_tensor` / `all_gather_into_tensor`. Other backends (gloo on CPU) get an exact emulation:
-reduce-scatter as an all-reduce keeping this rank's slice, all-gather into a list then cat: the same numbers for
-about twice the traffic of the reduce-scatter, fine for tests and CPU runs.
+NCCL runs the single-tensor collectives (`reduce_scatter_tensor` / `all_gather_into_tensor`, `*_single` in recent
+torch). Other backends (gloo on CPU) get an exact emulation that every torch version's gloo has:
+reduce-scatter as an all-reduce keeping this rank's slice (about twice the traffic), all-gather into a list then cat.
+The numbers are the same; tests run the NCCL code path on gloo too where its gloo has those collectives.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 SEQ_DIM = 1
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def _group():
@@ -23,7 +26,7 @@ def _group():
 
 
 def _native(group) -> bool:
-    return dist.get_backend(group) == "nccl"
+    return "nccl" in dist.get_backend(group)
 
 
 def _check_divisible(x: torch.Tensor, world: int) -> None:
@@ -43,7 +46,7 @@ def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
         return x
     if _native(group):
         out = x.new_empty((world * x.shape[SEQ_DIM],) + x.shape[:SEQ_DIM] + x.shape[SEQ_DIM + 1:])
-        dist.all_gather_into_tensor(out, x.movedim(SEQ_DIM, 0).contiguous(), group=group)
+        _ALL_GATHER(out, x.movedim(SEQ_DIM, 0).contiguous(), group=group)
         return out.movedim(0, SEQ_DIM).contiguous()
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.contiguous(), group=group)
@@ -58,7 +61,7 @@ def _reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
         _check_divisible(x, world)
         full = x.movedim(SEQ_DIM, 0).contiguous()
         out = full.new_empty((full.shape[0] // world,) + full.shape[1:])
-        dist.reduce_scatter_tensor(out, full, group=group)
+        _REDUCE_SCATTER(out, full, group=group)
         return out.movedim(0, SEQ_DIM).contiguous()
     summed = x.clone()
     dist.all_reduce(summed, group=group)
@@ -117,7 +120,8 @@ def scatter_to_sequence(x: torch.Tensor) -> torch.Tensor:
 def sum_grad_over_tp(param: torch.nn.Parameter) -> None:
     """A replicated parameter used on the sequence shard only (norm gains, row-parallel biases) gets a partial
     gradient on each TP rank: sum it over TP once, as its gradient is formed (before DeepSpeed's DP reduction and
-    ZeRO's partitioning see it). Flagged `sequence_parallel` like megatron's."""
+    ZeRO's partitioning see it). Flagged `sequence_parallel` like megatron's, as a marker only (nothing here
+    reduces flagged parameters again)."""
     param.sequence_parallel = True
 
     def hook(grad: torch.Tensor) -> torch.Tensor:

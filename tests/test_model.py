@@ -59,3 +59,44 @@ def test_sequence_parallel_tp2_equals_tp1(pool2, vocab, tie, bias):
         assert shapes["block"] == shapes["attn_norm"] == shapes["mlp_norm"] == (3, 8, 64)
         assert shapes["qkv"] == shapes["gate_up"] == (3, 16, 64)
     assert ref[3]["block"] == (3, 16, 64)
+
+
+def _sequence_collectives(native: bool):
+    """Forward and input gradient of each sequence-parallel region on a [2, 4, 3] shard (TP=2), with the NCCL code
+    path (single-tensor collectives) or gloo's emulation."""
+    import torch.distributed as dist
+
+    from skiptron.parallel import sequence_parallel as sp
+    from skiptron.parallel.state import init_model_parallel
+
+    init_model_parallel(2, 1, torch.device("cpu"))
+    rank = dist.get_rank()
+    out = {}
+    emulated = sp._native
+    sp._native = lambda group: native
+    try:
+        regions = [("gather", sp.gather_from_sequence, 4), ("reduce_scatter", sp.reduce_scatter_to_sequence, 8),
+                   ("scatter", sp.scatter_to_sequence, 8)]
+        for name, fn, width in regions:
+            x = torch.arange(2 * width * 3, dtype=torch.float32).reshape(2, width, 3).mul(rank + 1).requires_grad_()
+            y = fn(x)
+            y.backward(torch.ones_like(y).cumsum(1) * (rank + 1))
+            out[name] = (y.detach(), x.grad)
+    finally:
+        sp._native = emulated
+    return out
+
+
+@pytest.mark.skipif(not hasattr(torch.distributed, "all_gather_single"),
+                    reason="an older gloo may lack the NCCL path's collectives")
+def test_sequence_parallel_collectives(pool2):
+    """gloo's emulation and the NCCL code path agree (run here on gloo, whose recent builds have the single-tensor
+    collectives too); the gather concatenates the ranks' shards along the sequence."""
+    emulated = pool2.run(_sequence_collectives, False)
+    native = pool2.run(_sequence_collectives, True)
+    for a, b in zip(emulated, native):
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=0, rtol=0, msg=name)
+    shards = [torch.arange(24, dtype=torch.float32).reshape(2, 4, 3) * (r + 1) for r in range(2)]
+    torch.testing.assert_close(emulated[0]["gather"][0], torch.cat(shards, dim=1))
+    assert emulated[1]["reduce_scatter"][0].shape == (2, 4, 3)

@@ -44,6 +44,18 @@ def test_tp2_trains_like_tp1(pool2, tiny_data, tmp_path):
     _assert_same_weights(tp2[1][1], tp1[0][1])
 
 
+@pytest.mark.parametrize("stage", [1, 3])
+def test_sequence_parallel_trains_like_tp2(pool2, tiny_data, tmp_path, stage):
+    """TP=2 with sequence parallelism (gloo: emulated reduce-scatter) follows TP=2's trajectory, norm gains included
+    (their gradients are summed over the sequence shards once, before ZeRO sees them)."""
+    ov = ["parallel.tp=2", f"zero.stage={stage}", "parallel.activation_checkpointing=every:2"]
+    ref = pool2.run(_train, ov, tiny_data, tmp_path / "tp2")
+    runs = pool2.run(_train, ov + ["parallel.sequence_parallel=true"], tiny_data, tmp_path / "sp")
+    torch.testing.assert_close(torch.tensor(runs[0][0]), torch.tensor(ref[0][0]), atol=1e-5, rtol=0)
+    for (_, weights), (_, ref_weights) in zip(runs, ref):
+        _assert_same_weights(weights, ref_weights)
+
+
 def test_cli_run_under_torchrun(tiny_data, tmp_path):
     """The console script under torchrun: the model learns, and metrics, config and curves are written."""
     run = tmp_path / "run"

@@ -334,7 +334,8 @@ class Config(Section):
                               f"true (their recurrence runs along the sequence); use model.block=transformer {off}")
         if m.skip.enabled:
             raise ConfigError("model.skip.enabled: skip routing is not supported with parallel.sequence_parallel="
-                              f"true (routers pick tokens across the whole sequence); use model.skip.enabled=false {off}")
+                              "true (routers pick tokens across the whole sequence); use model.skip.enabled=false "
+                              + off)
         if p.pp > 1:
             raise ConfigError(f"parallel.pp: pipeline parallelism (parallel.pp={p.pp}) is not supported with "
                               f"parallel.sequence_parallel=true; use parallel.pp=1 {off}")

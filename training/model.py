@@ -12,8 +12,8 @@ With `sequence_parallel` (dense blocks only) the residual stream and the norms h
 ([b, s/tp, d]); the TP regions gather the sequence on entry and reduce-scatter it on exit
 (`parallel/sequence_parallel.py`). megatron's linears keep `sequence_parallel=False` (they shard dim 0 of
 sequence-first tensors): column-parallel ones skip their input-gradient all-reduce (`disable_grad_reduce`, the
-gather's backward reduce-scatters instead), row-parallel ones are applied here so their output is reduce-scattered
-instead of all-reduced. Same parameters and names either way, so checkpoints do not depend on it.
+gather's backward reduce-scatters instead), row-parallel ones are `SequenceParallelRowLinear`, which reduce-scatters
+its output instead of all-reducing it. Same parameters and names either way, so checkpoints do not depend on it.
 """
 from __future__ import annotations
 
@@ -60,22 +60,18 @@ def normal_init(std: float):
     return lambda w: nn.init.normal_(w, mean=0.0, std=std)
 
 
-def row_parallel(linear: mtp.RowParallelLinear, x: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
-    """A row-parallel linear's output: all-reduced (megatron's forward) or, with sequence parallelism,
-    reduce-scattered along the sequence. The caller registers the linear's parameters with ZeRO-3
-    (`external_parameters`): in the SP path the linear's own forward does not run."""
-    if not sequence_parallel:
-        return linear(x)[0]
-    y = sp.reduce_scatter_to_sequence(F.linear(x, linear.weight))
-    return y if linear.bias is None else y + linear.bias
+class SequenceParallelRowLinear(mtp.RowParallelLinear):
+    """A RowParallelLinear whose output is reduce-scattered along the sequence ([b, s, d] partial sums -> this
+    rank's [b, s/tp, d]) instead of all-reduced. Same parameters and initialization; a subclass, so ZeRO-3's module
+    hooks and mask finetuning's forward wrapper (training/masking.py) apply to it as to its parent."""
+
+    def forward(self, x: torch.Tensor):
+        y = sp.reduce_scatter_to_sequence(F.linear(x, self.weight))
+        return (y if self.bias is None else y + self.bias), None
 
 
-def external_parameters(owner: nn.Module, module: nn.Module) -> None:
-    """ZeRO-3 gathers `module`'s parameters for `owner`'s forward, which uses them outside `module`'s forward."""
-    import deepspeed
-
-    for param in module.parameters():
-        deepspeed.zero.register_external_parameter(owner, param)
+def row_parallel_linear(sequence_parallel: bool, *args, **kwargs) -> mtp.RowParallelLinear:
+    return (SequenceParallelRowLinear if sequence_parallel else mtp.RowParallelLinear)(*args, **kwargs)
 
 
 def shard_local(*params: nn.Parameter | None) -> None:
@@ -120,12 +116,11 @@ class Attention(nn.Module):
         self.qkv = mtp.ColumnParallelLinear(
             cfg.hidden_size, 3 * cfg.hidden_size, config=mcfg, init_method=normal_init(cfg.init_std),
             bias=cfg.bias, gather_output=False, stride=3, disable_grad_reduce=sequence_parallel)
-        self.out = mtp.RowParallelLinear(
-            cfg.hidden_size, cfg.hidden_size, config=mcfg, init_method=normal_init(out_std), bias=cfg.bias,
-            input_is_parallel=True, skip_bias_add=False)
+        self.out = row_parallel_linear(
+            sequence_parallel, cfg.hidden_size, cfg.hidden_size, config=mcfg, init_method=normal_init(out_std),
+            bias=cfg.bias, input_is_parallel=True, skip_bias_add=False)
         self.rotary = Rotary(cfg.head_dim, cfg.seq_len, cfg.rope_theta)
         if sequence_parallel:
-            external_parameters(self, self.out)
             shard_local(self.out.bias)
 
     def _heads(self, x: torch.Tensor, positions: torch.Tensor):
@@ -162,8 +157,8 @@ class Attention(nn.Module):
         if self.sequence_parallel:
             x = sp.gather_from_sequence(x)
         q, k, v = self._heads(x, positions)
-        context = self._merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True))
-        return row_parallel(self.out, context, self.sequence_parallel)
+        y, _ = self.out(self._merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True)))
+        return y
 
     def step(self, x: torch.Tensor, cache: KVCache | None, present: torch.Tensor):
         """Incremental attention for the next tokens x [b, n, hidden] after `cache`; `present` [b, n] marks which
@@ -229,11 +224,10 @@ class SwiGLU(nn.Module):
         self.gate_up = mtp.ColumnParallelLinear(
             cfg.hidden_size, 2 * cfg.ffn_size, config=mcfg, init_method=normal_init(cfg.init_std), bias=cfg.bias,
             gather_output=False, stride=2, disable_grad_reduce=sequence_parallel)
-        self.down = mtp.RowParallelLinear(
-            cfg.ffn_size, cfg.hidden_size, config=mcfg, init_method=normal_init(out_std), bias=cfg.bias,
-            input_is_parallel=True, skip_bias_add=False)
+        self.down = row_parallel_linear(
+            sequence_parallel, cfg.ffn_size, cfg.hidden_size, config=mcfg, init_method=normal_init(out_std),
+            bias=cfg.bias, input_is_parallel=True, skip_bias_add=False)
         if sequence_parallel:
-            external_parameters(self, self.down)
             shard_local(self.down.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -241,7 +235,8 @@ class SwiGLU(nn.Module):
             x = sp.gather_from_sequence(x)
         gate_up, _ = self.gate_up(x)
         gate, up = gate_up.chunk(2, dim=-1)
-        return row_parallel(self.down, F.silu(gate) * up, self.sequence_parallel)
+        y, _ = self.down(F.silu(gate) * up)
+        return y
 
 
 class Block(nn.Module):
@@ -348,7 +343,8 @@ def layer_sequence(cfg: ModelConfig, vocab_size: int, tp: int, balance: float | 
 
     seq = [("embedding", lambda: seeded(base_seed, lambda: Embedding(cfg, mcfg, padded)))]
     seq += [(f"blocks.{i}", (lambda i=i: seeded(base_seed + 1 + i, lambda: block(i)))) for i in range(cfg.num_layers)]
-    seq.append(("head", lambda: seeded(base_seed + 1 + cfg.num_layers, lambda: Head(cfg, mcfg, vocab_size, padded, sequence_parallel))))
+    seq.append(("head", lambda: seeded(base_seed + 1 + cfg.num_layers,
+                                       lambda: Head(cfg, mcfg, vocab_size, padded, sequence_parallel))))
     return seq
 
 

@@ -274,7 +274,8 @@ def build_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
 
         return GPTPipe(cfg, vocab_size, balance=cfg.parallel.token_balance)
     return GPT(cfg.model, vocab_size, cfg.parallel.tp, balance=cfg.parallel.token_balance,
-               checkpoint_blocks=cfg.parallel.checkpointed_blocks(cfg.model.num_layers))
+               checkpoint_blocks=cfg.parallel.checkpointed_blocks(cfg.model.num_layers),
+               sequence_parallel=cfg.parallel.sequence_parallel)
 
 
 def _merge_stage_routing(metrics: dict[str, float]) -> dict[str, float]:
