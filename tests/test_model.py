@@ -3,7 +3,8 @@ import pytest
 import torch
 
 
-def _logits_and_grads(tp: int, vocab: int, tie: bool, sequence_parallel: bool = False, bias: bool = False):
+def _logits_and_grads(tp: int, vocab: int, tie: bool, sequence_parallel: bool = False, bias: bool = False,
+                      embedding_rank: int | None = None):
     """Logits, loss and whole gradients, plus the input/output shapes a few modules of block 0 saw."""
     from skiptron.parallel.state import init_model_parallel
     from skiptron.parallel.tensor_parallel import full_tensor, gather_tp
@@ -13,7 +14,7 @@ def _logits_and_grads(tp: int, vocab: int, tie: bool, sequence_parallel: bool = 
     init_model_parallel(tp, 1, torch.device("cpu"))
     torch.manual_seed(0)
     cfg = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, ffn_hidden_size=96, seq_len=16,
-                      make_vocab_size_divisible_by=8, tie_embeddings=tie, bias=bias)
+                      make_vocab_size_divisible_by=8, tie_embeddings=tie, bias=bias, embedding_rank=embedding_rank)
     model = GPT(cfg, vocab, tp, sequence_parallel=sequence_parallel)
     shapes = {}
     block = model.blocks[0]
@@ -47,13 +48,14 @@ def test_tp2_equals_tp1(pool2, vocab, tie):
     assert ref_logits.shape[-1] == vocab
 
 
-@pytest.mark.parametrize("vocab,tie,bias", [(50, True, False), (61, False, True)])
-def test_sequence_parallel_tp2_equals_tp1(pool2, vocab, tie, bias):
+@pytest.mark.parametrize("vocab,tie,bias,rank", [(50, True, False, None), (61, False, True, None), (50, True, False, 16)],
+                         ids=["tied", "untied-bias", "factorized-tied"])
+def test_sequence_parallel_tp2_equals_tp1(pool2, vocab, tie, bias, rank):
     """Sequence parallelism moves tokens, not results: logits, loss and every gradient (norm gains and row-parallel
     biases included, summed over the sequence shards) equal TP=1. Between the TP regions (residual stream, norms)
     a rank holds [b, s/tp, d]; the column-parallel linears see the whole sequence."""
-    ref = pool2.run(_logits_and_grads, 1, vocab, tie, False, bias)[0]
-    runs = pool2.run(_logits_and_grads, 2, vocab, tie, True, bias)
+    ref = pool2.run(_logits_and_grads, 1, vocab, tie, False, bias, rank)[0]
+    runs = pool2.run(_logits_and_grads, 2, vocab, tie, True, bias, rank)
     _assert_same(runs, ref)
     for *_, shapes in runs:
         assert shapes["block"] == shapes["attn_norm"] == shapes["mlp_norm"] == (3, 8, 64)
