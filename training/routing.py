@@ -29,7 +29,7 @@ from skiptron.parallel import state
 from skiptron.parallel.balance import balance
 
 from .config import SkipConfig
-from .model import Block, rms_norm
+from .layers import Block, rms_norm
 
 
 BALANCE_KEYS = ("imbalance_before", "imbalance_after", "tokens_moved", "bytes_moved", "exchange_ms")
