@@ -60,7 +60,7 @@ TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 # Model keys that may change across a resume without changing any weight.
-RESHAPE_FREE_MODEL_KEYS = {"seq_len", "init_std"}
+RESHAPE_FREE_MODEL_KEYS = {"seq_len", "init_std", "max_position_embeddings", "hf_architecture"}
 # Exit code of a run stopped by SIGTERM/SIGUSR1 after saving (EX_TEMPFAIL: "try again", i.e. requeue me).
 EXIT_PREEMPTED = 75
 

@@ -13,12 +13,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
+from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel as mtp
 from torch import nn
 
 from skiptron.parallel import sequence_parallel as sp
+from skiptron.parallel.tensor_parallel import split_tp
 
-from .config import ModelConfig
+from . import attention as kernels
+from .config import ModelConfig, RopeScaling
 
 try:
     from apex.normalization import FusedRMSNorm as _ApexRMSNorm
@@ -70,60 +73,152 @@ def shard_local(*params: nn.Parameter | None) -> None:
             sp.sum_grad_over_tp(param)
 
 
-class Rotary(nn.Module):
-    """Rotary position embedding (rotate-half form, as in Llama and Hugging Face)."""
+def rotary_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
+    """Rotary inverse frequencies [head_dim / 2] (transformers' default and `llama3` rope types)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if scaling is None:
+        return inv_freq
+    old = scaling.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / scaling.low_freq_factor, inv_freq / scaling.factor, inv_freq)
+    smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= old / scaling.high_freq_factor) & (wavelen <= old / scaling.low_freq_factor)
+    return torch.where(medium, smoothed, scaled)
 
-    def __init__(self, head_dim: int, max_len: int, theta: float):
+
+class Rotary(nn.Module):
+    """Rotary position embedding (rotate-half form, as in Llama and Hugging Face). The angles are computed from the
+    positions themselves (fp32, as transformers does), so any position works: decoding past model.seq_len included."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: RopeScaling | None = None):
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [b, heads, s, hd]; positions: [s] or [b, s]."""
-        cos = self.cos[positions].to(x.dtype)
-        sin = self.sin[positions].to(x.dtype)
+        inv_freq = rotary_inv_freq(self.head_dim, self.theta, self.scaling).to(positions.device)
+        freqs = positions.to(torch.float32)[..., None] * inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         if positions.dim() == 2:
             cos, sin = cos[:, None], sin[:, None]
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+class KVProjection(nn.Module):
+    """Keys and values of grouped-query attention, [K; V] rows of the KV heads this TP rank's query heads use.
+
+    The whole weight is [K; V] (2 x kv heads x head dim rows, drawn whole from the shared seed). With kv heads
+    divisible by TP each rank keeps its heads' rows (megatron's stride-2 split, like a ColumnParallelLinear). With
+    fewer kv heads than TP ranks (multi-query, or GQA at a high TP) every rank keeps the whole weight, replicated,
+    and uses its head's rows; the weight enters through megatron's copy region, so its gradient (each rank's rows)
+    is summed over TP and the replicas stay identical, and DeepSpeed counts it once in the gradient norm like any
+    replicated parameter. Checkpoints hold the whole [K; V] either way, so they reshard between the two."""
+
+    def __init__(self, hidden: int, kv_heads: int, head_dim: int, tp: int, bias: bool, init_method,
+                 sequence_parallel: bool = False):
+        super().__init__()
+        tp_rank = ps.get_tensor_model_parallel_rank()
+        full = torch.empty(2 * kv_heads * head_dim, hidden)
+        init_method(full)
+        self.sequence_parallel = sequence_parallel
+        self.replicated = kv_heads < tp
+        if self.replicated:
+            head = tp_rank * kv_heads // tp
+            self.rows = (slice(head * head_dim, (head + 1) * head_dim),
+                         slice((kv_heads + head) * head_dim, (kv_heads + head + 1) * head_dim))
+            self.weight = nn.Parameter(full)
+            self.bias = nn.Parameter(torch.zeros(full.shape[0])) if bias else None
+            return
+        self.weight = nn.Parameter(split_tp(full, 0, 2, tp, tp_rank))
+        mtp.set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=0, stride=2)
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(self.weight.shape[0]))
+            mtp.set_tensor_model_parallel_attributes(self.bias, is_parallel=True, dim=0, stride=2)
+
+    def _local(self, param: torch.Tensor | None) -> torch.Tensor | None:
+        if param is None or not self.replicated:
+            return param
+        whole = mtp.copy_to_tensor_model_parallel_region(param)
+        return torch.cat([whole[rows] for rows in self.rows])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., hidden] -> this rank's [K; V] [..., 2 x local kv heads x head dim]. With sequence parallelism x is
+        the gathered sequence, whose backward already sums the input gradient over TP."""
+        if not self.sequence_parallel:
+            x = mtp.copy_to_tensor_model_parallel_region(x)
+        return F.linear(x, self._local(self.weight), self._local(self.bias))
+
+
 class Attention(nn.Module):
-    """Causal self-attention; heads are split over TP ranks (column-parallel QKV, row-parallel output)."""
+    """Causal self-attention; heads are split over TP ranks (column-parallel QKV, row-parallel output).
+
+    Multi-head (num_kv_heads = num_heads): one fused `qkv` projection (megatron stride 3: each rank holds [q; k; v]
+    of its heads). Grouped-query (fewer kv heads): `q` (column-parallel) and `kv` (`KVProjection`, split or
+    replicated over TP). Either way `project(x, parts)` gives this rank's rows [q; k; v] of its heads."""
 
     def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig, sequence_parallel: bool = False):
         super().__init__()
         tp = mcfg.tensor_model_parallel_size
         self.local_heads = cfg.num_heads // tp
+        self.local_kv_heads = max(cfg.kv_heads // tp, 1)
         self.head_dim = cfg.head_dim
         self.sequence_parallel = sequence_parallel
+        self.kv_all_kernel = cfg.skip.kv_all_kernel
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-        self.qkv = mtp.ColumnParallelLinear(
-            cfg.hidden_size, 3 * cfg.hidden_size, config=mcfg, init_method=normal_init(cfg.init_std),
-            bias=cfg.bias, gather_output=False, stride=3, disable_grad_reduce=sequence_parallel)
+        bias = cfg.bias or cfg.qkv_bias
+        if cfg.kv_heads == cfg.num_heads:
+            self.qkv = mtp.ColumnParallelLinear(
+                cfg.hidden_size, 3 * cfg.hidden_size, config=mcfg, init_method=normal_init(cfg.init_std),
+                bias=bias, gather_output=False, stride=3, disable_grad_reduce=sequence_parallel)
+        else:
+            self.q = mtp.ColumnParallelLinear(
+                cfg.hidden_size, cfg.hidden_size, config=mcfg, init_method=normal_init(cfg.init_std), bias=bias,
+                gather_output=False, disable_grad_reduce=sequence_parallel)
+            self.kv = KVProjection(cfg.hidden_size, cfg.kv_heads, cfg.head_dim, tp, bias, normal_init(cfg.init_std),
+                                   sequence_parallel)
         self.out = row_parallel_linear(
             sequence_parallel, cfg.hidden_size, cfg.hidden_size, config=mcfg, init_method=normal_init(out_std),
             bias=cfg.bias, input_is_parallel=True, skip_bias_add=False)
-        self.rotary = Rotary(cfg.head_dim, cfg.seq_len, cfg.rope_theta)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         if sequence_parallel:
             shard_local(self.out.bias)
 
+    @property
+    def fused(self) -> bool:
+        return hasattr(self, "qkv")
+
+    def projection_parameters(self) -> list[nn.Parameter]:
+        """The Q/K/V weights and biases (routed layers project with slices of them outside their module's forward)."""
+        return [p for name in ("qkv", "q", "kv") if hasattr(self, name) for p in getattr(self, name).parameters()]
+
     def _heads(self, x: torch.Tensor, positions: torch.Tensor):
-        """q, k, v as [b, local heads, s, head dim], rotated by their positions."""
+        """q, k, v as [b, local heads, s, head dim] (k, v: local kv heads), rotated by their positions."""
         return self._split_heads(self.project(x), positions)
 
     def _split_heads(self, t: torch.Tensor, positions: torch.Tensor, parts: str = "qkv"):
-        """The `parts` of a projection [b, s, len(parts) x local heads x hd] as [b, local heads, s, hd] each."""
+        """The `parts` of a projection [b, s, q rows + k rows + v rows] as [b, heads, s, hd] each."""
         b, s, _ = t.shape
-        heads = t.view(b, s, len(parts), self.local_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return [self.rotary(h, positions) if part in "qk" else h for part, h in zip(parts, heads)]
+        heads = {"q": self.local_heads, "k": self.local_kv_heads, "v": self.local_kv_heads}
+        pieces = t.split([heads[part] * self.head_dim for part in parts], dim=-1)
+        out = []
+        for part, piece in zip(parts, pieces):
+            h = piece.view(b, s, heads[part], self.head_dim).transpose(1, 2)
+            out.append(self.rotary(h, positions) if part in "qk" else h)
+        return out
 
     def project(self, x: torch.Tensor, parts: str = "qkv") -> torch.Tensor:
-        """The fused projection's `parts` ("qkv", "q" or "kv") for tokens x [..., hidden]. Routed layers project
-        only some tokens' queries; they use slices of the fused weight (this rank's rows are [q; k; v] of its heads)."""
+        """The projection's `parts` ("qkv", "q" or "kv") for tokens x [..., hidden]. Routed layers project only some
+        tokens' queries; with the fused weight they use slices of it (this rank's rows are [q; k; v] of its heads)."""
+        if not self.fused:
+            if parts == "q":
+                return self.q(x)[0]
+            if parts == "kv":
+                return self.kv(x)
+            return torch.cat([self.q(x)[0], self.kv(x)], dim=-1)
         if parts == "qkv":
             return self.qkv(x)[0]
         n = self.local_heads * self.head_dim
@@ -145,12 +240,13 @@ class Attention(nn.Module):
         if self.sequence_parallel:
             x = sp.gather_from_sequence(x)
         q, k, v = self._heads(x, positions)
-        y, _ = self.out(self._merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True)))
+        y, _ = self.out(self._merge_heads(kernels.causal(q, k, v)))
         return y
 
     def step(self, x: torch.Tensor, cache: KVCache | None, present: torch.Tensor):
         """Incremental attention for the next tokens x [b, n, hidden] after `cache`; `present` [b, n] marks which
-        of them later tokens (and they themselves) may attend to. Returns (output [b, n, hidden], cache)."""
+        of them later tokens (and they themselves) may attend to. Returns (output [b, n, hidden], cache); the
+        cache holds this rank's kv heads only."""
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + x.shape[1], device=x.device)
         q, k, v = self._heads(x, positions)
@@ -159,15 +255,16 @@ class Attention(nn.Module):
             present = torch.cat([cache.present, present], dim=1)
         keys = torch.arange(k.shape[2], device=x.device)
         mask = (keys[None, :] <= positions[:, None])[None] & present[:, None, :]
-        y, _ = self.out(self._merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])))
+        y, _ = self.out(self._merge_heads(kernels.masked(q, k, v, mask)))
         return y, KVCache(k, v, present)
 
     def forward_selected(self, x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, kv_all: bool,
                          tokenwise=None) -> torch.Tensor:
         """Attention context rows [selected tokens, local heads x hd] (before the output projection, `project_out`)
-        of the selected tokens only, in row-major order of `valid`: `index` [b, n] holds their positions (padded;
-        `valid` marks real entries). Keys and values come from every token (`kv_all`: K and V are projected for every
-        token, Q for the selected ones) or from the selected tokens alone. The selected rows' projection is
+        of the selected tokens only, in row-major order of `valid`: `index` [b, n] holds their positions, ascending
+        and left-aligned (`valid` marks real entries; `routing.pack_positions`). Keys and values come from every
+        token (`kv_all`: K and V are projected for every token, Q for the selected ones) or from the selected
+        tokens alone. No s x s mask is built (`training/attention.py`). The selected rows' projection is
         position-wise: `tokenwise(fn, rows)` runs it (a routed block balances it across DP ranks; default: here)."""
         tokenwise = tokenwise or (lambda fn, rows: fn(rows))
         picked = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))[valid]
@@ -176,16 +273,13 @@ class Attention(nn.Module):
             return rows.new_zeros(*valid.shape, rows.shape[-1]).masked_scatter(valid[..., None], rows)
 
         if kv_all:
-            positions = torch.arange(x.shape[1], device=x.device)
             q, = self._split_heads(padded(tokenwise(lambda rows: self.project(rows, "q"), picked)), index, "q")
-            k, v = self._split_heads(self.project(x, "kv"), positions, "kv")
-            key_pos, key_ok = positions.expand_as(x[..., 0]), torch.ones_like(x[..., 0], dtype=torch.bool)
+            k, v = self._split_heads(self.project(x, "kv"), torch.arange(x.shape[1], device=x.device), "kv")
+            y = kernels.at_positions(q, index, k, v, self.kv_all_kernel)
         else:
             q, k, v = self._split_heads(padded(tokenwise(lambda rows: self.project(rows[None])[0], picked)), index)
-            key_pos, key_ok = index, valid
-        mask = (key_pos[:, None, :] <= index[:, :, None]) & key_ok[:, None, :]
-        mask = mask | ~valid[:, :, None]  # padded query rows see everything, so softmax stays finite
-        return self._merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None]))[valid]
+            y = kernels.causal(q, k, v)  # packed rows: causal among them is causal among the selected tokens
+        return self._merge_heads(y)[valid]
 
 
 @dataclass

@@ -30,7 +30,7 @@ from torch import nn
 from skiptron.parallel import sequence_parallel as sp
 
 from .config import ModelConfig
-from .layers import Block, megatron_config, normal_init, rms_norm
+from .layers import Block, megatron_config, normal_init, rms_norm, shard_local
 from .routing import RoutedBlock
 from .srupp import SRUppBlock
 
