@@ -78,6 +78,8 @@ CUSTOM = {  # one tiny model per code path of modeling_skiptron.py
     "srupp-routed": SKIP + ["model.block=srupp", "model.srupp.attention_every=2", "model.num_layers=3",
                             "model.skip.kv=active", "model.skip.layers=[1,2]"],
     "factorized-embedding-tied": ["model.embedding_rank=8"],
+    "gqa-mqa-llama3-rope-routed": SKIP + ["model.skip.kv=active", "model.num_kv_heads=1", "model.rope_theta=500000",
+                                          "model.rope_scaling.original_max_position_embeddings=16"],
 }
 
 

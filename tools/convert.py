@@ -154,7 +154,7 @@ def _skiptron_config(m, vocab: int, eot_id: int | None):
         vocab_size=vocab, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
         num_key_value_heads=m.kv_heads, intermediate_size=m.ffn_size, max_position_embeddings=m.max_positions,
         rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
-        rope_scaling=m.rope_scaling.model_dump() if m.rope_scaling else None, initializer_range=m.init_std,
+        rotary_scaling=m.rope_scaling.model_dump() if m.rope_scaling else None, initializer_range=m.init_std,
         bias=m.bias, qkv_bias=m.qkv_bias, tie_embeddings=m.tie_embeddings,
         embedding_rank=m.embedding_rank, block=m.block,
         routed_layers=m.skip.routed_layers(m.num_layers), skip_granularity=m.skip.granularity, skip_kv=m.skip.kv,

@@ -62,7 +62,7 @@ class Attention(nn.Module):
         super().__init__()
         d = config.hidden_size
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim, self.theta, self.scaling = d // self.heads, config.rope_theta, config.rope_scaling
+        self.head_dim, self.theta, self.scaling = d // self.heads, config.rope_theta, config.rotary_scaling
         bias = config.bias or config.qkv_bias
         if self.kv_heads == self.heads:
             self.qkv = nn.Linear(d, 3 * d, bias=bias)

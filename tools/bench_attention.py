@@ -1,0 +1,96 @@
+"""Routed attention kernels against the boolean-mask SDPA call they replaced, in the same process.
+
+    python -m skiptron.tools.bench_attention [--seq 1024] [--rate 0.5] [--heads 8] [--kv-heads 2] [--device cpu]
+
+For one routed layer's attention (a batch of sequences, a fraction `rate` of each sequence's tokens selected) it
+times forward + backward of: `kv: all` with the old [b, n, s] mask, with the scattered-query causal kernel (`sdpa`)
+and, on CUDA, flex_attention (`flex`); `kv: active` with the old [b, n, n] mask and with `is_causal` on the packed
+rows. It prints milliseconds per call (median of `--repeat`), each new kernel's speed-up over its mask baseline and
+the bytes the baseline's mask took.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from skiptron.training import attention
+
+
+def _time(fn, repeat: int, device: torch.device) -> float:
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    fn()
+    times = []
+    for _ in range(repeat):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def run(seq: int, rate: float, heads: int, kv_heads: int, head_dim: int, batch: int, repeat: int,
+        device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    g = torch.Generator().manual_seed(0)
+    n = max(int(seq * rate), 1)
+    index = torch.stack([torch.randperm(seq, generator=g)[:n].sort().values for _ in range(batch)]).to(device)
+
+    def leaf(h, length):
+        return torch.randn(batch, h, length, head_dim, generator=g).to(device, dtype).requires_grad_()
+
+    q, k, v = leaf(heads, n), leaf(kv_heads, seq), leaf(kv_heads, seq)
+    qa, ka, va = leaf(heads, n), leaf(kv_heads, n), leaf(kv_heads, n)
+    all_mask = torch.arange(seq, device=device)[None, None, :] <= index[:, :, None]
+    active_mask = torch.ones(n, n, dtype=torch.bool, device=device).tril().expand(batch, n, n)
+
+    def step(out):
+        out.float().sum().backward()
+
+    calls = {
+        "kv_all/mask (baseline)": lambda: step(F.scaled_dot_product_attention(
+            q, k, v, attn_mask=all_mask[:, None], enable_gqa=heads != kv_heads)),
+        "kv_all/sdpa": lambda: step(attention.at_positions(q, index, k, v, "sdpa")),
+        "kv_active/mask (baseline)": lambda: step(F.scaled_dot_product_attention(
+            qa, ka, va, attn_mask=active_mask[:, None], enable_gqa=heads != kv_heads)),
+        "kv_active/is_causal": lambda: step(attention.causal(qa, ka, va)),
+    }
+    if device.type == "cuda":
+        calls["kv_all/flex"] = lambda: step(attention.at_positions(q, index, k, v, "flex"))
+    out = {name: _time(fn, repeat, device) for name, fn in calls.items()}
+    out["kv_all/mask bytes"] = all_mask.numel()
+    out["kv_active/mask bytes"] = active_mask.numel()
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="bench_attention", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq", type=int, default=1024, help="sequence length s")
+    p.add_argument("--rate", type=float, default=0.5, help="fraction of each sequence's tokens the router selects")
+    p.add_argument("--heads", type=int, default=8, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=2, help="key/value heads (grouped-query attention)")
+    p.add_argument("--head-dim", type=int, default=64, help="head dimension")
+    p.add_argument("--batch", type=int, default=2, help="sequences per call")
+    p.add_argument("--repeat", type=int, default=5, help="timed calls per kernel (the median is printed)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="tensor dtype")
+    args = p.parse_args(argv)
+    res = run(args.seq, args.rate, args.heads, args.kv_heads, args.head_dim, args.batch, args.repeat,
+              torch.device(args.device), getattr(torch, args.dtype))
+    for name, value in res.items():
+        print(f"{name:28s} {value:12.1f}" + (" ms" if "bytes" not in name else ""))
+    for variant, new in (("kv_all", "sdpa"), ("kv_all", "flex"), ("kv_active", "is_causal")):
+        if f"{variant}/{new}" in res:
+            ratio = res[f"{variant}/mask (baseline)"] / res[f"{variant}/{new}"]
+            print(f"{variant}: {new} is {ratio:.2f}x the mask baseline's speed")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
