@@ -1,12 +1,16 @@
-"""A Llama-style decoder built from megatron-core tensor-parallel layers.
+"""A Llama-style decoder built from megatron-core tensor-parallel layers, assembled from the building blocks of
+`training/layers.py` (attention, MLP, block), routed blocks (`training/routing.py`) and SRU++ blocks
+(`training/srupp.py`), which import those building blocks too: imports point one way, layers <- routing, srupp <- model.
 
-Pre-norm RMSNorm, rotary positions, SwiGLU MLP, no biases by default, tied or untied embeddings. The model is a flat
-sequence of stages (embedding, N blocks, head) so the same definition can feed DeepSpeed's pipeline engine and so a
-block can be wrapped by a router.
+Pre-norm RMSNorm, rotary positions, SwiGLU MLP, no biases by default, grouped-query attention, tied or untied
+embeddings. The model is a flat sequence of stages (embedding, N blocks, head) so the same definition can feed
+DeepSpeed's pipeline engine and so a block can be wrapped by a router.
 
 Every layer builds its full weight on the CPU from the same seed and keeps its own shard
 (`use_cpu_initialization`), so any tensor-parallel layout starts from exactly the weights of TP=1. Fused
-(QKV, gate+up) projections use megatron's `stride` so each TP shard holds whole heads / matching gate and up rows.
+(QKV, gate+up) projections use megatron's `stride` so each TP shard holds whole heads / matching gate and up rows;
+grouped-query K/V heads are split the same way, or replicated when there are fewer of them than TP ranks
+(`layers.KVProjection`).
 
 With `sequence_parallel` (dense blocks only) the residual stream and the norms hold s / tp tokens per TP rank
 ([b, s/tp, d]); the TP regions gather the sequence on entry and reduce-scatter it on exit
