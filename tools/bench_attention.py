@@ -5,8 +5,8 @@
 For one routed layer's attention (a batch of sequences, a fraction `rate` of each sequence's tokens selected) it
 times forward + backward of: `kv: all` with the old [b, n, s] mask, with the scattered-query causal kernel (`sdpa`)
 and, on CUDA, flex_attention (`flex`); `kv: active` with the old [b, n, n] mask and with `is_causal` on the packed
-rows. It prints milliseconds per call (median of `--repeat`), each new kernel's speed-up over its mask baseline and
-the bytes the baseline's mask took.
+rows. It prints milliseconds per call (median of `--repeat` rounds, the kernels interleaved in each round), each new
+kernel's speed-up over its mask baseline (median of the per-round ratios) and the bytes the baseline's mask took.
 """
 from __future__ import annotations
 
@@ -20,19 +20,23 @@ import torch.nn.functional as F
 from skiptron.training import attention
 
 
-def _time(fn, repeat: int, device: torch.device) -> float:
+def _time_round_robin(calls: dict, repeat: int, device: torch.device) -> dict[str, list[float]]:
+    """Milliseconds of each call, `repeat` rounds, the kernels interleaved within a round so that a machine shared
+    with other work slows baseline and candidate alike (the ratios are taken per round)."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    fn()
-    times = []
-    for _ in range(repeat):
-        sync()
-        start = time.perf_counter()
+    for fn in calls.values():
         fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    times = {name: [] for name in calls}
+    for _ in range(repeat):
+        for name, fn in calls.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return times
 
 
 def run(seq: int, rate: float, heads: int, kv_heads: int, head_dim: int, batch: int, repeat: int,
@@ -62,7 +66,12 @@ def run(seq: int, rate: float, heads: int, kv_heads: int, head_dim: int, batch: 
     }
     if device.type == "cuda":
         calls["kv_all/flex"] = lambda: step(attention.at_positions(q, index, k, v, "flex"))
-    out = {name: _time(fn, repeat, device) for name, fn in calls.items()}
+    times = _time_round_robin(calls, repeat, device)
+    out = {name: statistics.median(t) for name, t in times.items()}
+    for variant, new in (("kv_all", "sdpa"), ("kv_all", "flex"), ("kv_active", "is_causal")):
+        if f"{variant}/{new}" in times:
+            base = times[f"{variant}/mask (baseline)"]
+            out[f"{variant}: {new} speed-up"] = statistics.median(b / t for b, t in zip(base, times[f"{variant}/{new}"]))
     out["kv_all/mask bytes"] = all_mask.numel()
     out["kv_active/mask bytes"] = active_mask.numel()
     return out
@@ -84,11 +93,8 @@ def main(argv=None) -> int:
     res = run(args.seq, args.rate, args.heads, args.kv_heads, args.head_dim, args.batch, args.repeat,
               torch.device(args.device), getattr(torch, args.dtype))
     for name, value in res.items():
-        print(f"{name:28s} {value:12.1f}" + (" ms" if "bytes" not in name else ""))
-    for variant, new in (("kv_all", "sdpa"), ("kv_all", "flex"), ("kv_active", "is_causal")):
-        if f"{variant}/{new}" in res:
-            ratio = res[f"{variant}/mask (baseline)"] / res[f"{variant}/{new}"]
-            print(f"{variant}: {new} is {ratio:.2f}x the mask baseline's speed")
+        unit = "x" if "speed-up" in name else "" if "bytes" in name else " ms"
+        print(f"{name:28s} {value:12.2f}{unit}")
     return 0
 
 
