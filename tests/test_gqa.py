@@ -103,15 +103,17 @@ GQA = ["model.num_kv_heads=1", "train.max_steps=4", "train.micro_batch_size=1", 
        "parallel.balance_tokens=false"]
 
 
-def test_gqa_pipeline_and_zero3_train_like_one_process(pools, tiny_data, tmp_path):
-    """Routed, one KV head: TP=2 x PP=2 (the head replicated on both TP ranks of each stage) and TP=2 under ZeRO-3
-    follow one process (the same micro-batches everywhere, so the routers' budget controllers see the same
-    quantiles)."""
+def test_gqa_pipeline_and_zero_train_like_one_process(pools, tiny_data, tmp_path):
+    """Routed, one KV head: TP=2 x PP=2 (the head replicated on both TP ranks of each stage) and TP=2 under ZeRO 0,
+    2 and 3 (ZeRO-1: the resume test below) follow one process (the same micro-batches everywhere, so the routers'
+    budget controllers see the same quantiles)."""
     ref, _ = pools(1).run(train_run, GQA, tiny_data, tmp_path / "ref")[0]
-    pp, _ = pools(4).run(train_run, GQA + ["parallel.tp=2", "parallel.pp=2"], tiny_data, tmp_path / "pp")[0]
-    z3, _ = pools(2).run(train_run, GQA + ["parallel.tp=2", "zero.stage=3"], tiny_data, tmp_path / "z3")[0]
-    torch.testing.assert_close(torch.tensor(pp), torch.tensor(ref), atol=1e-4, rtol=0)
-    torch.testing.assert_close(torch.tensor(z3), torch.tensor(ref), atol=1e-4, rtol=0)
+    runs = {"pp2": pools(4).run(train_run, GQA + ["parallel.tp=2", "parallel.pp=2"], tiny_data, tmp_path / "pp")[0]}
+    for stage in (0, 2, 3):
+        runs[f"zero{stage}"] = pools(2).run(train_run, GQA + ["parallel.tp=2", f"zero.stage={stage}"], tiny_data,
+                                            tmp_path / f"z{stage}")[0]
+    for name, (losses, _) in runs.items():
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), atol=1e-4, rtol=0, msg=name)
 
 
 def test_gqa_exact_resume_and_resharding_tp2_to_tp1(pool2, tiny_data, tmp_path):
