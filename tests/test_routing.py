@@ -292,11 +292,13 @@ def _routed_kernels():
             dense = attn(x, torch.arange(16))
             calls.clear()
             out = {}
-            for kernel in attention.KV_ALL_KERNELS:
+            for kernel in ("sdpa", "flex"):  # the mask-free ones
                 attn.kv_all_kernel = kernel
                 out[kernel] = attn.project_out(attn.forward_selected(x, index, valid, kv_all=True))
             out["active"] = attn.project_out(attn.forward_selected(x, index, valid, kv_all=False))
             kernel_calls = list(calls)
+            attn.kv_all_kernel = "mask"
+            out["mask"] = attn.project_out(attn.forward_selected(x, index, valid, kv_all=True))
             ref_active = torch.cat([attn(x[i, active[i]][None], active[i].nonzero()[:, 0])[0] for i in range(3)])
     finally:
         F.scaled_dot_product_attention = sdpa
@@ -304,9 +306,10 @@ def _routed_kernels():
 
 
 def test_routed_attention_builds_no_sequence_mask(pool2):
-    """Routed attention never hands SDPA a mask: `kv: all` runs the causal kernel over the queries scattered to
-    their positions (kernel sdpa) or flex_attention with a block mask (kernel flex, no SDPA call at all), `kv:
-    active` the causal kernel over the packed [b, n] rows; all three equal their dense references."""
+    """The mask-free routed kernels never hand SDPA a mask: `kv: all` runs the causal kernel over the queries
+    scattered to their positions (kernel sdpa) or flex_attention with a block mask (kernel flex, no SDPA call at
+    all), `kv: active` the causal kernel over the packed [b, n] rows; they, and the [b, n, s]-masked kernel `auto`
+    picks on CPU, equal their dense references."""
     calls, out, ref_all, ref_active, n, report = pool2.run(_routed_kernels)[0]
     assert [shape for shape, _ in calls] == [(3, 4, 16, 16), (3, 4, n, 16)]  # sdpa kernel, then kv: active
     assert n < 16
@@ -314,6 +317,9 @@ def test_routed_attention_builds_no_sequence_mask(pool2):
         assert kwargs.get("attn_mask") is None and kwargs["is_causal"] is True, kwargs
     torch.testing.assert_close(out["sdpa"], ref_all, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out["flex"], ref_all, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out["mask"], ref_all, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out["active"], ref_active, atol=1e-6, rtol=1e-5)
-    assert set(report) == {"dense", "routed_kv_active", "routed_kv_all[sdpa]", "routed_kv_all[flex]", "decode_step"}
+    assert set(report) == {"dense", "routed_kv_active", "routed_kv_all[auto]", "routed_kv_all[sdpa]",
+                           "routed_kv_all[mask]", "routed_kv_all[flex]", "decode_step"}
     assert all("none" not in v and "unavailable" not in v for v in report.values()), report
+    assert report["routed_kv_all[auto]"] == "mask"  # CPU: its fused kernel takes the mask and is fastest with it

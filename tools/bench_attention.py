@@ -3,9 +3,9 @@
     python -m skiptron.tools.bench_attention [--seq 1024] [--rate 0.5] [--heads 8] [--kv-heads 2] [--device cpu]
 
 For one routed layer's attention (a batch of sequences, a fraction `rate` of each sequence's tokens selected) it
-times forward + backward of: `kv: all` with the old [b, n, s] mask, with the scattered-query causal kernel (`sdpa`)
-and, on CUDA, flex_attention (`flex`); `kv: active` with the old [b, n, n] mask and with `is_causal` on the packed
-rows. It prints milliseconds per call (median of `--repeat` rounds, the kernels interleaved in each round), each new
+times forward + backward of: `kv: all` with the [b, n, s] mask (kernel `mask`, the call routed attention made
+before), with the scattered-query causal kernel (`sdpa`) and, on CUDA, flex_attention (`flex`); `kv: active` with
+the [b, n, n] mask it used to build and with `is_causal` on the packed rows (what it runs now). It prints milliseconds per call (median of `--repeat` rounds, the kernels interleaved in each round), each new
 kernel's speed-up over its mask baseline (median of the per-round ratios) and the bytes the baseline's mask took.
 """
 from __future__ import annotations
@@ -50,15 +50,13 @@ def run(seq: int, rate: float, heads: int, kv_heads: int, head_dim: int, batch: 
 
     q, k, v = leaf(heads, n), leaf(kv_heads, seq), leaf(kv_heads, seq)
     qa, ka, va = leaf(heads, n), leaf(kv_heads, n), leaf(kv_heads, n)
-    all_mask = torch.arange(seq, device=device)[None, None, :] <= index[:, :, None]
     active_mask = torch.ones(n, n, dtype=torch.bool, device=device).tril().expand(batch, n, n)
 
     def step(out):
         out.float().sum().backward()
 
     calls = {
-        "kv_all/mask (baseline)": lambda: step(F.scaled_dot_product_attention(
-            q, k, v, attn_mask=all_mask[:, None], enable_gqa=heads != kv_heads)),
+        "kv_all/mask (baseline)": lambda: step(attention.at_positions(q, index, k, v, "mask")),
         "kv_all/sdpa": lambda: step(attention.at_positions(q, index, k, v, "sdpa")),
         "kv_active/mask (baseline)": lambda: step(F.scaled_dot_product_attention(
             qa, ka, va, attn_mask=active_mask[:, None], enable_gqa=heads != kv_heads)),
@@ -72,7 +70,7 @@ def run(seq: int, rate: float, heads: int, kv_heads: int, head_dim: int, batch: 
         if f"{variant}/{new}" in times:
             base = times[f"{variant}/mask (baseline)"]
             out[f"{variant}: {new} speed-up"] = statistics.median(b / t for b, t in zip(base, times[f"{variant}/{new}"]))
-    out["kv_all/mask bytes"] = all_mask.numel()
+    out["kv_all/mask bytes"] = batch * n * seq
     out["kv_active/mask bytes"] = active_mask.numel()
     return out
 

@@ -8,7 +8,8 @@
   the whole sequence (flash / memory-efficient on GPU, the fused CPU kernel here; the rows of skipped positions are
   computed and dropped, so attention costs what a dense layer's does); kernel `flex` runs
   `torch.nn.attention.flex_attention` with a block mask (key <= query position) built from `index`: only the
-  selected rows are computed. Both are exact (`tests/test_routing.py`).
+  selected rows are computed; kernel `mask` is the [b, n, s] boolean mask (what the CPU's fused kernel runs fastest).
+  `auto` (`resolve_kv_all_kernel`) picks flex on CUDA, mask on CPU. All are exact (`tests/test_routing.py`).
 - decoding with a cache (`Attention.step`) keeps a boolean [b, n, t] mask: n new tokens are few, t is the cache.
 
 Grouped-query attention: K and V carry fewer heads than Q; every kernel gets `enable_gqa` (query head i uses key/value
@@ -22,7 +23,32 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-KV_ALL_KERNELS = ("sdpa", "flex")
+KV_ALL_KERNELS = ("sdpa", "flex", "mask")
+
+
+def resolve_kv_all_kernel(kernel: str, device: torch.device) -> str:
+    """`auto`: flex_attention on CUDA when it compiles there (else the scattered-query causal kernel); on CPU the
+    [b, n, s]-masked call, because the CPU's fused SDPA kernel takes masks and measured faster than the mask-free
+    kernels there (docs/benchmarks.md). Any other value is taken as given."""
+    if kernel != "auto":
+        return kernel
+    if device.type == "cuda":
+        return "flex" if _flex_compiles(device) else "sdpa"
+    return "mask"
+
+
+@functools.cache
+def _flex_compiles(device: torch.device) -> bool:
+    """Whether the compiled flex_attention runs forward and backward on `device` (probed once per process)."""
+    try:
+        q, k, v = (torch.randn(1, 2, 128, 16, device=device, requires_grad=True) for _ in range(3))
+        index = torch.arange(0, 128, device=device)[None]
+        _flex_at_positions(q, index, k, v).sum().backward()
+        return True
+    except Exception as err:  # no Triton / compiler for this device or torch build: the SDPA kernel is used
+        warnings.warn(f"flex_attention does not compile on {device} ({type(err).__name__}: {err}); routed kv: all "
+                      f"layers use the scattered-query SDPA kernel")
+        return False
 
 
 def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -36,11 +62,14 @@ def masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 
 def at_positions(q: torch.Tensor, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 kernel: str = "sdpa") -> torch.Tensor:
+                 kernel: str = "auto") -> torch.Tensor:
     """Queries q [b, h, n, hd] standing at positions `index` [b, n] (distinct per row) attend to the keys at positions
     <= their own, of k, v [b, kv heads, s, hd]. Returns [b, h, n, hd]."""
+    kernel = resolve_kv_all_kernel(kernel, q.device)
     if kernel == "flex":
         return _flex_at_positions(q, index, k, v)
+    if kernel == "mask":
+        return masked(q, k, v, torch.arange(k.shape[2], device=q.device)[None, None, :] <= index[:, :, None])
     b, h, n, hd = q.shape
     where = index[:, None, :, None].expand(b, h, n, hd)
     full = q.new_zeros(b, h, k.shape[2], hd).scatter(2, where, q)
@@ -114,8 +143,11 @@ def attention_backend_report(device: torch.device | str = "cpu", dtype: torch.dt
         "dense": "sdpa is_causal: " + _sdpa_backend(lambda: causal(q, k, v), device),
         "routed_kv_active": "sdpa is_causal on packed rows: " + _sdpa_backend(
             lambda: causal(q[:, :, :seq // 2], k[:, :, :seq // 2], v[:, :, :seq // 2]), device),
+        "routed_kv_all[auto]": resolve_kv_all_kernel("auto", device),
         "routed_kv_all[sdpa]": "sdpa is_causal on scattered queries: " + _sdpa_backend(
-            lambda: at_positions(q[:, :, :seq // 2], index, k, v), device),
+            lambda: at_positions(q[:, :, :seq // 2], index, k, v, "sdpa"), device),
+        "routed_kv_all[mask]": "sdpa with a [n, s] mask: " + _sdpa_backend(
+            lambda: at_positions(q[:, :, :seq // 2], index, k, v, "mask"), device),
         "decode_step": "sdpa with a [n, cache] mask: " + _sdpa_backend(lambda: masked(q[:, :, -1:], k, v, mask),
                                                                         device),
     }

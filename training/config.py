@@ -32,10 +32,11 @@ class SkipConfig(Section):
     kv: Literal["all", "active"] = Field(
         "all", description="all: skipped tokens still give keys/values; active: they are invisible (Mixture-of-Depths)")
     target_rate: float = Field(0.5, gt=0, le=1, description="fraction of tokens each routed layer executes")
-    kv_all_kernel: Literal["sdpa", "flex"] = Field(
-        "sdpa", description="kv: all attention kernel: sdpa = causal SDPA over the queries scattered to their positions "
-                            "(flash on GPU; costs a dense layer's attention), flex = flex_attention with a block mask "
-                            "(only the selected rows; compiled on GPU). Both exact, neither builds an s x s mask")
+    kv_all_kernel: Literal["auto", "sdpa", "flex", "mask"] = Field(
+        "auto", description="kv: all attention kernel (all exact): sdpa = causal SDPA over the queries scattered to "
+                            "their positions (flash on GPU; costs a dense layer's attention), flex = flex_attention "
+                            "with a block mask (only the selected rows; compiled on GPU), mask = SDPA with a [b, n, s] "
+                            "mask; auto = flex on CUDA (sdpa if it does not compile), mask on CPU")
     mode: Literal["threshold", "capacity"] = "threshold"
     aux_loss_weight: float = Field(1.0, ge=0)
     controller_rate: float = Field(
