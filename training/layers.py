@@ -73,9 +73,11 @@ def shard_local(*params: nn.Parameter | None) -> None:
             sp.sum_grad_over_tp(param)
 
 
-def rotary_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
-    """Rotary inverse frequencies [head_dim / 2] (transformers' default and `llama3` rope types)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+def rotary_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None,
+                    device: torch.device | None = None) -> torch.Tensor:
+    """Rotary inverse frequencies [head_dim / 2] (transformers' default and `llama3` rope types), fp32, built on
+    `device` (no host-to-device copy, which would synchronize a GPU stream at every layer)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
     if scaling is None:
         return inv_freq
     old = scaling.original_max_position_embeddings
@@ -97,7 +99,7 @@ class Rotary(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [b, heads, s, hd]; positions: [s] or [b, s]."""
-        inv_freq = rotary_inv_freq(self.head_dim, self.theta, self.scaling).to(positions.device)
+        inv_freq = rotary_inv_freq(self.head_dim, self.theta, self.scaling, positions.device)
         freqs = positions.to(torch.float32)[..., None] * inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
