@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from skiptron.tools.data import main
 from skiptron.training.corpus import gather, stdlib_files, stdlib_root
 from skiptron.training.loader import TokenLoader, num_samples, read_manifest, read_shard
+from skiptron.training.samples import DataIntegrityError, describe_error
 from skiptron.training.shards import SAMPLE_FIELD, prepare, unigram_entropy
 from skiptron.training.tokenizer import EOT, build_tokenizer, decode, eot_id, load_tokenizer
 
@@ -260,9 +261,11 @@ def damage_shard(path: Path, how: str) -> None:
     raw = path.read_bytes()
     if how == "truncate":
         path.write_bytes(raw[: len(raw) // 2])
-    elif how == "garbage":
+    elif how == "missing":
+        path.unlink()
+    elif how == "garbage":  # same size, bytes in the middle overwritten
         path.write_bytes(raw[:1024] + b"\x07" * 4096 + raw[5120:])
-    else:  # a readable tar whose first sample has the wrong dtype
+    else:  # a readable tar of the same size whose first sample has the wrong dtype
         samples = list(read_shard(path))
         samples[0][SAMPLE_FIELD] = samples[0][SAMPLE_FIELD].astype(np.int64)
         with wds.TarWriter(str(path)) as writer:
@@ -270,25 +273,68 @@ def damage_shard(path: Path, how: str) -> None:
                 writer.write(sample)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "bad-sample"])
+def skipped_identically(copy: Path, data_dir: Path, victim: dict) -> None:
+    """Every reader (no workers, 2 workers, 2 DP ranks) skips `victim` and agrees on the rest of the stream."""
+    survivors = {key(r) for r in split_samples(data_dir, "train")} - {key(r) for r in shard_samples(data_dir / victim["name"])}
+    with pytest.warns(UserWarning, match=victim["name"]):
+        loader = TokenLoader(copy, "train", 1)
+    rows = [key(b[0]) for b in take(loader, len(survivors))]
+    assert sorted(rows) == sorted(survivors)
+    assert loader.stats["corrupt_shards"] == 1 and victim["name"] in loader.stats["corrupt"]
+    assert loader.stats["corrupt"][victim["name"]]  # a reason, not an empty string
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        workers = TokenLoader(copy, "train", 1, num_workers=2)
+        assert [key(b[0]) for b in take(workers, len(survivors))] == rows
+        ranks = [take(TokenLoader(copy, "train", 1, dp_rank=r, dp_size=2), len(survivors) // 2) for r in range(2)]
+    assert [key(ranks[k % 2][k // 2][0]) for k in range(2 * (len(survivors) // 2))] == rows[: 2 * (len(survivors) // 2)]
+    assert workers.stats["corrupt_shards"] == 1
+
+
+@pytest.mark.parametrize("damage", ["truncate", "missing"])
 def test_loader_skips_corrupt_shard(tmp_path, data_dir, damage):
+    """A shard of the wrong size or missing is known from stat() alone: every reader skips it, the stream agrees."""
     copy = tmp_path / "data"
     shutil.copytree(data_dir, copy)
     victim = read_manifest(copy)["splits"]["train"]["shards"][1]
     damage_shard(copy / victim["name"], damage)
-    survivors = {key(r) for r in split_samples(data_dir, "train")} - {key(r) for r in shard_samples(data_dir / victim["name"])}
+    skipped_identically(copy, data_dir, victim)
 
-    loader = TokenLoader(copy, "train", 1)
-    with pytest.warns(UserWarning, match=victim["name"]):
-        rows = [key(b[0]) for b in take(loader, len(survivors))]
-    assert sorted(rows) == sorted(survivors)
-    assert loader.stats["corrupt_shards"] == 1 and victim["name"] in loader.stats["corrupt"]
 
-    workers = TokenLoader(copy, "train", 1, num_workers=2)
-    with warnings.catch_warnings(record=True):
-        warnings.simplefilter("always")
-        assert [key(b[0]) for b in take(workers, len(survivors))] == rows
-    assert workers.stats["corrupt_shards"] == 1
+@pytest.mark.parametrize("damage", ["garbage", "bad-sample"])
+def test_damaged_content_is_an_error_until_quarantined(tmp_path, data_dir, damage, capsys):
+    """Same-size damage is seen only by the readers of those bytes, so it cannot be skipped consistently: reading
+    it fails naming the shard; `skiptron-data verify --quarantine` then sets it aside and every reader skips it."""
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    victim = read_manifest(copy)["splits"]["train"]["shards"][1]
+    size = (copy / victim["name"]).stat().st_size
+    damage_shard(copy / victim["name"], damage)
+    assert (copy / victim["name"]).stat().st_size == size
+    with pytest.raises(DataIntegrityError, match=victim["name"]):
+        take(TokenLoader(copy, "train", 1, shuffle=False), num_samples(copy, "train"))
+    assert main(["verify", str(copy)]) == 1
+    out = capsys.readouterr().out
+    assert f"train shard {victim['name']}: " in out and "1 damaged shard" in out
+    assert main(["verify", str(copy), "--quarantine"]) == 0
+    assert (copy / (victim["name"] + ".corrupt")).is_file()
+    skipped_identically(copy, data_dir, victim)
+    assert main(["verify", str(data_dir)]) == 0 and "intact" in capsys.readouterr().out
+
+
+def test_decoding_error_has_a_reason(tmp_path, data_dir):
+    """webdataset's DecodingError keeps its reason outside args; the message must still say what failed."""
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    victim = read_manifest(copy)["splits"]["train"]["shards"][0]
+    raw = bytearray((copy / victim["name"]).read_bytes())
+    at = raw.index(b"\x93NUMPY")
+    raw[at : at + 6] = b"XXXXXX"  # the first sample's .npy magic
+    (copy / victim["name"]).write_bytes(bytes(raw))
+    with pytest.raises(Exception) as info:
+        list(read_shard(copy / victim["name"]))
+    reason = describe_error(info.value)
+    assert type(info.value).__name__ == "DecodingError" and "tokens.npy" in reason and "magic" in reason.lower(), reason
 
 
 def test_loader_errors(tmp_path, data_dir):
@@ -298,10 +344,13 @@ def test_loader_errors(tmp_path, data_dir):
         TokenLoader(data_dir, "test", 1)
     copy = tmp_path / "data"
     shutil.copytree(data_dir, copy)
-    for shard in copy.glob("val-*.tar"):
+    shards = sorted(copy.glob("val-*.tar"))
+    for shard in shards:
         shard.write_bytes(b"")
-    with pytest.raises(RuntimeError, match=r"all \d+ val shards .*val-000000.tar"):
-        take(TokenLoader(copy, "val", 1), 1)
+    with pytest.raises(RuntimeError, match=r"all \d+ val shards in .*data are corrupt") as info:
+        TokenLoader(copy, "val", 1)
+    for shard in shards:  # each shard named, with its reason
+        assert f"{shard.name}: {shard} has 0 bytes" in str(info.value)
 
 
 # ---------------------------------------------------------------- CLI

@@ -1,9 +1,9 @@
 """Blending prepared data sources with weights: which source global sample p comes from, in O(1).
 
 The mixture is a fixed schedule of BLOCK slots repeated forever: source j gets c_j = round(w_j * BLOCK) slots
-(largest remainder, so they sum to BLOCK), placed by the error-minimizing rule Megatron's BlendedDataset uses
-(each slot goes to the source furthest below its share), so every prefix of the stream is within a sample or two
-of the weights. Global sample p is source `order[p % BLOCK]`, and that source's own sample number is
+(largest remainder, so they sum to BLOCK), its k-th slot placed at its ideal time (k + 1/2) / c_j of the block,
+so every prefix of the stream is within a sample or two of the weights (as Megatron's BlendedDataset, which
+gives each sample to the source furthest below its share). Global sample p is source `order[p % BLOCK]`, and that source's own sample number is
 `(p // BLOCK) * c_j + count of j in order[:p % BLOCK]`: the position of every source at any global position is
 arithmetic, so resuming (under any DP size) needs only the global sample count. Each source is its own exact
 stream (training/loader.py) read at its own positions.
@@ -66,14 +66,11 @@ class Mixture:
             counts[j] += 1
         if (counts == 0).any():
             raise ValueError(f"blend weights {list(np.round(w, 6))}: each must be at least {1 / BLOCK}")
-        order = np.empty(BLOCK, dtype=np.int64)
-        taken = np.zeros(len(w), dtype=np.int64)
-        for t in range(BLOCK):
-            deficit = counts * (t + 1) / BLOCK - taken
-            deficit[taken >= counts] = -np.inf
-            j = int(np.argmax(deficit))
-            order[t] = j
-            taken[j] += 1
+        # the k-th slot of source j ideally sits at (k + 1/2) * BLOCK / c_j: sorting those times (ties by source)
+        # gives every prefix within about one sample of each share
+        source = np.repeat(np.arange(len(w)), counts)
+        ideal = (np.concatenate([np.arange(c) for c in counts]) + 0.5) / counts[source]
+        order = source[np.lexsort((source, ideal))]
         self.counts, self.order = counts, order
         self.prefix = np.zeros((BLOCK + 1, len(w)), dtype=np.int64)  # prefix[t, j]: slots of j among order[:t]
         np.add.at(self.prefix[1:], (np.arange(BLOCK), order), 1)
