@@ -159,9 +159,8 @@ def check_sources(sources: Sequence[Source]) -> dict:
     """The manifests of a blend's sources must agree on tokenizer and sample layout; returns the first one."""
     manifests = [read_manifest(s.path) for s in sources]
     first, ref = manifests[0], sources[0]
-    ref_tokenizer = tokenizer_digest(ref.path, first)
     for source, manifest in zip(sources[1:], manifests[1:]):
-        if tokenizer_digest(source.path, manifest) != ref_tokenizer or manifest["vocab_size"] != first["vocab_size"] \
+        if tokenizer_digest(source.path, manifest) != tokenizer_digest(ref.path, first) or manifest["vocab_size"] != first["vocab_size"] \
                 or manifest["eot_id"] != first["eot_id"]:
             raise ValueError(f"data sources {ref.path} and {source.path} were tokenized with different tokenizers "
                              f"(vocab {first['vocab_size']} vs {manifest['vocab_size']}); blend only data prepared "

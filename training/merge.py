@@ -17,7 +17,7 @@ import numpy as np
 from skiptron.training.blend import Source
 from skiptron.training.loader import check_sources, read_manifest
 from skiptron.training.samples import INDEX_SUFFIX, shard_path
-from skiptron.training.shards import (SPLITS, TOKENIZER_FILE, UNIGRAM_FILE, clear_previous,
+from skiptron.training.shards import (MANIFEST, SPLITS, TOKENIZER_FILE, UNIGRAM_FILE, clear_previous,
                                       entropy_of_counts, shard_name, write_json_atomic)
 
 
