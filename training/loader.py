@@ -49,7 +49,8 @@ def read_manifest(data_dir: str | Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} manifest")
     if manifest.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has format version {manifest.get('version')}, this code reads {FORMAT_VERSION}")
+        raise ValueError(f"{path} has format version {manifest.get('version')}, this code reads {FORMAT_VERSION} "
+                         f"(sample indexes and shard checksums): prepare {data_dir} again")
     return manifest
 
 
