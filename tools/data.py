@@ -36,19 +36,23 @@ def _print_summary(manifest: dict, data_dir: Path) -> None:
 
 
 class _ProgressLine:
-    """Documents and tokens per second while `prepare` runs: a line on stderr every `every` seconds."""
+    """Documents and tokens per second while `prepare` tokenizes a split: a line on stderr every `every` seconds
+    (rates over the split so far, from its first batch on)."""
 
     def __init__(self, every: float = 2.0):
-        self.started = self.last = time.perf_counter()
         self.every = every
+        self.split = None
 
     def __call__(self, split: str, documents: int, tokens: int) -> None:
         now = time.perf_counter()
+        if split != self.split:
+            self.split, self.first, self.last = split, (now, documents, tokens), now
+            return
         if now - self.last >= self.every:
             self.last = now
-            rate = tokens / max(now - self.started, 1e-9)
-            print(f"  {split}: {documents} documents, {tokens / 1e6:.2f}M tokens, {rate / 1e6:.2f}M tokens/s "
-                  f"({documents / max(now - self.started, 1e-9):.0f} documents/s)", file=sys.stderr, flush=True)
+            t0, d0, k0 = self.first
+            print(f"  {split}: {documents} documents, {tokens / 1e6:.2f}M tokens | {(documents - d0) / (now - t0):.0f} "
+                  f"documents/s, {(tokens - k0) / (now - t0) / 1e6:.2f}M tokens/s", file=sys.stderr, flush=True)
 
 
 def _prepare(args: argparse.Namespace) -> None:
