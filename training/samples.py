@@ -41,11 +41,8 @@ def index_name(shard_name: str) -> str:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()  # Python >= 3.11
 
 
 def write_index(tar_path: Path, field: str) -> dict:
