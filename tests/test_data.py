@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from skiptron.tools.data import main
 from skiptron.training.corpus import gather, stdlib_files, stdlib_root
-from skiptron.training.loader import TokenLoader, num_samples, read_manifest, read_shard
-from skiptron.training.samples import DataIntegrityError, describe_error
+from skiptron.training.loader import TokenLoader, num_samples, read_manifest
+from skiptron.training.samples import DataIntegrityError, describe_error, read_shard
 from skiptron.training.shards import SAMPLE_FIELD, prepare, unigram_entropy
 from skiptron.training.tokenizer import EOT, build_tokenizer, decode, eot_id, load_tokenizer
 

@@ -2,7 +2,6 @@
 visible in the run's metrics."""
 import shutil
 
-import numpy as np
 import torch
 
 from runs import BASE

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from skiptron.training.blend import Mixture, Source
-from skiptron.training.samples import file_problem, open_shard, read_shard, sha256_file  # noqa: F401 (read_shard)
+from skiptron.training.samples import file_problem, open_shard, sha256_file
 from skiptron.training.shards import FORMAT, FORMAT_VERSION, MANIFEST
 
 

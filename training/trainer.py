@@ -242,8 +242,11 @@ class Trainer:
                 log.log_text(f"  {line}")
         train_data = self.loader("train", start_sample=self.progress.consumed_samples)
         self._check_data_position(train_data)
-        for name, reason in train_data.stats["corrupt"].items():
-            log.log_text(f"data: skipping unusable train shard {name}: {reason}")
+        corrupt = 0
+        for split, data in (("train", train_data), ("val", self.loader("val", shuffle=False))):
+            corrupt += data.stats["corrupt_shards"]
+            for name, reason in data.stats["corrupt"].items():
+                log.log_text(f"data: skipping unusable {split} shard {name}: {reason}")
         batches = iter(train_data)
         signals = ckpt.StopSignals(layout.device).install()
         nonfinite = 0
@@ -267,7 +270,7 @@ class Trainer:
                 "tokens_per_s": tokens_per_s,
                 "tflops": flops_per_token * tokens_per_s / layout.world_size / 1e12,
                 "step_time_s": elapsed,
-                "data/corrupt_shards": train_data.stats["corrupt_shards"],
+                "data/corrupt_shards": corrupt,  # train + val, named in the log above
                 **{f"data/consumed/{k}": v for k, v in self.progress.consumed_by_source.items()},
             }
             if peak:
