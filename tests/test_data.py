@@ -494,6 +494,12 @@ def test_blend_refuses_another_tokenizer(tmp_path, data_dir, corpus_dir):
             load_config(None, [f"data.blend={bad}"])
     with pytest.raises(ConfigError, match="not both"):
         load_config(None, [f"data.blend=[[1, {data_dir}]]", f"data.path={data_dir}"])
+    broken = tmp_path / "broken"  # every val shard unusable: refused before training starts, each shard named
+    shutil.copytree(data_dir, broken)
+    for shard in broken.glob("val-*.tar"):
+        shard.unlink()
+    with pytest.raises(ConfigError, match=rf"data.path: all \d+ val shards in {broken} .*val-000000.tar: missing file"):
+        data_vocab_and_seq(load_config(None, [f"data.path={broken}", "model.seq_len=15"]))
 
 
 def test_prepare_workers_and_merge(tmp_path, corpus_dir, data_dir):

@@ -17,7 +17,7 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, save_config
 from .engine import build_engine
 from .flops import config_flops_per_token, peak_flops
-from .loader import TokenLoader, check_sources
+from .loader import BlendedStream, TokenLoader, check_sources
 from .masking import prepare_model
 from .metrics import MetricsLogger
 from .model import GPT
@@ -40,7 +40,9 @@ def data_vocab_and_seq(cfg: Config) -> tuple[int, dict]:
     sources = cfg.data.sources()
     try:
         manifest = check_sources(sources)
-    except ValueError as exc:
+        for split in ("train", "val"):  # stat() of every shard: refuse a split with no usable shard before starting
+            BlendedStream(sources, split, cfg.train.seed, shuffle=False).close()
+    except (ValueError, RuntimeError) as exc:
         raise ConfigError(f"{'data.blend' if cfg.data.blend is not None else 'data.path'}: {exc}") from None
     if manifest["seq_len"] != cfg.model.seq_len:
         raise ConfigError(
