@@ -512,7 +512,8 @@ def test_prepare_workers_and_merge(tmp_path, corpus_dir, data_dir):
     assert m["splits"]["train"]["documents"] == one["splits"]["train"]["documents"]
     assert abs(m["splits"]["train"]["samples"] - one["splits"]["train"]["samples"]) <= 1  # one more ragged tail
     assert [e["name"] for e in m["splits"]["train"]["shards"]] == [f"train-{i:06d}.tar" for i in range(len(m["splits"]["train"]["shards"]))]
-    assert calls and calls[-1][0] == "train" and calls[-1][1] == one["splits"]["train"]["documents"]
+    train_docs = one["splits"]["train"]["documents"]
+    assert calls[0][:3] == ("val", 0, one["splits"]["val"]["documents"]) and calls[-1][:3] == ("train", train_docs, train_docs)
     merged = tmp_path / "merged"
     mm = main(["merge", "--out", str(merged), str(data_dir), str(tmp_path / "par")])
     assert mm == 0

@@ -35,24 +35,38 @@ def _print_summary(manifest: dict, data_dir: Path) -> None:
     print(f"unigram entropy {manifest['unigram_entropy']:.4f} nats/token (train)")
 
 
-class _ProgressLine:
-    """Documents and tokens per second while `prepare` tokenizes a split: a line on stderr every `every` seconds
-    (rates over the split so far, from its first batch on)."""
+class _PrepareProgress:
+    """Documents and tokens per second while `prepare` tokenizes a split: a rich progress bar on a terminal,
+    otherwise a line on stderr every `every` seconds (rates over the split so far)."""
 
     def __init__(self, every: float = 2.0):
-        self.every = every
-        self.split = None
+        self.every, self.split, self.bar = every, None, None
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    def __call__(self, split: str, documents: int, tokens: int) -> None:
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("documents | {task.fields[rates]}"), TimeRemainingColumn(),
+                                console=Console(stderr=True), transient=False)
+
+    def __call__(self, split: str, documents: int, total: int, tokens: int) -> None:
         now = time.perf_counter()
         if split != self.split:
-            self.split, self.first, self.last = split, (now, documents, tokens), now
+            self.split, self.started, self.last = split, now, now
+            if self.bar:
+                self.bar.start()
+                self.task = self.bar.add_task(split, total=total, rates="")
             return
-        if now - self.last >= self.every:
+        elapsed = max(now - self.started, 1e-9)
+        rates = f"{documents / elapsed:.0f} documents/s, {tokens / elapsed / 1e6:.2f}M tokens/s"
+        if self.bar:
+            self.bar.update(self.task, completed=documents, rates=rates)
+            if documents == total:
+                self.bar.stop()
+        elif now - self.last >= self.every or documents == total:
             self.last = now
-            t0, d0, k0 = self.first
-            print(f"  {split}: {documents} documents, {tokens / 1e6:.2f}M tokens | {(documents - d0) / (now - t0):.0f} "
-                  f"documents/s, {(tokens - k0) / (now - t0) / 1e6:.2f}M tokens/s", file=sys.stderr, flush=True)
+            print(f"  {split}: {documents}/{total} documents, {tokens / 1e6:.2f}M tokens | {rates}",
+                  file=sys.stderr, flush=True)
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -68,7 +82,7 @@ def _prepare(args: argparse.Namespace) -> None:
         seed=args.seed,
         text_field=args.text_field,
         workers=args.workers,
-        progress=_ProgressLine(),
+        progress=_PrepareProgress(),
     )
     _print_summary(manifest, Path(args.out))
     print(f"time            {time.perf_counter() - started:.1f} s")

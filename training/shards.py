@@ -160,12 +160,12 @@ def _batches(refs: Sequence[DocRef], size: int) -> Iterator[Sequence[DocRef]]:
         yield refs[start : start + size]
 
 
-Progress = Callable[[str, int, int], None]  # (split, documents done, tokens done)
+Progress = Callable[[str, int, int, int], None]  # (split, documents done, documents in the split, tokens done)
 
 
 def _pack_split(out_dir: Path, split: str, refs: Sequence[DocRef], tokenizer_file: Path, text_field: str,
                 sample_len: int, samples_per_shard: int, part: int | None = None,
-                progress: Progress | None = None) -> tuple[list[dict], np.ndarray]:
+                progress: Progress | None = None, total: int | None = None) -> tuple[list[dict], np.ndarray]:
     """Tokenize `refs` in order and write their shards; returns the shard entries and the unigram counts.
     With `part`, shard names carry it so parallel parts do not collide (`_rename_parts` renumbers them)."""
     tok = load_tokenizer(tokenizer_file)
@@ -179,7 +179,7 @@ def _pack_split(out_dir: Path, split: str, refs: Sequence[DocRef], tokenizer_fil
             tokens += len(encoding.ids) + 1
         done += len(batch)
         if progress:
-            progress(split, done, tokens)
+            progress(split, done, total or len(refs), tokens)
     return writer.close(), writer.counts
 
 
@@ -204,6 +204,8 @@ def _rename_parts(out_dir: Path, split: str, shards: list[dict]) -> list[dict]:
 
 def _write_split(out_dir: Path, split: str, refs: Sequence[DocRef], tokenizer_file: Path, text_field: str,
                  sample_len: int, samples_per_shard: int, workers: int, progress: Progress | None):
+    if progress:
+        progress(split, 0, len(refs), 0)
     if workers <= 1 or len(refs) < 2 * workers:
         return _pack_split(out_dir, split, refs, tokenizer_file, text_field, sample_len, samples_per_shard,
                            progress=progress)
@@ -217,7 +219,7 @@ def _write_split(out_dir: Path, split: str, refs: Sequence[DocRef], tokenizer_fi
             counts = part_counts if counts is None else counts + part_counts
             docs, tokens = docs + part_docs, tokens + part_tokens
             if progress:
-                progress(split, docs, tokens)
+                progress(split, docs, len(refs), tokens)
     return _rename_parts(out_dir, split, shards), counts
 
 
@@ -239,8 +241,8 @@ def prepare(
     `tokenizer` is "bytes", "bpe" (trained on the train split only, so val stays
     unseen) or a tokenizer.json path (then `vocab_size` comes from that file).
     Train documents are packed in a seeded random order so that shards mix
-    sources instead of holding one package each. `progress(split, documents,
-    tokens)` is called after each batch of documents.
+    sources instead of holding one package each. `progress(split, documents done,
+    documents in the split, tokens done)` is called as documents are written.
     """
     if seq_len < 1 or samples_per_shard < 1 or workers < 1:
         raise ValueError(f"seq_len, samples_per_shard and workers must be >= 1, got {seq_len}, {samples_per_shard}, {workers}")
