@@ -20,6 +20,7 @@ source's own stream) arithmetically (training/blend.py).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import warnings
@@ -82,8 +83,9 @@ class SampleStream:
         self.sample_shape = (self.manifest["sample_len"],)
         self.dtype = np.dtype(self.manifest["dtype"])
         self.corrupt: dict[str, str] = {}
+        size_of = functools.lru_cache(maxsize=None)(lambda path: path.stat().st_size)
         for entry in self.shards:
-            problem = file_problem(self.data_dir, entry)
+            problem = file_problem(self.data_dir, entry, size_of)
             if problem:
                 self.corrupt[entry["name"]] = problem
         self.sizes = np.array([0 if e["name"] in self.corrupt else e["samples"] for e in self.shards], dtype=np.int64)

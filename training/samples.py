@@ -24,7 +24,7 @@ import os
 import tarfile
 import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -64,14 +64,15 @@ def shard_path(data_dir: Path, entry: dict) -> Path:
     return data_dir / entry.get("file", entry["name"])
 
 
-def file_problem(data_dir: Path, entry: dict) -> str | None:
-    """Why a shard is unusable judging by stat() alone (same answer for every reader), or None."""
+def file_problem(data_dir: Path, entry: dict, size_of: Callable[[Path], int] | None = None) -> str | None:
+    """Why a shard is unusable judging by stat() alone (same answer for every reader), or None. `size_of`
+    (default: stat each time) lets a caller stat a file shared by many shards (a Megatron .bin) once."""
     checks = [(shard_path(data_dir, entry), entry.get("bytes"))]
     if "index" in entry:
         checks.append((data_dir / entry["index"], entry.get("index_bytes")))
     for path, size in checks:
         try:
-            actual = path.stat().st_size
+            actual = size_of(path) if size_of else path.stat().st_size
         except FileNotFoundError:
             return f"missing file {path}"
         except OSError as exc:
