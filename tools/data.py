@@ -29,7 +29,7 @@ def _print_summary(manifest: dict, data_dir: Path) -> None:
     for split in SPLITS:
         info = manifest["splits"][split]
         print(
-            f"{split:<15} {info['documents']} documents, {info['samples']} samples, "
+            f"{split:<15} {info['documents'] if info['documents'] is not None else 'unknown'} documents, {info['samples']} samples, "
             f"{info['tokens']} tokens, {len(info['shards'])} shards"
         )
     print(f"unigram entropy {manifest['unigram_entropy']:.4f} nats/token (train)")
