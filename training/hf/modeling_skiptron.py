@@ -30,10 +30,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .configuration_skiptron import SkiptronConfig
 
 
-def rotary_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+def rotary_inv_freq(head_dim: int, theta: float, scaling: dict | None, device: torch.device) -> torch.Tensor:
     """Rotary inverse frequencies, default or `llama3`-scaled (skiptron's `layers.rotary_inv_freq`; this file must
     stand alone)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
     if not scaling:
         return inv_freq
     old, low, high = scaling["original_max_position_embeddings"], scaling["low_freq_factor"], scaling["high_freq_factor"]
@@ -47,7 +47,7 @@ def rotary_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.
 def rotate(x: torch.Tensor, theta: float, scaling: dict | None = None) -> torch.Tensor:
     """Rotary positions 0..s-1 on x [b, heads, s, head dim] (rotate-half form, as skiptron's `Rotary`)."""
     hd, s = x.shape[-1], x.shape[-2]
-    inv_freq = rotary_inv_freq(hd, theta, scaling).to(x.device)
+    inv_freq = rotary_inv_freq(hd, theta, scaling, x.device)
     freqs = torch.arange(s, dtype=torch.float32, device=x.device)[:, None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
