@@ -75,9 +75,10 @@ def test_forward_uses_thresholded_mask_and_straight_through_grads(pools):
     assert abs(kept - 0.9) < 0.01
 
 
-def _finetune_and_reload(data, run_dir, base_dir):
+def _finetune_and_reload(data, run_dir, base_dir, model_overrides=()):
     """Base checkpoint -> mask finetuning (3 steps) -> task file; then base + task file in a fresh model (and merged
-    into plain weights) give the finetuned logits exactly."""
+    into plain weights) give the finetuned logits exactly. Also returns the task file's masked layers."""
+    from skiptron.parallel import state
     from skiptron.training import checkpoint as ckpt
     from skiptron.training.masking import load_task_file, merge_task, prepare_model, read_task_file, save_task_file
     from skiptron.training.model import GPT
@@ -88,13 +89,14 @@ def _finetune_and_reload(data, run_dir, base_dir):
     from skiptron.training.loader import read_manifest
 
     V = read_manifest(data)["vocab_size"]
-    cfg0 = _cfg([f"data.path={data}", f"run.dir={run_dir}"])
+    state.init_model_parallel(1, 1, torch.device("cpu"))
+    cfg0 = _cfg([f"data.path={data}", f"run.dir={run_dir}", *model_overrides])
     seed_everything(7)
     base = GPT(cfg0.model, V, 1)
     base_weights = full_state_dict(base)
     ckpt.write_weights_checkpoint(base_dir, cfg0, base_weights, V)
     cfg = _cfg(MASK + [f"data.path={data}", f"run.dir={run_dir}", f"finetune.base={base_dir}", "train.max_steps=3",
-                       "finetune.train_head=true", "optimizer.lr=1e-2"])
+                       "finetune.train_head=true", "optimizer.lr=1e-2", *model_overrides])
     trainer = Trainer.setup(cfg)
     trainer.run()
     model = trainer.engine.module
@@ -117,28 +119,43 @@ def _finetune_and_reload(data, run_dir, base_dir):
     size = path.stat().st_size
     n_params = sum(v.numel() for v in base_weights.values())
     return (torch.equal(finetuned, reloaded), torch.equal(finetuned, merged), frozen_unchanged, head_changed,
-            flips, size, n_params)
+            flips, size, n_params, sorted(task["masks"]))
 
 
-def test_task_file_round_trip_is_exact(pools, tiny_data, tmp_path):
-    same_reload, same_merged, frozen, head_changed, flips, size, n_params = pools(1).run(
-        _finetune_and_reload, tiny_data, tmp_path / "ft", tmp_path / "base")[0]
+ATTENTION = {"mha": ([], ["attn.qkv"]), "gqa": (["model.num_kv_heads=1"], ["attn.kv", "attn.q"])}
+
+
+@pytest.mark.parametrize("attention", ["mha", "gqa"])
+def test_task_file_round_trip_is_exact(pools, tiny_data, tmp_path, attention):
+    """Also for a grouped-query base: the default finetune.matrices' `qkv` masks its `attn.q` and `attn.kv`, and
+    merging the task file into the base reproduces the finetuned model."""
+    model_overrides, projections = ATTENTION[attention]
+    same_reload, same_merged, frozen, head_changed, flips, size, n_params, masked = pools(1).run(
+        _finetune_and_reload, tiny_data, tmp_path / "ft", tmp_path / "base", model_overrides)[0]
+    assert masked == sorted(f"blocks.{i}.{m}" for i in range(2) for m in [*projections, "attn.out", "mlp.gate_up",
+                                                                          "mlp.down"])
     assert same_reload and same_merged
     assert frozen and head_changed
     assert flips > 0  # the masks moved from their initial 90%
     assert size < n_params * 4 / 10  # 1 bit per masked weight + the head, vs 32 bits per weight
 
 
-def test_mask_tp2_equals_tp1_and_zero3(pool2, tiny_data, tmp_path):
-    """Mask finetuning with TP=2 follows DP=2 (TP=1, ZeRO-3) step for step: same losses, same scores."""
-    ov = MASK + ["train.max_steps=4", "optimizer.lr=1e-2"]
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_mask_tp2_equals_tp1_and_zero3(pool2, tiny_data, tmp_path, kv_heads):
+    """Mask finetuning with TP=2 follows DP=2 (TP=1, ZeRO-3) step for step: same losses, same scores. Multi-head
+    (4 kv heads: fused qkv) and grouped-query: 2 kv heads split over TP, 1 kv head replicated on both TP ranks, whose
+    `attn.kv` scores stay identical replicas (their gradient is summed over TP)."""
+    ov = MASK + ["train.max_steps=4", "optimizer.lr=1e-2"] + ([f"model.num_kv_heads={kv_heads}"] if kv_heads < 4 else [])
     tp1 = pool2.run(train_run, ov + ["parallel.tp=1", "zero.stage=3"], tiny_data, tmp_path / "tp1")
     tp2 = pool2.run(train_run, ov + ["parallel.tp=2", "zero.stage=1"], tiny_data, tmp_path / "tp2")
     torch.testing.assert_close(torch.tensor(tp2[0][0]), torch.tensor(tp1[0][0]), atol=1e-5, rtol=0)
     a, b = tp1[0][1], tp2[0][1]
-    assert a.keys() == b.keys() and any(k.endswith("mask_scores") for k in a)
+    projection = "attn.qkv" if kv_heads == 4 else "attn.kv"
+    assert a.keys() == b.keys() and any(k.endswith(f"{projection}.mask_scores") for k in a)
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
+    # each rank's whole tensors: gathered shards, and its own copy of a replicated parameter
+    assert all(torch.equal(b[name], tp2[1][1][name]) for name in b)
     assert tp1[0][0][-1] < tp1[0][0][0]
 
 

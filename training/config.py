@@ -330,7 +330,9 @@ class FinetuneConfig(Section):
     init_scale: float = Field(0.01, gt=0, description="mask: initial scores spread over threshold + init_scale x [-keep, 1-keep]")
     layers: str | list[int] = Field("all", description="mask: blocks whose matrices are masked: all | [i, ...]")
     matrices: list[str] = Field(["qkv", "out", "gate_up", "down"],
-                                description="mask: names of the masked linear layers inside each selected block")
+                                description="mask: names of the masked linear layers inside each selected block "
+                                            "(qkv, out, gate_up, down; q, kv of grouped-query attention; qkv means "
+                                            "the attention input projection: fused qkv, or q and kv)")
     train_head: bool = Field(False, description="mask: also train the head (final norm; output matrix if untied)")
     seed: int = Field(0, description="mask: seed of the initial scores (layout-independent)")
 

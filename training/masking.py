@@ -6,11 +6,18 @@ S of the same shape. The forward pass uses W * M with the hard binary mask M = (
 treats the thresholding as the identity (straight-through), so dL/dS = dL/d(W * M) * W. Only the scores (and, if
 chosen, the head) are trainable, so DeepSpeed's optimizer and ZeRO partitions hold only them.
 
-The masked layers stay the megatron-core `ColumnParallelLinear` / `RowParallelLinear` modules of `training/model.py`
-(same names, same state-dict keys): `enable_mask` swaps the module's class for a subclass whose forward puts W * M in
-place of W for the duration of the call, so megatron's own TP code path runs unchanged. The scores are parameters
-`<layer>.mask_scores`, sharded like the weight (same partition dim and stride); their initial values are drawn
-whole from a seeded generator and then sharded, so every TP layout starts from the same masks.
+The masked layers stay the megatron-core `ColumnParallelLinear` / `RowParallelLinear` modules of `training/layers.py`
+and grouped-query attention's `KVProjection` (same names, same state-dict keys): `enable_mask` swaps the module's
+class for a subclass whose forward puts W * M in place of W for the duration of the call, so the layer's own TP code
+path runs unchanged. The scores are parameters `<layer>.mask_scores`, sharded like the weight (same partition dim and
+stride) or, for a `KVProjection` replicated over TP (fewer kv heads than TP ranks), replicated like it: W * M enters
+the same copy region as W, so the scores' gradient is summed over TP and the replicas stay identical. Their initial
+values are drawn whole from a seeded generator and then sharded, so every TP layout starts from the same masks.
+
+`finetune.matrices` names layers by their last name in a block: `qkv`, `out`, `gate_up`, `down`, and for
+grouped-query models `q` and `kv`. `qkv` means the attention input projection whichever layout the model has: the
+fused `attn.qkv` of a multi-head model, both `attn.q` and `attn.kv` of a grouped-query one; so the default list
+masks the same matrices of either.
 
 The task-specific result is small: `save_task_file` writes the masks bit-packed (1 bit per weight, TP=1 layout) plus
 any trained head tensors into one safetensors file; `merge_task` applies it to a base checkpoint's whole weights
@@ -33,9 +40,14 @@ from torch import nn
 
 from skiptron.parallel.tensor_parallel import full_tensor, split_tp, tp_layout
 
+from .layers import KVProjection
+
 TASK_FORMAT = "skiptron-mask"
 TASK_VERSION = 1
 SCORES = "mask_scores"
+MASKABLE = (mtp.ColumnParallelLinear, mtp.RowParallelLinear, KVProjection)
+# a `finetune.matrices` name -> the layers it also stands for in a model without a layer of that name
+MATRIX_ALIASES = {"qkv": ("q", "kv")}
 
 
 # -- the masked layer ------------------------------------------------------------------------------------------
@@ -47,7 +59,7 @@ def masked_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: float) 
 
 
 class _MaskedLinear:
-    """Mixin for megatron's parallel linears: the forward sees `weight * mask` in place of `weight`."""
+    """Mixin for the maskable linears (`MASKABLE`): the forward sees `weight * mask` in place of `weight`."""
 
     mask_threshold: float = 0.0
 
@@ -130,21 +142,23 @@ def enable_mask(layer: nn.Module, threshold: float, scores: torch.Tensor) -> Non
 
 
 def selected_layers(model: nn.Module, ft, num_layers: int) -> dict[str, nn.Module]:
-    """name -> module of the linear layers `finetune.layers` x `finetune.matrices` select."""
+    """name -> module of the linear layers `finetune.layers` x `finetune.matrices` select (`qkv`: the attention input
+    projection, fused or `q` + `kv`; see the module docstring)."""
     blocks = set(ft.masked_layers(num_layers))
-    parallel = (mtp.ColumnParallelLinear, mtp.RowParallelLinear)
-    out, seen = {}, set()
+    candidates = {}
     for name, module in model.named_modules():
         parts = name.split(".")
-        if len(parts) < 3 or parts[0] != "blocks" or not isinstance(module, parallel):
-            continue
-        if int(parts[1]) in blocks and parts[-1] in ft.matrices:
-            out[name] = module
-            seen.add(parts[-1])
-    missing = sorted(set(ft.matrices) - seen)
-    if missing:
-        raise ValueError(f"finetune.matrices: {missing} name no linear layer in the selected blocks")
-    return out
+        if isinstance(module, MASKABLE) and len(parts) >= 3 and parts[0] == "blocks" and int(parts[1]) in blocks:
+            candidates[name] = module
+    present = {name.split(".")[-1] for name in candidates}
+    wanted = set()
+    for matrix in ft.matrices:
+        names = {matrix} if matrix in present else set(MATRIX_ALIASES.get(matrix, ())) & present
+        if not names:
+            raise ValueError(f"finetune.matrices: {matrix!r} names no linear layer in the selected blocks "
+                             f"(they have {sorted(present)})")
+        wanted |= names
+    return {name: module for name, module in candidates.items() if name.split(".")[-1] in wanted}
 
 
 def apply_mask_finetuning(model: nn.Module, ft, num_layers: int) -> dict[str, nn.Module]:
