@@ -75,6 +75,32 @@ def test_forward_uses_thresholded_mask_and_straight_through_grads(pools):
     assert abs(kept - 0.9) < 0.01
 
 
+def _selection(cases):
+    """For each list of overrides: the masked layers of a TP=1 model in mask mode, or the error that stops it."""
+    from skiptron.training.masking import is_masked
+
+    out = []
+    for overrides in cases:
+        try:
+            _, model = _masked_model(overrides)
+            out.append(sorted(n for n, m in model.named_modules() if is_masked(m)))
+        except ValueError as err:
+            out.append(str(err))
+    return out
+
+
+def test_matrix_names_for_grouped_query_and_multi_head(pools):
+    """`q` and `kv` select grouped-query attention's projections one by one; a multi-head model (fused qkv) has
+    neither and says so, naming the matrix and the layers it has."""
+    kv_only, q_out, missing = pools(1).run(_selection, [
+        ["model.num_kv_heads=2", "finetune.matrices=[kv]"],
+        ["model.num_kv_heads=1", "finetune.matrices=[q,out]", "finetune.layers=[1]"],
+        ["finetune.matrices=[kv]"]])[0]
+    assert kv_only == ["blocks.0.attn.kv", "blocks.1.attn.kv"]
+    assert q_out == ["blocks.1.attn.out", "blocks.1.attn.q"]
+    assert "finetune.matrices: 'kv'" in missing and "'qkv'" in missing, missing
+
+
 def _finetune_and_reload(data, run_dir, base_dir, model_overrides=()):
     """Base checkpoint -> mask finetuning (3 steps) -> task file; then base + task file in a fresh model (and merged
     into plain weights) give the finetuned logits exactly. Also returns the task file's masked layers."""
