@@ -186,7 +186,7 @@ def test_mask_tp2_equals_tp1_and_zero3(pool2, tiny_data, tmp_path, kv_heads):
 
 
 # -- from a Hugging Face model ----------------------------------------------------------------------------------
-def _mask_finetune_tp2(data, run_dir, base, tokens):
+def _mask_finetune_tp2(data, run_dir, base, tokens, kv_heads):
     """Mask finetuning (TP=2, 8 steps) from the converted checkpoint; rank 0 gets the per-step losses, the task
     file and the finetuned logits on `tokens`."""
     import torch.distributed as dist
@@ -197,7 +197,8 @@ def _mask_finetune_tp2(data, run_dir, base, tokens):
     from skiptron.training.trainer import Trainer
 
     cfg = _cfg(MASK + [f"data.path={data}", f"run.dir={run_dir}", f"finetune.base={base}", "model.tie_embeddings=false",
-                       "train.max_steps=8", "finetune.train_head=true", "optimizer.lr=1e-2"], tp=2)
+                       f"model.num_kv_heads={kv_heads}", "train.max_steps=8", "finetune.train_head=true",
+                       "optimizer.lr=1e-2"], tp=2)
     trainer = Trainer.setup(cfg)
     trainer.run()
     model = trainer.engine.module
@@ -209,11 +210,13 @@ def _mask_finetune_tp2(data, run_dir, base, tokens):
     return losses, path, logits
 
 
-def test_mask_finetuning_from_a_hugging_face_llama(pools, tiny_data, tmp_path):
+@pytest.mark.parametrize("kv_heads", [4, 1])
+def test_mask_finetuning_from_a_hugging_face_llama(pools, tiny_data, tmp_path, kv_heads):
     """LlamaForCausalLM (transformers, random init) -> skiptron-convert from-hf -> mask finetuning under TP=2 ->
     skiptron-finetune merge -> skiptron-convert to-hf: the loss falls; the exported Llama reproduces the finetuned
     logits; every block matrix is the original HF weight, zeroed where its mask dropped it; the embedding and the
-    block norms are untouched (the head, final norm and output matrix, is trained: finetune.train_head)."""
+    block norms are untouched (the head, final norm and output matrix, is trained: finetune.train_head). Also
+    multi-query (1 kv head: `attn.kv` replicated on both TP ranks, k_proj and v_proj masked)."""
     transformers = pytest.importorskip("transformers")
     from safetensors.torch import load_file
 
@@ -221,14 +224,15 @@ def test_mask_finetuning_from_a_hugging_face_llama(pools, tiny_data, tmp_path):
     from skiptron.tools.finetune import main as finetune
 
     hf_cfg = transformers.LlamaConfig(vocab_size=257, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
+                                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=32,
                                       rms_norm_eps=1e-5, tie_word_embeddings=False)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "hf")
     base, merged, back = tmp_path / "base", tmp_path / "merged", tmp_path / "back"
     assert convert(["from-hf", "--hf", str(tmp_path / "hf"), "--out", str(base), "--vocab-multiple", "64"]) == 0
     tokens = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(1))
-    losses, task, finetuned = pools(2).run(_mask_finetune_tp2, tiny_data, tmp_path / "ft", base, tokens)[0]
+    losses, task, finetuned = pools(2).run(_mask_finetune_tp2, tiny_data, tmp_path / "ft", base, tokens,
+                                                  kv_heads)[0]
     assert losses[-1] < losses[0] - 0.1, losses
     assert finetune(["merge", "--base", str(base), "--task", str(task), "--out", str(merged)]) == 0
     assert convert(["to-hf", "--checkpoint", str(merged), "--out", str(back)]) == 0
