@@ -171,7 +171,8 @@ def test_mask_tp2_equals_tp1_and_zero3(pool2, tiny_data, tmp_path, kv_heads):
     """Mask finetuning with TP=2 follows DP=2 (TP=1, ZeRO-3) step for step: same losses, same scores. Multi-head
     (4 kv heads: fused qkv) and grouped-query: 2 kv heads split over TP, 1 kv head replicated on both TP ranks, whose
     `attn.kv` scores stay identical replicas (their gradient is summed over TP)."""
-    ov = MASK + ["train.max_steps=4", "optimizer.lr=1e-2"] + ([f"model.num_kv_heads={kv_heads}"] if kv_heads < 4 else [])
+    gqa = [f"model.num_kv_heads={kv_heads}"] if kv_heads < 4 else []
+    ov = MASK + ["train.max_steps=4", "optimizer.lr=1e-2"] + gqa
     tp1 = pool2.run(train_run, ov + ["parallel.tp=1", "zero.stage=3"], tiny_data, tmp_path / "tp1")
     tp2 = pool2.run(train_run, ov + ["parallel.tp=2", "zero.stage=1"], tiny_data, tmp_path / "tp2")
     torch.testing.assert_close(torch.tensor(tp2[0][0]), torch.tensor(tp1[0][0]), atol=1e-5, rtol=0)
