@@ -5,7 +5,9 @@ creates with a factory call (torch.tensor, zeros, arange, ...) without an explic
 site, the tag follows it through ops whose inputs all carry it, an explicit `.to(device)` clears it, and
 torch.distributed's collectives refuse tagged tensors. On CPU such a tensor happens to be on the right device; on a
 GPU it would be a CPU tensor given to NCCL. Reintroducing either known bug (`torch.tensor(values)` in
-`RoutingMeter.reduce`, `torch.tensor([len(bad)])` in `check_rank_mapping`) makes the runs below fail, naming the line.
+`RoutingMeter.reduce`, `torch.tensor([len(bad)])` in `check_rank_mapping`) makes the routed and PP runs below fail,
+naming the line (checked by hand when this was written). Not covered: a host tensor mixed with device tensors in an
+ordinary op (on a GPU torch raises there by itself, except for 0-d tensors).
 """
 import os
 
