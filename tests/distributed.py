@@ -41,6 +41,7 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
             results.put((rank, True, value))
         except BaseException:
             results.put((rank, False, traceback.format_exc()))
+        torch.use_deterministic_algorithms(False)  # a run's train.deterministic is process-wide: not for the next test
     from skiptron.parallel.state import shutdown
 
     shutdown()

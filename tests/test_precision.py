@@ -32,15 +32,18 @@ def _close_weights(a: dict, b: dict, steps: int = 5, lr: float = 3e-3):
         assert diff.max() <= 2 * steps * lr and diff.mean() < 1e-3, (name, diff.max().item(), diff.mean().item())
 
 
+def _bf16_representable(weights: dict) -> bool:
+    return all(torch.equal(w, w.bfloat16().float()) for w in weights.values())
+
+
 def test_bf16_trains_and_tp2_matches_tp1(pool2, tiny_data, tmp_path):
-    """bf16 TP=2 (DP=1) follows TP=1 (DP=2) within bf16 tolerance, and both learn."""
+    """bf16 TP=2 (DP=1) follows TP=1 (DP=2) within bf16 tolerance, and both learn in bf16."""
     tp1 = pool2.run(_train, BF16 + ["parallel.tp=1", "zero.stage=1"], tiny_data, tmp_path / "tp1")
     tp2 = pool2.run(_train, BF16 + ["parallel.tp=2", "zero.stage=1"], tiny_data, tmp_path / "tp2")
     losses = tp1[0][0]
     assert losses[-1] < losses[0] - 0.3, losses
     _close(tp2[0][0], losses, BF16_LOSS_ATOL)
-    fp32 = pool2.run(_train, ["parallel.tp=1", "zero.stage=1"], tiny_data, tmp_path / "fp32")[0][0]
-    assert tp1[0][0] != fp32, "bf16 gave bitwise the fp32 losses: it did not run in bf16"
+    assert _bf16_representable(tp1[0][1]) and _bf16_representable(tp2[0][1]), "the model did not run in bf16"
     _close_weights(tp2[0][1], tp1[0][1])
 
 
@@ -53,45 +56,57 @@ def test_bf16_dp2_equals_dp1_with_accumulation(pools, tiny_data, tmp_path):
     _close_weights(runs[0][1], ref_weights, steps=3)
 
 
-def test_bf16_zero_stages_agree(pool2, tiny_data, tmp_path):
-    losses = {s: pool2.run(_train, BF16 + [f"zero.stage={s}"], tiny_data, tmp_path / f"z{s}")[0][0]
-              for s in range(4)}
+# One bf16 run per ZeRO stage (DP=2, deterministic mode, 6 steps, a checkpoint at step 3) serves the tests below.
+STEPS, HALF = 6, 3
+RUN = BF16 + [f"train.max_steps={STEPS}", f"checkpoint.interval={HALF}", "train.deterministic=true"]
+
+
+@pytest.fixture(scope="module")
+def bf16_runs(pools, tiny_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bf16")
+    return {s: {"result": pools(2).run(_ckpt_train, RUN + [f"zero.stage={s}"], tiny_data, root / f"z{s}"),
+                "checkpoint": root / f"z{s}" / "checkpoints" / f"step{HALF:08d}"} for s in range(4)}
+
+
+def test_bf16_zero_stages_agree(bf16_runs):
+    losses = {s: [run["result"][0]["losses"][i] for i in range(1, STEPS + 1)] for s, run in bf16_runs.items()}
     for stage in (2, 3):
         _close(losses[stage], losses[1], FP32_REGROUPED_ATOL)
     # ZeRO-0 runs DeepSpeed's FP16_UnfusedOptimizer on bf16 gradients. Its first update measured 0.73 x lr where
-    # stages 1-3 (and fp32) move by lr, with the same gradient norm; not explained yet (docs/benchmarks.md), so
-    # stage 0 is held to a looser bound: within 2.5% of ZeRO-1's loss over 5 steps, and learning.
-    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=0.025, atol=0)
+    # stages 1-3 (and fp32) move by lr, with the same gradient norm; not explained yet (docs/gpu.md), so stage 0
+    # is held to a looser bound: within 2.5% of ZeRO-1's loss over 5 steps, and learning.
+    torch.testing.assert_close(torch.tensor(losses[0][:5]), torch.tensor(losses[1][:5]), rtol=0.025, atol=0)
     assert losses[0][-1] < losses[0][0] - 0.3
 
 
-def test_bf16_exact_resume_in_deterministic_mode(pool2, tiny_data, tmp_path):
-    """bf16, ZeRO-1, deterministic mode: 8 steps == 4 + resume + 4, bitwise (losses and fp32 master weights)."""
-    ov = BF16 + ["zero.stage=1", "train.deterministic=true", "train.max_steps=8"]
-    full = pool2.run(_ckpt_train, ov, tiny_data, tmp_path / "full")
-    pool2.run(_ckpt_train, ov, tiny_data, tmp_path / "cut", stop_at=4)
-    resumed = pool2.run(_ckpt_train, ov, tiny_data, tmp_path / "cut")
-    assert resumed[0]["start"] == 4
-    assert resumed[0]["losses"] == full[0]["losses"]
+def test_bf16_exact_resume_in_deterministic_mode(pool2, tiny_data, tmp_path, bf16_runs):
+    """bf16, ZeRO-1, deterministic mode: resuming the step-3 checkpoint gives steps 4-6 and the final weights
+    bitwise equal to the uninterrupted run."""
+    full = bf16_runs[1]["result"]
+    resumed = pool2.run(_ckpt_train, RUN + ["zero.stage=1", f"resume={bf16_runs[1]['checkpoint']}"], tiny_data,
+                        tmp_path / "resumed")
+    assert resumed[0]["start"] == HALF
+    assert all(resumed[0]["losses"][s] == full[0]["losses"][s] for s in range(HALF + 1, STEPS + 1))
     for rank in range(2):
         for name, w in full[rank]["weights"].items():
             assert torch.equal(resumed[rank]["weights"][name], w), name
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_bf16_checkpoint_of_every_zero_stage_reshards(pool2, tiny_data, tmp_path, stage):
-    """A bf16 checkpoint of ZeRO stage s resumes under TP=2 (another ZeRO stage): the fp32 masters and Adam moments
-    come over (read from DeepSpeed's bf16 files, the ZeRO-0 masters from its FP16_Optimizer state), so the run
-    continues the original trajectory within bf16 tolerance."""
+def test_bf16_checkpoint_of_every_zero_stage_reshards(pool2, tiny_data, tmp_path, bf16_runs, stage):
+    """A bf16 checkpoint of ZeRO stage s resumes under TP=2 and another ZeRO stage: the fp32 masters and Adam
+    moments come over (from DeepSpeed's bf16 files; ZeRO-0's masters from its FP16_Optimizer state), so the run
+    continues the original trajectory within bf16 tolerance (a resume that lost them would restart near the
+    initial loss, ~0.5 higher)."""
     after = {0: 1, 1: 0, 2: 3, 3: 2}[stage]
-    ov = BF16 + ["train.max_steps=6"]
-    full = pool2.run(_ckpt_train, ov + [f"zero.stage={stage}"], tiny_data, tmp_path / "full")
-    pool2.run(_ckpt_train, ov + [f"zero.stage={stage}"], tiny_data, tmp_path / "cut", stop_at=3)
-    resumed = pool2.run(_ckpt_train, ov + [f"zero.stage={after}", "parallel.tp=2"], tiny_data, tmp_path / "cut")
-    assert resumed[0]["start"] == 3
+    full = bf16_runs[stage]["result"]
+    resumed = pool2.run(_ckpt_train, RUN + [f"zero.stage={after}", "parallel.tp=2",
+                                            f"resume={bf16_runs[stage]['checkpoint']}"], tiny_data, tmp_path / "run")
+    assert resumed[0]["start"] == HALF
     ref, got = full[0]["losses"], resumed[0]["losses"]
-    _close([got[s] for s in range(4, 7)], [ref[s] for s in range(4, 7)], BF16_LOSS_ATOL)
-    _close_weights(resumed[0]["weights"], full[0]["weights"], steps=3)
+    _close([got[s] for s in range(HALF + 1, STEPS + 1)], [ref[s] for s in range(HALF + 1, STEPS + 1)],
+           BF16_LOSS_ATOL)
+    _close_weights(resumed[0]["weights"], full[0]["weights"], steps=HALF)
 
 
 def test_fp16_where_the_cpu_allows_it(pool2, tiny_data, tmp_path):
