@@ -127,9 +127,26 @@ def build_engine(cfg: Config, model: torch.nn.Module, layout: Layout):
         config=ds_config,
         dist_init_required=False,
     )
+    _undo_fp16_optimizer_init_step(engine)
     if pipelined:
         engine.pipe_timer = PipeTimer(engine, layout.device)
     return engine, precision
+
+
+def _undo_fp16_optimizer_init_step(engine) -> None:
+    """DeepSpeed's FP16_Optimizer and FP16_UnfusedOptimizer (ZeRO-0 with bf16 or fp16; checked with deepspeed 0.19.8)
+    take one optimizer step with zero gradients when they are built, to create the optimizer's state: Adam's step
+    count then starts at 1 (its bias correction makes the first real update 0.73 x lr) and weight decay is applied
+    once. Dropping that state (the optimizer creates it again at its first real step) and copying the fp32 masters
+    back from the model's bf16/fp16 weights (whose copies they were) starts ZeRO-0 where ZeRO 1-3 start."""
+    opt = engine.optimizer
+    if engine.zero_optimization() or not hasattr(opt, "fp16_groups") or not hasattr(opt, "refresh_fp32_params"):
+        return
+    base = opt.optimizer
+    base.state.clear()
+    for group in base.param_groups:
+        group.pop("step", None)  # apex's FusedAdam counts steps per group
+    opt.refresh_fp32_params()
 
 
 class PipeTimer:
