@@ -199,6 +199,7 @@ def check_resume_and_reshard(plan: Plan, data: Path) -> list[Row]:
     import torch
 
     from skiptron.training import checkpoint as ckpt
+    from skiptron.training.numerics import set_deterministic
     from skiptron.training.weights import full_state_dict
 
     n = plan.small_steps
@@ -222,6 +223,7 @@ def check_resume_and_reshard(plan: Plan, data: Path) -> list[Row]:
                 f"{'bitwise equal' if same_weights else 'DIFFER'}",
                 {"losses": [losses[s] for s in sorted(losses)], "resumed": [r["loss"] for r in again]})]
     other, _ = train("tiny", base + ["zero.stage=3", f"resume={half}"], plan.out / "reshard")
+    set_deterministic(False)  # process-wide: the checks after this one run in the default mode
     gap = max(abs(losses[r["step"]] - r["loss"]) for r in other)
     rows.append(Row("reshard bf16", "ok" if gap <= BF16_LOSS_ATOL else "FAIL",
                     f"ZeRO-1 {plan.precision} checkpoint resumed under ZeRO-3: largest loss gap {gap:.1e} "
@@ -436,6 +438,10 @@ def main(argv=None) -> int:
     if args.device == "cpu":  # before torch or DeepSpeed look for devices
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         os.environ["DS_ACCELERATOR"] = "cpu"
+    from skiptron.training.numerics import DETERMINISTIC_ENV  # imports torch, not DeepSpeed; no CUDA work yet
+
+    # The resume check runs in deterministic mode, whose cuBLAS setting torch reads once, at the first matmul.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", DETERMINISTIC_ENV["CUBLAS_WORKSPACE_CONFIG"])
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
