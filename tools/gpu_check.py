@@ -393,7 +393,7 @@ def run_checks(plan: Plan) -> list[Row]:
             got = Row(name, "FAIL", f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
                       {"traceback": traceback.format_exc()[-4000:]})
         for row in got if isinstance(got, list) else [got]:
-            row.seconds = row.seconds or time.perf_counter() - start
+            row.seconds = row.seconds or (0.0 if row.status == "skip" else time.perf_counter() - start)
             rows.append(row)
             print(f"[gpu-check] {row.status:4s} {row.name}: {row.detail}", flush=True)
         release_memory()
