@@ -219,6 +219,9 @@ class RunConfig(Section):
 
 class LoggingConfig(Section):
     print_every: int = Field(10, ge=1)
+    progress: Literal["auto", "plain"] = Field(
+        "auto", description="auto: a live bar on a terminal, plain lines every print_every steps otherwise and "
+                            "under mpirun/srun (whose ranks' terminals are the launcher's pipes); plain: always lines")
     tensorboard: bool = True
     peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU; default: known GPUs only")
 

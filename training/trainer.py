@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from skiptron.parallel import health, state
+from skiptron.parallel import health, launch, state
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, save_config
@@ -206,7 +206,8 @@ class Trainer:
                           cfg.logging.peak_tflops * 1e12 if cfg.logging.peak_tflops else None)
         log = MetricsLogger(cfg.run.dir, is_writer=layout.is_writer, total_steps=cfg.train.max_steps,
                             tensorboard=cfg.logging.tensorboard, print_every=cfg.logging.print_every,
-                            start_step=self.progress.step)
+                            start_step=self.progress.step,
+                            progress=cfg.logging.progress == "auto" and not launch.output_is_forwarded())
         log.log_text(
             f"world {layout.world_size} = tp {layout.tp} x pp {layout.pp} x dp {layout.dp} | zero {cfg.zero.stage} | "
             f"{self.precision} on {layout.device.type} | params/rank "
