@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+from skiptron.training import verbosity
 from skiptron.training.loader import SampleStream, read_manifest
 from skiptron.training.shards import SPLITS, prepare
 from skiptron.training.tokenizer import decode, load_tokenizer
@@ -66,17 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", action="append", help=".txt/.jsonl file or directory (repeatable); default: the Python stdlib")
     p.add_argument("--tokenizer", default="bpe", help="bytes, bpe, or a path to a tokenizer.json")
     p.add_argument("--vocab-size", type=int, default=8192, help="bpe vocabulary size")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--val-fraction", type=float, default=0.01)
-    p.add_argument("--samples-per-shard", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sample (+1 for the labels; default: %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (default: %(default)s)")
+    p.add_argument("--samples-per-shard", type=int, default=1024, help="samples per tar shard (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the train/val split and the packing order (default: %(default)s)")
     p.add_argument("--text-field", default="text", help="JSON field holding the text in .jsonl inputs")
     p.set_defaults(func=_prepare)
+    verbosity.add_argument(p)
 
     p = sub.add_parser("inspect", help="print a prepared directory's manifest summary and first sample")
-    p.add_argument("dir")
-    p.add_argument("--split", default="train", choices=SPLITS)
+    p.add_argument("dir", help="a prepared data directory")
+    p.add_argument("--split", default="train", choices=SPLITS, help="split whose first sample is shown")
     p.set_defaults(func=_inspect)
+    verbosity.add_argument(p)
     return parser
 
 

@@ -6,6 +6,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -18,7 +19,6 @@ from .config import Config, ConfigError, save_config
 from .engine import build_engine
 from .flops import config_flops_per_token, peak_flops
 from .loader import TokenLoader, read_manifest
-from .masking import prepare_model
 from .metrics import MetricsLogger
 from .model import GPT
 from .routing import RoutingMeter
@@ -26,6 +26,14 @@ from .routing import RoutingMeter
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class TrainerExtension(Protocol):
+    """The trainer's one extension point, for runs that are more than pretraining (skiptron-finetune passes
+    `masking.Finetuning`): it may change the freshly built model before DeepSpeed wraps it."""
+
+    def prepare_model(self, model: torch.nn.Module, cfg: Config, vocab_size: int, log) -> None:
+        """Load weights into `model`, freeze some, add parameters; `log` prints on rank 0 (None elsewhere)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -65,7 +73,7 @@ class Trainer:
     stopped_by: int | None = None  # the signal that stopped the run, if any
 
     @classmethod
-    def setup(cls, cfg: Config) -> "Trainer":
+    def setup(cls, cfg: Config, extension: TrainerExtension | None = None) -> "Trainer":
         world_size = state.launch_world_size()
         cfg.validate_for_launch(world_size)
         vocab, manifest = data_vocab_and_seq(cfg)
@@ -76,7 +84,8 @@ class Trainer:
             health.preflight(device, cfg.launch.health_outlier_ratio)
         seed_everything(cfg.train.seed)
         model = build_model(cfg, vocab)
-        prepare_model(model, cfg, vocab, log=print if layout.is_writer else None)  # finetune.*: base weights, masks
+        if extension is not None:
+            extension.prepare_model(model, cfg, vocab, log=print if layout.is_writer else None)
         engine, precision = build_engine(cfg, model, layout)
         if layout.is_writer:
             save_config(cfg, Path(cfg.run.dir) / "config.yaml")
@@ -306,10 +315,10 @@ def _as_float(value) -> float:
     return float(value.item() if torch.is_tensor(value) else value)
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, extension: TrainerExtension | None = None) -> dict:
     """Train one run in this process (one rank of the launcher's world) and tear the groups down."""
-    trainer = Trainer.setup(cfg)
     try:
+        trainer = Trainer.setup(cfg, extension)
         summary = trainer.run()
         dist.barrier()
     finally:

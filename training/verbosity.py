@@ -48,15 +48,17 @@ def configure(verbose: bool | None = None) -> bool:
     if verbose is None:
         verbose = is_verbose()
     ds_logger = logging.getLogger(DEEPSPEED_LOGGER)
+    ours = [(module, Warning) for module in QUIET_MODULES] + [
+        (module, category) for module in QUIET_DEPRECATIONS for category in (DeprecationWarning, FutureWarning)]
+    # drop the filters an earlier call installed (a later --verbose wins), then install them again if quiet
+    warnings.filters[:] = [f for f in warnings.filters
+                           if not (f[0] == "ignore" and f[3] is not None and (f[3].pattern, f[2]) in ours)]
     if verbose:
         os.environ[ENV] = DEBUG
         ds_logger.removeFilter(_FILTER)
         return True
-    for module in QUIET_MODULES:
-        warnings.filterwarnings("ignore", module=module)
-    for module in QUIET_DEPRECATIONS:
-        for category in (DeprecationWarning, FutureWarning):
-            warnings.filterwarnings("ignore", category=category, module=module)
+    for module, category in ours:
+        warnings.filterwarnings("ignore", category=category, module=module)
     ds_logger.addFilter(_FILTER)
     return False
 
