@@ -272,6 +272,22 @@ def test_a_checkpoint_file_that_would_run_code_is_refused(saved_run, pool2, tiny
     assert sentinel.exists()
 
 
+def test_cli_resume_with_another_model_names_the_differing_keys(saved_run, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29719",
+               OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    out = subprocess.run([sys.executable, "-m", "skiptron.tools.train", "--config", "tiny", *BASE,
+                          f"data.path={tiny_data}", f"run.dir={run}", f"resume={saved_run.parent}",
+                          "model.num_layers=3", "model.norm_eps=1e-6", "launch.health_check=false"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    line, = [line for line in out.stderr.splitlines() if "checkpoint error" in line]
+    assert line.startswith(f"skiptron-train: checkpoint error: {saved_run / 'step00000006'} was saved from a "
+                           f"different model; differing keys: "), line
+    assert "model.norm_eps: checkpoint 1e-05, config 1e-06; model.num_layers: checkpoint 2, config 3" in line, line
+
+
 def test_retention(saved_run, tmp_path):
     from skiptron.training import checkpoint as ckpt
 
@@ -354,6 +370,10 @@ def test_sigkill_during_save_keeps_previous_checkpoint(pools, tiny_data, tmp_pat
     # and a real resume from one of them continues
     res = pools(1).run(_train, ["train.max_steps=4", "checkpoint.interval=2"], tiny_data, tmp_path / "manifest")
     assert res[0]["start"] == 2 and res[0]["step"] == 4
+    # one history: the killed attempt's steps 3-4 (past the checkpoint it resumed from) were superseded
+    steps = [json.loads(line)["step"] for line in (tmp_path / "manifest" / "metrics.jsonl").read_text().splitlines()]
+    superseded = (tmp_path / "manifest" / "metrics-superseded.jsonl").read_text().splitlines()
+    assert steps == [1, 2, 3, 4] and [json.loads(line)["step"] for line in superseded] == [3, 4]
 
 
 def test_disk_full_during_save_names_the_file_and_keeps_previous_checkpoint(tiny_data, tmp_path):
