@@ -106,3 +106,16 @@ def test_progress_under_mpirun_is_plain_lines(tiny_data, tmp_path):
     assert not [n for n in NOISE if n in out.stdout + out.stderr], (out.stdout + out.stderr)[-3000:]
     assert [line for line in out.stdout.splitlines() if line.startswith("step ")][-1].startswith("step 3/3 | loss")
     assert probe.stdout.strip() == "True"  # the case this guards: the rank's stdout is a terminal
+
+
+def test_pretraining_leaves_finetuning_to_skiptron_finetune(capsys):
+    """trainer.py does not import the finetuning code; skiptron-train sends finetune.* settings to skiptron-finetune
+    (which passes masking.Finetuning to the trainer's one extension point: tests/test_masking.py)."""
+    from skiptron.tools.train import main
+
+    probe = subprocess.run([sys.executable, "-c", "import sys, skiptron.training.trainer; "
+                            "print('skiptron.training.masking' in sys.modules)"], capture_output=True, text=True,
+                           timeout=300)
+    assert probe.stdout.strip() == "False", probe.stderr[-2000:]
+    assert main(["--config", "tiny", "finetune.method=mask"]) == 2
+    assert "skiptron-finetune train" in capsys.readouterr().err

@@ -29,6 +29,10 @@ Resharding reads the whole model state on every rank (CPU memory: ~12 bytes per 
 
 The data position is the number of consumed samples of the loader's global stream (see `training/loader.py`), so it
 survives a change of DP size.
+
+Every file is read as data (`load_file`: `torch.load(weights_only=True)` with a short allowlist, DeepSpeed's own reads
+included); a pickle that would call anything else is refused unless `checkpoint.trust_pickle`. `resolve_checkpoint`
+turns what a user names (a checkpoint, `latest`, the checkpoints folder, a run directory) into one checkpoint.
 """
 from __future__ import annotations
 
@@ -536,7 +540,8 @@ def resolve_resume(cfg, log=print) -> Path | None:
         path = resolve_checkpoint(choice, collective=True, log=log)
     except CheckpointError as err:
         raise CheckpointError(f"resume: {err}") from None
-    problems = _problems(path, collective=True)
+    named = path == Path(choice) or Path(choice).name == LATEST  # not chosen (and verified) among several
+    problems = _problems(path, collective=True) if named else []
     if problems:
         raise CheckpointError(f"resume: {path} is not usable: {'; '.join(problems)}")
     return path
