@@ -108,7 +108,7 @@ def _safe_globals() -> list:
     """What skiptron's and DeepSpeed's checkpoint files hold besides tensors and plain containers, the only classes
     `torch.load(weights_only=True)` may rebuild from them: numpy's RNG state in the rank files, and DeepSpeed
     0.19.8's ZeRO fragment addresses, stage enum and loss scalers in its optimizer files (checked on the files of
-    ZeRO 0-3, PP, routed models)."""
+    ZeRO 0-3 in fp32 and bf16, PP, routed models)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
