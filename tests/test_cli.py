@@ -119,3 +119,12 @@ def test_pretraining_leaves_finetuning_to_skiptron_finetune(capsys):
     assert probe.stdout.strip() == "False", probe.stderr[-2000:]
     assert main(["--config", "tiny", "finetune.method=mask"]) == 2
     assert "skiptron-finetune train" in capsys.readouterr().err
+
+
+def test_which_launchers_forward_the_output():
+    from skiptron.parallel.launch import output_is_forwarded
+
+    assert output_is_forwarded({"OMPI_COMM_WORLD_SIZE": "8"}) and output_is_forwarded({"PMI_SIZE": "8"})
+    assert output_is_forwarded({"SLURM_STEP_ID": "0", "SLURM_PROCID": "3"})
+    assert not output_is_forwarded({"SLURM_STEP_ID": "0", "SLURM_PTY_PORT": "4242"})  # srun --pty: a real terminal
+    assert not output_is_forwarded({"TORCHELASTIC_RUN_ID": "x", "RANK": "0", "WORLD_SIZE": "2"})
