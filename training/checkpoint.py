@@ -46,7 +46,7 @@ import shutil
 import signal
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +88,7 @@ class Progress:
     step: int = 0
     consumed_samples: int = 0
     consumed_tokens: int = 0
+    consumed_by_source: dict[str, int] = field(default_factory=dict)  # data source name -> samples taken from it
 
     def advance(self, samples: int, tokens: int) -> None:
         self.step += 1
@@ -602,7 +603,7 @@ def load(engine, cfg, layout, path: Path, vocab_size: int, extra: dict | None = 
         engine.micro_steps = engine.global_steps * engine.gradient_accumulation_steps()
         _apply_buffers(engine, extras["buffers"])
     _load_rank_state(path, meta, layout, extra or {}, trust)
-    return Progress(meta["step"], meta["consumed_samples"], meta["consumed_tokens"])
+    return Progress(meta["step"], meta["consumed_samples"], meta["consumed_tokens"], meta.get("consumed_by_source", {}))
 
 
 def _apply_buffers(engine, values: dict[str, torch.Tensor]) -> None:

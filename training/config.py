@@ -12,6 +12,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .blend import Source, parse_blend
+
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -203,9 +205,29 @@ class TrainConfig(Section):
 
 
 class DataConfig(Section):
-    path: str | None = None
+    path: str | None = Field(None, description="a prepared data directory (skiptron-data prepare / import-megatron)")
+    blend: list | None = Field(
+        None, description="instead of path: weighted prepared directories, [[0.7, dir], [0.3, dir]] or the "
+                          "Megatron-style flat [0.7, dir, 0.3, dir]; same tokenizer required (docs/data.md)")
     num_workers: int = Field(1, ge=0)
     shuffle: bool = True
+
+    @model_validator(mode="after")
+    def _one_source_spec(self):
+        if self.path and self.blend:
+            raise ConfigError("data.blend: give data.path or data.blend, not both")
+        if self.blend is not None:
+            try:
+                parse_blend(self.blend)
+            except ValueError as exc:
+                raise ConfigError(f"data.blend: {exc}") from None
+        return self
+
+    def sources(self) -> list[Source]:
+        """The data sources of the run: the blend's, or data.path as one source of weight 1."""
+        if self.blend is not None:
+            return parse_blend(self.blend)
+        return [Source(Path(self.path).name, 1.0, self.path)] if self.path else []
 
 
 class EvalConfig(Section):
@@ -369,11 +391,13 @@ class Config(Section):
         """The checks that depend on the launch: world size and data on disk. Call before creating process groups."""
         self.grad_accum_steps(world_size)
         if need_data:
-            if not self.data.path:
+            if not self.data.sources():
                 raise ConfigError("data.path: no prepared data directory given (run `skiptron-data prepare --out DIR`)")
-            manifest = Path(self.data.path) / "manifest.json"
-            if not manifest.is_file():
-                raise ConfigError(f"data.path: {self.data.path} is not a prepared data directory ({manifest} missing)")
+            key = "data.blend" if self.data.blend is not None else "data.path"
+            for source in self.data.sources():
+                manifest = Path(source.path) / "manifest.json"
+                if not manifest.is_file():
+                    raise ConfigError(f"{key}: {source.path} is not a prepared data directory ({manifest} missing)")
 
     @property
     def checkpoint_dir(self) -> Path:
