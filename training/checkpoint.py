@@ -64,7 +64,7 @@ TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 # Model keys that may change across a resume without changing any weight.
-RESHAPE_FREE_MODEL_KEYS = {"seq_len", "init_std"}
+RESHAPE_FREE_MODEL_KEYS = {"seq_len", "init_std", "max_position_embeddings", "hf_architecture"}
 # Exit code of a run stopped by SIGTERM/SIGUSR1 after saving (EX_TEMPFAIL: "try again", i.e. requeue me).
 EXIT_PREEMPTED = 75
 
@@ -553,8 +553,10 @@ def check_compatible(path: Path, meta: dict, cfg, vocab_size: int) -> None:
     from .config import load_config
 
     saved_model = load_config(path / "config.yaml").model
-    saved = {**saved_model.model_dump(mode="json"), "ffn_hidden_size": saved_model.ffn_size}
-    current = {**cfg.model.model_dump(mode="json"), "ffn_hidden_size": cfg.model.ffn_size}
+    saved = {**saved_model.model_dump(mode="json"), "ffn_hidden_size": saved_model.ffn_size,
+             "num_kv_heads": saved_model.kv_heads}
+    current = {**cfg.model.model_dump(mode="json"), "ffn_hidden_size": cfg.model.ffn_size,
+               "num_kv_heads": cfg.model.kv_heads}
     diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}"
              for k in sorted(set(saved) | set(current))
              if k not in RESHAPE_FREE_MODEL_KEYS and k != "vocab_size" and saved.get(k) != current.get(k)]
