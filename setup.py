@@ -52,6 +52,7 @@ setup(
             "skiptron-convert=skiptron.tools.convert:main",
             "skiptron-finetune=skiptron.tools.finetune:main",
             "skiptron-compress=skiptron.tools.compress:main",
+            "skiptron-gpu-check=skiptron.tools.gpu_check:main",
         ]
     },
 )
