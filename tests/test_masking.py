@@ -75,6 +75,25 @@ def test_forward_uses_thresholded_mask_and_straight_through_grads(pools):
     assert abs(kept - 0.9) < 0.01
 
 
+def _routed_slices_use_the_mask():
+    """Routed `kv: all` layers project Q and K/V with slices of the fused qkv weight: those slices are of W * mask."""
+    _, model = _masked_model(["model.skip.enabled=true", "model.skip.kv=all", "model.skip.layers=all"])
+    attn = model.blocks[0].block.attn
+    with torch.no_grad():
+        attn.qkv.mask_scores.uniform_(-1, 1)
+    x = torch.randn(3, 64)
+    w_eff = attn.qkv.weight * (attn.qkv.mask_scores >= 0).float()
+    n = attn.local_heads * attn.head_dim
+    q, kv = attn.project(x, "q"), attn.project(x, "kv")
+    (q.sum() + kv.sum()).backward()
+    return (torch.equal(q, F.linear(x, w_eff[:n])), torch.equal(kv, F.linear(x, w_eff[n:])),
+            bool(attn.qkv.mask_scores.grad.abs().sum() > 0))
+
+
+def test_routed_query_and_kv_slices_are_masked(pools):
+    assert pools(1).run(_routed_slices_use_the_mask)[0] == (True, True, True)
+
+
 def _selection(cases):
     """For each list of overrides: the masked layers of a TP=1 model in mask mode, or the error that stops it."""
     from skiptron.training.masking import is_masked

@@ -226,7 +226,9 @@ class Attention(nn.Module):
         n = self.local_heads * self.head_dim
         rows = slice(0, n) if parts == "q" else slice(n, 3 * n)
         bias = self.qkv.bias[rows] if self.qkv.bias is not None else None
-        return F.linear(mtp.copy_to_tensor_model_parallel_region(x), self.qkv.weight[rows], bias)
+        # a masked layer (mask finetuning) multiplies by W * mask: its slices must be of that, not of W
+        weight = self.qkv.effective_weight() if hasattr(self.qkv, "effective_weight") else self.qkv.weight
+        return F.linear(mtp.copy_to_tensor_model_parallel_region(x), weight[rows], bias)
 
     def project_out(self, context: torch.Tensor) -> torch.Tensor:
         """The row-parallel output projection of attention context rows [n, local heads x hd] -> [n, hidden]."""

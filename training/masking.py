@@ -69,9 +69,13 @@ class _MaskedLinear:
         """This rank's shard of the current hard mask (bool)."""
         return self.mask_scores.detach() >= self.mask_threshold
 
+    def effective_weight(self) -> torch.Tensor:
+        """W * mask: what the layer multiplies by (also for callers that use slices of the weight directly)."""
+        return masked_weight(self._parameters["weight"], self._parameters[SCORES], self.mask_threshold)
+
     def forward(self, *args, **kwargs):
         weight = self._parameters["weight"]
-        self._parameters["weight"] = masked_weight(weight, self._parameters[SCORES], self.mask_threshold)
+        self._parameters["weight"] = self.effective_weight()
         try:
             return super().forward(*args, **kwargs)
         finally:
