@@ -14,7 +14,7 @@ phase, host and pid. Rank 0's thread reads all heartbeats and judges with its ow
               off during start-up until the first step completes, and during checkpoint saves); the least advanced
               rank is named (the others wait for it in a collective)
 
-Rank 1 watches rank 0 the same way (rank 0 may die while the store survives, e.g. torchrun's agent store); when the
+Rank 1 watches rank 0's heartbeat (rank 0 may die while the store survives, e.g. torchrun's agent store); when the
 store itself is gone (it lives in rank 0 outside torchrun) rank 1 reports rank 0 as unreachable. The one rank that
 judges prints a single line naming the rank, host, step and phase, publishes it in the store, and every rank that
 reads it ends its process (and its data-loader workers) with EXIT_RANK_FAILED, also when blocked in a collective.
@@ -92,11 +92,9 @@ class Watchdog:
         """No stall check inside (a checkpoint save may take longer than the timeout); dead ranks still count."""
         previous, self._stall_checks = self._stall_checks, False
         self.progress(self._step, phase)
-        try:
-            yield
-        finally:
-            self._stall_checks = previous
-            self.progress(self._step, "train")
+        yield  # on an exception the phase stays: the verdict names where the job was
+        self._stall_checks = previous
+        self.progress(self._step, "train")
 
     def communication_failed(self, err: BaseException) -> None:
         """A collective raised on this rank (a peer's socket closed, a timeout): report it and wait for the judge's
@@ -146,6 +144,9 @@ class Watchdog:
                     if verdict and self._claim():
                         print(f"[watchdog] {verdict}", file=sys.stderr, flush=True)
                         self._store.set(f"{self.prefix}/verdict", verdict)
+                        self._wait_for_acknowledgements()
+                else:
+                    self._store.add(f"{self.prefix}/verdict_read", 1)
                 store_failures = 0
             except Exception as err:  # the store (hosted by rank 0 outside torchrun) stopped answering
                 store_failures += 1
@@ -158,6 +159,13 @@ class Watchdog:
                 _end_process()
             if verdict is not None:
                 _end_process()
+
+    def _wait_for_acknowledgements(self) -> None:
+        """Keep the store (hosted by rank 0 outside torchrun) up until the live ranks have read the verdict."""
+        live = sum(1 for r in range(self.world_size) if r != self.rank)
+        deadline = time.monotonic() + 3 * self.interval_s
+        while time.monotonic() < deadline and self._store.add(f"{self.prefix}/verdict_read", 0) < live:
+            time.sleep(0.1)
 
     def _claim(self) -> bool:
         """Only the first judge to decide prints the verdict."""
@@ -193,18 +201,25 @@ class Watchdog:
             if now - s.beat_at > dead_after:
                 why = (f"after {_name_errors(errors)}" if errors else
                        f"launch.collective_timeout_s={self.timeout_s:.0f}")
-                return (f"rank {r} on {s.record['host']} (pid {s.record['pid']}) died at step {s.record['step']} "
-                        f"during {s.record['phase']}: no heartbeat for {now - s.beat_at:.0f}s ({why}); ending the job")
-        stalled = {r: s for r, s in live.items() if now - s.progress_at > self.timeout_s}
+                return (f"rank {r} on {s.record['host']} (pid {s.record['pid']}) died at step {self._step} during "
+                        f"{self._phase} (as seen from rank {self.rank}; its last heartbeat: step {s.record['step']}, "
+                        f"{s.record['phase']}, {now - s.beat_at:.0f}s ago; {why}); ending the job")
+        if self.rank != 0:  # the deputy watches rank 0's life only: stalls are judged with every rank in view
+            return None
+        stalled = {}
+        if any(now - s.progress_at > self.timeout_s for s in live.values()):
+            # heartbeats arrive up to an interval late: a rank that stopped first may have been seen stopping later
+            stalled = {r: s for r, s in live.items() if now - s.progress_at > self.timeout_s - 3 * self.interval_s}
         if stalled:
             least = min(s.record["progress"] for s in stalled.values())
             culprits = sorted(r for r, s in stalled.items() if s.record["progress"] == least)
             s = stalled[culprits[0]]
             who = (f"rank {culprits[0]} on {s.record['host']} (pid {s.record['pid']})" if len(culprits) == 1 else
                    f"ranks {', '.join(map(str, culprits))} (a hung collective?)")
+            marks = ", ".join(f"rank {r}: {v.record['progress']}" for r, v in sorted(live.items()))
             return (f"{who} stopped making progress at step {s.record['step']} during {s.record['phase']}: "
-                    f"nothing for {now - s.progress_at:.0f}s (launch.collective_timeout_s={self.timeout_s:.0f}); "
-                    f"ending the job")
+                    f"nothing for {now - s.progress_at:.0f}s (launch.collective_timeout_s={self.timeout_s:.0f}; "
+                    f"progress marks {marks}); ending the job")
         if errors and all(now - s.progress_at > self.timeout_s for s in live.values()):
             return f"{_name_errors(errors)} and no rank is missing; ending the job"
         return None

@@ -75,7 +75,8 @@ def test_submit_fills_sbatch_options_from_the_config_and_rejects_bad_layouts():
     cmd = submit.sbatch_command("tiny", ["launch.slurm.nodes=2", 'launch.slurm.time="2:00:00"'], ["--qos=x"])
     assert cmd[:6] == ["sbatch", "--nodes=2", "--ntasks-per-node=1", "--job-name=tiny",
                        "--output=runs/tiny/slurm-%j.out", "--time=2:00:00"]
-    assert cmd[6:9] == ["--qos=x", str(ROOT / "launch/slurm/train.sbatch"), "--config"]
+    assert cmd[6:10] == ["--export=ALL,SKIPTRON_MAX_REQUEUES=3", "--qos=x", str(ROOT / "launch/slurm/train.sbatch"),
+                         "--config"]
     from skiptron.training.config import ConfigError
 
     with pytest.raises(ConfigError, match="data-parallel size \\(3\\)"):  # 3 ranks cannot split a batch of 16
