@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runs import BASE
+from runs import BASE, train_preset
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu")
@@ -307,19 +307,11 @@ def test_chaos_random_kills_under_torchrun_restarts_end_bitwise_equal(pool2, tin
     assert proc.returncode == 0, f"seed {seed}, faults {faults}\n{out[-4000:]}"
     assert out.count("[faults] kill") == 3 and out.count("resumed from") == 3, f"seed {seed}\n{out[-4000:]}"
     assert "could not write" not in out
-    pool2.run(_train_plain, CHAOS, tiny_data, tmp_path / "ref")
+    pool2.run(train_preset, "tiny", BASE + FAST + CHAOS, tiny_data, tmp_path / "ref")
     mine, ref = _final_model(run), _final_model(tmp_path / "ref")
     assert mine.keys() == ref.keys()
     for name in ref:
         assert torch.equal(mine[name], ref[name]), f"seed {seed}: {name}"
-
-
-def _train_plain(overrides, data, run_dir):
-    """The same run as the CLI's `--config tiny ...`, uninterrupted, on the pool."""
-    from skiptron.training.config import load_config
-    from skiptron.training.trainer import Trainer
-
-    Trainer.setup(load_config("tiny", BASE + FAST + list(overrides) + [f"data.path={data}", f"run.dir={run_dir}"])).run()
 
 
 def test_sigterm_to_the_torchrun_script_saves_and_exits_75(tiny_data, tmp_path):

@@ -41,7 +41,7 @@ class StepGuard:
         self._loss_count = 0
         self._verdict: Verdict | None = None
         self.recent = deque(maxlen=spike_window)  # losses of accepted steps
-        self.totals = {"skipped": 0, "nonfinite": 0, "spike": 0, "deepspeed": 0}
+        self.totals = {"total": 0, "nonfinite": 0, "spike": 0, "deepspeed": 0}
         self.streak = 0  # consecutive skipped steps up to now
 
     # -- wiring ---------------------------------------------------------------------------------------------------
@@ -99,7 +99,7 @@ class StepGuard:
         skipped_here = verdict is not None and not verdict.apply
         skipped = skipped_here or not applied_by_engine
         if skipped:
-            self.totals["skipped"] += 1
+            self.totals["total"] += 1
             self.streak += 1
             if verdict is not None and verdict.nonfinite:
                 self.totals["nonfinite"] += 1
@@ -118,7 +118,7 @@ class StepGuard:
 
     def reason(self) -> str:
         """Why the steps of the current streak were skipped (for the stop message)."""
-        return ", ".join(f"{v} {k}" for k, v in self.totals.items() if v and k != "skipped")
+        return ", ".join(f"{v} {k}" for k, v in self.totals.items() if v and k != "total")
 
     # -- checkpointed state -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -75,6 +75,10 @@ class Trainer:
     guard: StepGuard | None = None  # decides whether each step's update applies (training/guard.py)
     lock: RunLock | None = None  # rank 0: the run directory's writer lock
 
+    def __post_init__(self):
+        if self.guard is None:  # built without `setup` (benchmarks): count steps, gate nothing
+            self.guard = StepGuard(self.layout.device)
+
     @classmethod
     def setup(cls, cfg: Config) -> "Trainer":
         world_size = state.launch_world_size()
@@ -200,7 +204,7 @@ class Trainer:
         """Checkpoint the current step (atomic, see training/checkpoint.py). Collective. A checkpoint saved while
         steps are being skipped is marked (`health` in trainer.json) so resume does not prefer it silently."""
         tokenizer = Path(self.cfg.data.path) / self.manifest.get("tokenizer", "tokenizer.json")
-        health = {"skipped_streak": self.guard.streak, "skipped_total": self.guard.totals["skipped"]}
+        health = {"skipped_streak": self.guard.streak, "skipped_total": self.guard.totals["total"]}
         path = ckpt.save(self.engine, self.cfg, self.layout, self.progress, self.vocab_size, self.extra_state,
                          tokenizer=tokenizer, health=health)
         self.last_saved_step = self.progress.step
