@@ -311,7 +311,7 @@ def test_chaos_random_kills_under_torchrun_restarts_end_bitwise_equal(pool2, tin
     mine, ref = _final_model(run), _final_model(tmp_path / "ref")
     assert mine.keys() == ref.keys()
     for name in ref:
-        assert torch.equal(mine[name], ref[name]), f"seed {seed}: {name}"
+        assert ref[name] is None and mine[name] is None or torch.equal(mine[name], ref[name]), f"seed {seed}: {name}"
 
 
 def test_sigterm_to_the_torchrun_script_saves_and_exits_75(tiny_data, tmp_path):

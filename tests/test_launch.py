@@ -294,4 +294,4 @@ def test_sbatch_failed_job_requeues_itself_and_resumes_to_the_same_weights(slurm
     mine, ref = _final_weights(run), _final_weights(tmp_path / "ref")
     assert mine.keys() == ref.keys()
     for name in ref:
-        assert torch.equal(mine[name], ref[name]), name
+        assert ref[name] is None and mine[name] is None or torch.equal(mine[name], ref[name]), name
