@@ -339,7 +339,7 @@ def model_meta(engine, tp: int, vocab_size: int) -> dict:
 
 def nonfinite_state(engine) -> list[str]:
     """Names of the non-finite tensors among every rank's weights, fp32 master weights and optimizer state (the
-    same list on every rank; collective). One flag reduction per rank; names are looked up only when it is set."""
+    same list on every rank; collective)."""
     module_params = [(n, p) for n, p in engine.module.named_parameters() if p.numel()]
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)
     optimizer_tensors = [(f"optimizer group {g} tensor {i}", p) for g, group in enumerate(base.param_groups)
@@ -348,11 +348,12 @@ def nonfinite_state(engine) -> list[str]:
                           for g, group in enumerate(base.param_groups) for i, p in enumerate(group["params"])
                           for key, v in base.state.get(p, {}).items() if torch.is_tensor(v) and v.numel() > 1]
     tensors = module_params + optimizer_tensors
-    bad = torch.zeros((), dtype=torch.bool, device=tensors[0][1].device if tensors else "cpu")
-    for _, t in tensors:
-        bad |= ~torch.isfinite(t.detach()).all()
+    # One read pass: a NaN or inf anywhere makes the tensor's sum non-finite (no boolean copy of every tensor); only
+    # then is each tensor checked exactly (a finite sum that overflowed is not a non-finite value)
+    sums = torch.stack([t.detach().sum(dtype=torch.float32) for _, t in tensors]) if tensors else torch.zeros(1)
+    suspect = not bool(torch.isfinite(sums).all())
     rank, _ = _rank_world()
-    mine = [f"{name} (rank {rank})" for name, t in tensors if not torch.isfinite(t.detach()).all()] if bad else []
+    mine = [f"{name} (rank {rank})" for name, t in tensors if not torch.isfinite(t.detach()).all()] if suspect else []
     return [name for part in _gather(mine) for name in part]
 
 

@@ -106,9 +106,9 @@ def build_engine(cfg: Config, model: torch.nn.Module, layout: Layout, guard=None
 
     precision = resolve_precision(cfg, layout.device)
     optimizer = make_optimizer(cfg, model, layout.device)
-    scheduler = HoldableLambdaLR(optimizer, lr_lambda(cfg), guard.schedule_may_advance if guard else None)
     if guard is not None:
-        guard.gate(optimizer)
+        guard.gate(optimizer)  # before the scheduler, which wraps `optimizer.step` to count its calls
+    scheduler = HoldableLambdaLR(optimizer, lr_lambda(cfg), guard.schedule_may_advance if guard else None)
     ds_config = deepspeed_config(cfg, layout.world_size, precision)
     pipelined = isinstance(model, PipelineModule)
     if pipelined:

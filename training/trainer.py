@@ -118,12 +118,13 @@ class Trainer:
             seed=self.cfg.train.seed, start_sample=start_sample,
             shuffle=self.cfg.data.shuffle if shuffle is None else shuffle)
 
-    def train_step(self, batches: list) -> dict[str, float]:
+    def train_step(self, batches) -> dict[str, float]:
         """One optimizer step over `grad_accum` micro-batches. Returns the LM loss averaged over micro-batches and
         DP (`loss`) and, for routed models, the routing metrics. The guard decides before the optimizer step
         whether the update applies (same verdict on every rank)."""
         if self.pipelined:
             return self._pipe_train_step(batches)
+        batches = list(batches)
         total = torch.zeros((), dtype=torch.float32, device=self.layout.device)
         routing = RoutingMeter()
         n = 0
