@@ -49,6 +49,7 @@ setup(
             "skiptron-bench-checkpoint=skiptron.tools.bench_checkpoint:main",
             "skiptron-bench-faults=skiptron.tools.bench_faults:main",
             "skiptron-bench-quality=skiptron.tools.bench_quality:main",
+            "skiptron-bench-data=skiptron.tools.bench_data:main",
             "skiptron-convert=skiptron.tools.convert:main",
             "skiptron-finetune=skiptron.tools.finetune:main",
             "skiptron-compress=skiptron.tools.compress:main",

@@ -6,7 +6,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 source launch/setup_env.sh
 DATA="${SKIPTRON_DATA:-data/stdlib}"
-if [ ! -f "$DATA/manifest.json" ]; then
+if ! skiptron-data inspect "$DATA" >/dev/null 2>&1; then  # missing, incomplete or of an older format
   skiptron-data prepare --out "$DATA" --tokenizer bpe --vocab-size 8192 --seq-len 256
 fi
 torchrun --standalone --nproc-per-node "${NPROC:-2}" --no-python \

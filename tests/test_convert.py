@@ -78,6 +78,8 @@ CUSTOM = {  # one tiny model per code path of modeling_skiptron.py
     "srupp-routed": SKIP + ["model.block=srupp", "model.srupp.attention_every=2", "model.num_layers=3",
                             "model.skip.kv=active", "model.skip.layers=[1,2]"],
     "factorized-embedding-tied": ["model.embedding_rank=8"],
+    "gqa-mqa-llama3-rope-routed": SKIP + ["model.skip.kv=active", "model.num_kv_heads=1", "model.rope_theta=500000",
+                                          "model.rope_scaling.original_max_position_embeddings=16"],
 }
 
 
@@ -223,13 +225,3 @@ def test_from_hf_round_trip_and_any_layout(pools, tiny_data, tmp_path):
     got = pools(2).run(_logits_from_resumed, tiny_data, sk, tokens,
                        ["parallel.tp=2", "model.tie_embeddings=false", "zero.stage=2"])
     torch.testing.assert_close(got[0], ref, atol=1e-4, rtol=0)
-
-
-def test_from_hf_refuses_gqa(tmp_path):
-    from skiptron.tools.convert import main
-
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "gqa")
-    with pytest.raises(SystemExit, match="grouped-query attention"):
-        main(["from-hf", "--hf", str(tmp_path / "gqa"), "--out", str(tmp_path / "x")])

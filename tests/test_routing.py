@@ -265,3 +265,61 @@ def test_kv_cache_decoding_matches_the_full_forward(pool2, granularity, kv, enab
     for full, decoded, rates in pool2.run(_decode_vs_full, granularity, kv, enabled):
         torch.testing.assert_close(decoded, full, atol=1e-5, rtol=1e-5)
         assert all(0 < r < 1 for r in rates), rates  # some tokens executed, some skipped
+
+
+def _routed_kernels():
+    """Every SDPA call of routed attention (kv: all with each kernel, kv: active) with its keyword arguments, and
+    the contexts of the three paths next to their references (the dense layer at the selected rows; for kv: active,
+    the dense layer run on each sequence's active tokens alone, at their positions)."""
+    import torch.nn.functional as F
+
+    from skiptron.training import attention
+    from skiptron.training.routing import pack_positions
+
+    attn = _model(1).blocks[0].block.attn
+    x = torch.randn(3, 16, 64, generator=torch.Generator().manual_seed(1))
+    active = torch.rand(3, 16, generator=torch.Generator().manual_seed(0)) < 0.5
+    index, valid = pack_positions(active)
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def recorded(q, k, v, **kwargs):
+        calls.append((tuple(q.shape), kwargs))
+        return sdpa(q, k, v, **kwargs)
+
+    F.scaled_dot_product_attention = recorded
+    try:
+        with torch.no_grad():
+            dense = attn(x, torch.arange(16))
+            calls.clear()
+            out = {}
+            for kernel in ("sdpa", "flex"):  # the mask-free ones
+                attn.kv_all_kernel = kernel
+                out[kernel] = attn.project_out(attn.forward_selected(x, index, valid, kv_all=True))
+            out["active"] = attn.project_out(attn.forward_selected(x, index, valid, kv_all=False))
+            kernel_calls = list(calls)
+            attn.kv_all_kernel = "mask"
+            out["mask"] = attn.project_out(attn.forward_selected(x, index, valid, kv_all=True))
+            ref_active = torch.cat([attn(x[i, active[i]][None], active[i].nonzero()[:, 0])[0] for i in range(3)])
+    finally:
+        F.scaled_dot_product_attention = sdpa
+    return kernel_calls, out, dense[active], ref_active, int(valid.shape[1]), attention.attention_backend_report()
+
+
+def test_routed_attention_builds_no_sequence_mask(pool2):
+    """The mask-free routed kernels never hand SDPA a mask: `kv: all` runs the causal kernel over the queries
+    scattered to their positions (kernel sdpa) or flex_attention with a block mask (kernel flex, no SDPA call at
+    all), `kv: active` the causal kernel over the packed [b, n] rows; they, and the [b, n, s]-masked kernel `auto`
+    picks on CPU, equal their dense references."""
+    calls, out, ref_all, ref_active, n, report = pool2.run(_routed_kernels)[0]
+    assert [shape for shape, _ in calls] == [(3, 4, 16, 16), (3, 4, n, 16)]  # sdpa kernel, then kv: active
+    assert n < 16
+    for _, kwargs in calls:
+        assert kwargs.get("attn_mask") is None and kwargs["is_causal"] is True, kwargs
+    torch.testing.assert_close(out["sdpa"], ref_all, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out["flex"], ref_all, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out["mask"], ref_all, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out["active"], ref_active, atol=1e-6, rtol=1e-5)
+    assert set(report) == {"dense", "routed_kv_active", "routed_kv_all[auto]", "routed_kv_all[sdpa]",
+                           "routed_kv_all[mask]", "routed_kv_all[flex]", "decode_step"}
+    assert all("none" not in v and "unavailable" not in v for v in report.values()), report
+    assert report["routed_kv_all[auto]"] == "mask"  # CPU: its fused kernel takes the mask and is fastest with it

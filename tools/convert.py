@@ -1,13 +1,14 @@
 """`skiptron-convert`: checkpoints to and from Hugging Face, consolidation, and lm-eval evaluation.
 
     skiptron-convert to-hf --checkpoint DIR --out DIR           sharded checkpoint -> Hugging Face model directory
-    skiptron-convert from-hf --hf DIR --out DIR [--tp N --pp N]  Llama directory -> skiptron (weights-only) checkpoint
+    skiptron-convert from-hf --hf DIR --out DIR [--tp N --pp N]  Llama / Mistral / Qwen2 -> skiptron (weights-only)
     skiptron-convert consolidate --checkpoint DIR --out FILE     ZeRO/TP shards -> one fp32 state dict (torch.save)
     skiptron-convert eval --hf DIR --tasks T[,T] [--include-path DIR] [--out FILE]   lm-eval on a converted model
 
-A skiptron dense block is exactly a Llama decoder layer (pre-norm RMSNorm, rotate-half rotary, SwiGLU, no biases),
-so the mapping is a renaming plus splitting the fused QKV and gate/up weights; the padded vocabulary rows are dropped
-(their logits are -inf in skiptron). `from-hf` writes a layout-independent checkpoint (whole fp32 weights), which
+A skiptron dense block is exactly a Llama decoder layer (pre-norm RMSNorm, rotate-half rotary incl. llama3 scaling,
+SwiGLU, grouped-query attention, no biases), Mistral's (its sliding window covering the sequence) and, with Q/K/V
+biases, Qwen2's, so the mapping is a renaming plus splitting the fused QKV (or [K; V]) and gate/up weights; the
+padded vocabulary rows are dropped (their logits are -inf in skiptron). `from-hf` writes a layout-independent checkpoint (whole fp32 weights), which
 `resume=<dir>` loads under any TP/PP/DP/ZeRO layout; `--tp/--pp` only check that the model splits that way.
 Every other model (skip-routed, SRU++, biases, factorized embedding) exports as `SkiptronForCausalLM`: the modeling
 code of training/hf/ is copied next to the weights, which keep skiptron's names, and `AutoModelForCausalLM.
@@ -42,8 +43,23 @@ def _layer_map(i: int) -> dict[str, str]:
             f"blocks.{i}.mlp.down.weight": f"model.layers.{i}.mlp.down_proj.weight"}
 
 
+def _qkv(weights: dict[str, torch.Tensor], model_cfg, i: int, kind: str) -> tuple[torch.Tensor, ...]:
+    """Block i's whole q, k and v weights (kind "weight") or biases ("bias"), from the fused `qkv` (multi-head) or
+    the `q` and `kv` projections (grouped-query)."""
+    if model_cfg.kv_heads == model_cfg.num_heads:
+        return weights[f"blocks.{i}.attn.qkv.{kind}"].chunk(3, dim=0)
+    return (weights[f"blocks.{i}.attn.q.{kind}"], *weights[f"blocks.{i}.attn.kv.{kind}"].chunk(2, dim=0))
+
+
+def _fused_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, model_cfg, i: int, kind: str) -> dict:
+    """The inverse of `_qkv`."""
+    if model_cfg.kv_heads == model_cfg.num_heads:
+        return {f"blocks.{i}.attn.qkv.{kind}": torch.cat([q, k, v])}
+    return {f"blocks.{i}.attn.q.{kind}": q, f"blocks.{i}.attn.kv.{kind}": torch.cat([k, v])}
+
+
 def to_hf_state(weights: dict[str, torch.Tensor], model_cfg, vocab_size: int) -> dict[str, torch.Tensor]:
-    """skiptron whole weights -> Llama names; fused QKV / gate-up split, vocabulary padding dropped."""
+    """skiptron whole weights -> Llama/Mistral/Qwen2 names; fused QKV / gate-up split, vocabulary padding dropped."""
     out = {"model.embed_tokens.weight": weights["embedding.tokens.weight"][:vocab_size],
            "model.norm.weight": weights["head.norm.weight"]}
     if not model_cfg.tie_embeddings:
@@ -51,15 +67,18 @@ def to_hf_state(weights: dict[str, torch.Tensor], model_cfg, vocab_size: int) ->
     for i in range(model_cfg.num_layers):
         for src, dst in _layer_map(i).items():
             out[dst] = weights[src]
-        q, k, v = weights[f"blocks.{i}.attn.qkv.weight"].chunk(3, dim=0)
-        out.update({f"model.layers.{i}.self_attn.{n}_proj.weight": t for n, t in zip("qkv", (q, k, v))})
+        kinds = ("weight", "bias") if model_cfg.qkv_bias else ("weight",)
+        for kind in kinds:
+            out.update({f"model.layers.{i}.self_attn.{n}_proj.{kind}": t
+                        for n, t in zip("qkv", _qkv(weights, model_cfg, i, kind))})
         gate, up = weights[f"blocks.{i}.mlp.gate_up.weight"].chunk(2, dim=0)
         out[f"model.layers.{i}.mlp.gate_proj.weight"], out[f"model.layers.{i}.mlp.up_proj.weight"] = gate, up
     return {k: v.float().contiguous() for k, v in out.items()}
 
 
 def from_hf_state(hf: dict[str, torch.Tensor], model_cfg, padded_vocab: int) -> dict[str, torch.Tensor]:
-    """Llama names -> skiptron whole weights (the inverse of `to_hf_state`), vocabulary padded with zeros."""
+    """Llama/Mistral/Qwen2 names -> skiptron whole weights (the inverse of `to_hf_state`), vocabulary padded with
+    zeros."""
 
     def pad(t):
         return torch.cat([t, t.new_zeros(padded_vocab - t.shape[0], t.shape[1])]) if t.shape[0] < padded_vocab else t
@@ -70,8 +89,9 @@ def from_hf_state(hf: dict[str, torch.Tensor], model_cfg, padded_vocab: int) -> 
     for i in range(model_cfg.num_layers):
         for src, dst in _layer_map(i).items():
             out[src] = hf[dst]
-        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat(
-            [hf[f"model.layers.{i}.self_attn.{n}_proj.weight"] for n in "qkv"])
+        for kind in ("weight", "bias") if model_cfg.qkv_bias else ("weight",):
+            out.update(_fused_qkv(*(hf[f"model.layers.{i}.self_attn.{n}_proj.{kind}"] for n in "qkv"), model_cfg, i,
+                                  kind))
         out[f"blocks.{i}.mlp.gate_up.weight"] = torch.cat(
             [hf[f"model.layers.{i}.mlp.{n}_proj.weight"] for n in ("gate", "up")])
     return {k: v.float().contiguous() for k, v in out.items()}
@@ -92,21 +112,39 @@ def _eot(tokenizer_file: Path) -> tuple[str | None, int | None]:
     return EOT, eot_id(load_tokenizer(tokenizer_file))
 
 
-def is_llama(model_cfg) -> bool:
-    """Whether a model is exactly a Llama: dense transformer blocks, no biases, an ordinary token embedding."""
+HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def hf_family(model_cfg) -> str | None:
+    """The transformers family a model is exactly ("llama", "mistral", "qwen2"), or None (exported with skiptron's
+    own modeling code): dense transformer blocks, an ordinary token embedding, no biases but Q/K/V biases, which
+    make it a Qwen2 (`model.hf_architecture` picks between the equivalent Llama and Mistral)."""
     m = model_cfg
-    return m.block == "transformer" and not m.skip.enabled and not m.bias and m.embedding_rank is None
+    if m.block != "transformer" or m.skip.enabled or m.bias or m.embedding_rank is not None:
+        return None
+    return "qwen2" if m.qkv_bias else m.hf_architecture
 
 
-def _llama_config(m, vocab: int, eot_id: int | None):
-    from transformers import LlamaConfig
+def _rope_parameters(m) -> dict:
+    rope = {"rope_type": "default", "rope_theta": m.rope_theta}
+    if m.rope_scaling is not None:
+        rope.update(m.rope_scaling.model_dump(), rope_type=m.rope_scaling.type)
+        rope.pop("type")
+    return rope
 
-    return LlamaConfig(
+
+def _native_config(m, family: str, vocab: int, eot_id: int | None):
+    import transformers
+
+    config_class = getattr(transformers, HF_CLASSES[family].replace("ForCausalLM", "Config"))
+    extra = {"llama": {"attention_bias": False, "mlp_bias": False}, "mistral": {"sliding_window": None},
+             "qwen2": {"use_sliding_window": False, "sliding_window": None}}[family]
+    return config_class(
         vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=m.ffn_size, num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_heads, num_key_value_heads=m.num_heads, hidden_act="silu",
-        max_position_embeddings=m.seq_len, rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
-        tie_word_embeddings=m.tie_embeddings, attention_bias=False, mlp_bias=False, initializer_range=m.init_std,
-        bos_token_id=eot_id, eos_token_id=eot_id, torch_dtype="float32", architectures=["LlamaForCausalLM"])
+        num_attention_heads=m.num_heads, num_key_value_heads=m.kv_heads, head_dim=m.head_dim, hidden_act="silu",
+        max_position_embeddings=m.max_positions, rms_norm_eps=m.norm_eps, rope_parameters=_rope_parameters(m),
+        tie_word_embeddings=m.tie_embeddings, initializer_range=m.init_std, bos_token_id=eot_id,
+        eos_token_id=eot_id, torch_dtype="float32", architectures=[HF_CLASSES[family]], **extra)
 
 
 def _skiptron_config(m, vocab: int, eot_id: int | None):
@@ -114,8 +152,10 @@ def _skiptron_config(m, vocab: int, eot_id: int | None):
 
     return SkiptronConfig(
         vocab_size=vocab, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
-        intermediate_size=m.ffn_size, max_position_embeddings=m.seq_len, rms_norm_eps=m.norm_eps,
-        rope_theta=m.rope_theta, initializer_range=m.init_std, bias=m.bias, tie_embeddings=m.tie_embeddings,
+        num_key_value_heads=m.kv_heads, intermediate_size=m.ffn_size, max_position_embeddings=m.max_positions,
+        rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
+        rotary_scaling=m.rope_scaling.model_dump() if m.rope_scaling else None, initializer_range=m.init_std,
+        bias=m.bias, qkv_bias=m.qkv_bias, tie_embeddings=m.tie_embeddings,
         embedding_rank=m.embedding_rank, block=m.block,
         routed_layers=m.skip.routed_layers(m.num_layers), skip_granularity=m.skip.granularity, skip_kv=m.skip.kv,
         srupp_proj_size=m.srupp.projection(m.hidden_size), srupp_num_heads=m.srupp.num_heads,
@@ -162,7 +202,7 @@ def _check_state(path: Path, hf_cfg, state: dict[str, torch.Tensor]) -> None:
 
 def to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
     """A checkpoint (any layout) -> a Hugging Face directory (safetensors, config, generation config, tokenizer):
-    LlamaForCausalLM when `is_llama`, else SkiptronForCausalLM with its modeling code (trust_remote_code)."""
+    Llama/Mistral/Qwen2ForCausalLM when `hf_family` names one, else SkiptronForCausalLM with its modeling code (trust_remote_code)."""
     _require("transformers")
     from safetensors.torch import save_file
     from transformers import GenerationConfig
@@ -186,20 +226,21 @@ def to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
         raise SystemExit(f"skiptron-convert: {path}: a mask-finetuning checkpoint ({masked[0]}, ...); merge the masks "
                          f"first (skiptron-finetune merge --base CKPT --task FILE --out DIR) and export DIR")
     eot, eot_id = _eot(path / "tokenizer.json")
-    llama = is_llama(m)
-    if llama:
-        hf_cfg, state = _llama_config(m, vocab, eot_id), to_hf_state(weights, m, vocab)
+    family = hf_family(m)
+    native = family is not None
+    if native:
+        hf_cfg, state = _native_config(m, family, vocab, eot_id), to_hf_state(weights, m, vocab)
     else:
         hf_cfg = _skiptron_config(m, vocab, eot_id)
         state = skiptron_hf_state(weights, extras.get("buffers", {}), m, vocab)
         _check_state(path, hf_cfg, state)
     out.mkdir(parents=True, exist_ok=True)
     hf_cfg.save_pretrained(out)
-    if not llama:
+    if not native:
         for name in HF_CODE:
             shutil.copyfile(Path(hf.__file__).parent / name, out / name)
     # The Skiptron model keeps no KV cache: generation re-runs the sequence (see modeling_skiptron.py).
-    GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id, use_cache=llama).save_pretrained(out)
+    GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id, use_cache=native).save_pretrained(out)
     save_file(state, str(out / SAFETENSORS), metadata={"format": "pt"})
     if eot is not None:
         from transformers import PreTrainedTokenizerFast
@@ -224,33 +265,75 @@ def _read_hf(hf_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, state
 
 
+def _hf_rope(c: dict, problems: list[str]) -> dict:
+    """skiptron's rope_theta / rope_scaling from a config's `rope_parameters` (transformers 5) or `rope_scaling` +
+    `rope_theta` (older files)."""
+    rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    out = {"rope_theta": rope.get("rope_theta", c.get("rope_theta", 10000.0))}
+    if rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)) != 1.0:
+        problems.append(f"partial_rotary_factor {rope.get('partial_rotary_factor', c.get('partial_rotary_factor'))}: "
+                        f"only full rotary embeddings are supported")
+    if kind == "llama3":
+        out["rope_scaling"] = {"type": "llama3", **{k: rope[k] for k in (
+            "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings") if k in rope}}
+    elif kind != "default":
+        problems.append(f"rope_type {kind!r}: only the default and 'llama3' rotary embeddings are supported")
+    return out
+
+
+def _hf_sliding_window(c: dict, seq_len: int, problems: list[str], log) -> None:
+    """Sliding-window attention is not implemented: a window that covers the whole sequence is the same model."""
+    window = c.get("sliding_window")
+    used = c.get("use_sliding_window", True) if c.get("model_type") == "qwen2" else True
+    if window is None or not used:
+        return
+    if window < seq_len:
+        problems.append(f"sliding_window {window} < model.seq_len {seq_len}: sliding-window attention is not "
+                        f"supported (pass --seq-len {window} or less to continue with windows covering the sequence)")
+    else:
+        log(f"skiptron-convert: note: sliding_window {window} >= model.seq_len {seq_len}: every window covers the "
+            f"whole sequence, so it is ignored")
+
+
 def from_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tp: int = 1, pp: int = 1,
-            vocab_multiple: int = 128) -> Path:
-    """A Llama-architecture HF directory -> a skiptron weights-only checkpoint (loads under any layout)."""
+            vocab_multiple: int = 128, seq_len: int | None = None, log=None) -> Path:
+    """A Llama / Mistral / Qwen2 HF directory -> a skiptron weights-only checkpoint (loads under any layout).
+    Everything skiptron cannot represent is refused, each field by name; `seq_len` (default: the model's
+    max_position_embeddings) is the training sequence length of the written config."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
     hf_dir = Path(hf_dir)
     c, state = _read_hf(hf_dir)
+    family = c.get("model_type")
     problems = []
-    if c.get("model_type") != "llama":
-        problems.append(f"model_type is {c.get('model_type')!r}, not 'llama'")
-    if c.get("num_key_value_heads", c["num_attention_heads"]) != c["num_attention_heads"]:
-        problems.append("grouped-query attention (num_key_value_heads != num_attention_heads) is not supported")
-    if c.get("hidden_act", "silu") != "silu" or c.get("attention_bias") or c.get("mlp_bias"):
-        problems.append("only silu activations without biases are supported")
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    if rope.get("rope_type", "default") != "default":
-        problems.append(f"rope scaling {rope.get('rope_type')!r} is not supported")
+    if family not in HF_CLASSES:
+        problems.append(f"model_type {family!r} is not one of {', '.join(map(repr, HF_CLASSES))}")
+    heads, hidden = c["num_attention_heads"], c["hidden_size"]
+    if c.get("head_dim") not in (None, hidden // heads):
+        problems.append(f"head_dim {c['head_dim']} differs from hidden_size / num_attention_heads = {hidden // heads}")
+    if c.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {c.get('hidden_act')!r}: only 'silu' (SwiGLU) is supported")
+    if c.get("attention_bias"):
+        problems.append("attention_bias true (biases on q, k, v and o projections): only Q/K/V biases (Qwen2) are "
+                        "supported")
+    if c.get("mlp_bias"):
+        problems.append("mlp_bias true: MLP biases are not supported")
+    positions = c.get("max_position_embeddings", 2048)
+    seq_len = seq_len or positions
+    rope = _hf_rope(c, problems)
+    _hf_sliding_window(c, seq_len, problems, log)
     if problems:
         raise SystemExit(f"skiptron-convert: {hf_dir / 'config.json'}: " + "; ".join(problems))
     vocab = c["vocab_size"]
     tied = c.get("tie_word_embeddings", False) or "lm_head.weight" not in state
     try:
         cfg = build_config({
-            "model": {"num_layers": c["num_hidden_layers"], "hidden_size": c["hidden_size"],
-                      "num_heads": c["num_attention_heads"], "ffn_hidden_size": c["intermediate_size"],
-                      "seq_len": c.get("max_position_embeddings", 2048), "vocab_size": vocab,
+            "model": {"num_layers": c["num_hidden_layers"], "hidden_size": hidden, "num_heads": heads,
+                      "num_kv_heads": c.get("num_key_value_heads") or heads, "ffn_hidden_size": c["intermediate_size"],
+                      "seq_len": seq_len, "max_position_embeddings": positions, "vocab_size": vocab,
                       "make_vocab_size_divisible_by": vocab_multiple, "tie_embeddings": tied,
-                      "norm_eps": c.get("rms_norm_eps", 1e-5),
-                      "rope_theta": rope.get("rope_theta", c.get("rope_theta", 10000.0))},
+                      "qkv_bias": family == "qwen2", "hf_architecture": family,
+                      "norm_eps": c.get("rms_norm_eps", 1e-5), **rope},
             "parallel": {"tp": tp, "pp": pp}})
     except ConfigError as err:
         raise SystemExit(f"skiptron-convert: {hf_dir} cannot be used with --tp {tp} --pp {pp}: {err}") from err
@@ -295,12 +378,13 @@ def main(argv=None) -> int:
     a = sub.add_parser("to-hf", help="checkpoint -> Hugging Face directory (Llama, or skiptron's modeling code)")
     a.add_argument("--checkpoint", required=True)
     a.add_argument("--out", required=True)
-    b = sub.add_parser("from-hf", help="Hugging Face Llama directory -> skiptron checkpoint")
+    b = sub.add_parser("from-hf", help="Hugging Face Llama / Mistral / Qwen2 directory -> skiptron checkpoint")
     b.add_argument("--hf", required=True)
     b.add_argument("--out", required=True)
     b.add_argument("--tp", type=int, default=1)
     b.add_argument("--pp", type=int, default=1)
     b.add_argument("--vocab-multiple", type=int, default=128, help="model.make_vocab_size_divisible_by")
+    b.add_argument("--seq-len", type=int, help="model.seq_len of the written config (default: max_position_embeddings)")
     c = sub.add_parser("consolidate", help="checkpoint -> one fp32 state dict file")
     c.add_argument("--checkpoint", required=True)
     c.add_argument("--out", required=True)
@@ -316,7 +400,7 @@ def main(argv=None) -> int:
         if args.cmd == "to-hf":
             print(to_hf(args.checkpoint, args.out))
         elif args.cmd == "from-hf":
-            print(from_hf(args.hf, args.out, args.tp, args.pp, args.vocab_multiple))
+            print(from_hf(args.hf, args.out, args.tp, args.pp, args.vocab_multiple, args.seq_len))
         elif args.cmd == "consolidate":
             print(consolidate(args.checkpoint, args.out))
         else:

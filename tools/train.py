@@ -39,7 +39,8 @@ def main(argv=None) -> int:
         return 3 if isinstance(err, RunDirBusy) else 1
     if int(os.environ.get("RANK", "0")) == 0:
         run = Path(cfg.run.dir)
-        entropy = read_manifest(cfg.data.path).get("unigram_entropy")
+        sources = cfg.data.sources()
+        entropy = read_manifest(sources[0].path).get("unigram_entropy") if len(sources) == 1 else None
         if summary.get("best_val_loss") is not None and entropy:
             print(f"best validation loss {summary['best_val_loss']:.3f} nats/token "
                   f"(the data's unigram entropy: {entropy:.3f})")

@@ -42,7 +42,7 @@ import shutil
 import signal
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +60,7 @@ TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 # Model keys that may change across a resume without changing any weight.
-RESHAPE_FREE_MODEL_KEYS = {"seq_len", "init_std"}
+RESHAPE_FREE_MODEL_KEYS = {"seq_len", "init_std", "max_position_embeddings", "hf_architecture"}
 # Exit code of a run stopped by SIGTERM/SIGUSR1 after saving (EX_TEMPFAIL: "try again", i.e. requeue me).
 EXIT_PREEMPTED = 75
 
@@ -76,6 +76,7 @@ class Progress:
     step: int = 0
     consumed_samples: int = 0
     consumed_tokens: int = 0
+    consumed_by_source: dict[str, int] = field(default_factory=dict)  # data source name -> samples taken from it
 
     def advance(self, samples: int, tokens: int) -> None:
         self.step += 1
@@ -486,8 +487,10 @@ def check_compatible(path: Path, meta: dict, cfg, vocab_size: int) -> None:
     from .config import load_config
 
     saved_model = load_config(path / "config.yaml").model
-    saved = {**saved_model.model_dump(mode="json"), "ffn_hidden_size": saved_model.ffn_size}
-    current = {**cfg.model.model_dump(mode="json"), "ffn_hidden_size": cfg.model.ffn_size}
+    saved = {**saved_model.model_dump(mode="json"), "ffn_hidden_size": saved_model.ffn_size,
+             "num_kv_heads": saved_model.kv_heads}
+    current = {**cfg.model.model_dump(mode="json"), "ffn_hidden_size": cfg.model.ffn_size,
+               "num_kv_heads": cfg.model.kv_heads}
     diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}"
              for k in sorted(set(saved) | set(current))
              if k not in RESHAPE_FREE_MODEL_KEYS and k != "vocab_size" and saved.get(k) != current.get(k)]
@@ -534,7 +537,7 @@ def load(engine, cfg, layout, path: Path, vocab_size: int, extra: dict | None = 
         engine.micro_steps = engine.global_steps * engine.gradient_accumulation_steps()
         _apply_buffers(engine, extras["buffers"])
     _load_rank_state(path, meta, layout, extra or {})
-    return Progress(meta["step"], meta["consumed_samples"], meta["consumed_tokens"])
+    return Progress(meta["step"], meta["consumed_samples"], meta["consumed_tokens"], meta.get("consumed_by_source", {}))
 
 
 def _apply_buffers(engine, values: dict[str, torch.Tensor]) -> None:

@@ -12,6 +12,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .blend import Source, parse_blend
+
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -32,6 +34,11 @@ class SkipConfig(Section):
     kv: Literal["all", "active"] = Field(
         "all", description="all: skipped tokens still give keys/values; active: they are invisible (Mixture-of-Depths)")
     target_rate: float = Field(0.5, gt=0, le=1, description="fraction of tokens each routed layer executes")
+    kv_all_kernel: Literal["auto", "sdpa", "flex", "mask"] = Field(
+        "auto", description="kv: all attention kernel (all exact): sdpa = causal SDPA over the queries scattered to "
+                            "their positions (flash on GPU; costs a dense layer's attention), flex = flex_attention "
+                            "with a block mask (only the selected rows; compiled on GPU), mask = SDPA with a [b, n, s] "
+                            "mask; auto = flex on CUDA (sdpa if it does not compile), mask on CPU")
     mode: Literal["threshold", "capacity"] = "threshold"
     aux_loss_weight: float = Field(1.0, ge=0)
     controller_rate: float = Field(
@@ -73,11 +80,32 @@ class SRUppConfig(Section):
         return k > 0 and layer % k == k - 1
 
 
+class RopeScaling(Section):
+    """Llama-3 rotary frequency scaling (transformers' `rope_type: llama3`): wavelengths longer than
+    original_max_position_embeddings / low_freq_factor are divided by `factor`, shorter than
+    original_max_position_embeddings / high_freq_factor kept, the band between interpolated smoothly."""
+
+    type: Literal["llama3"] = "llama3"
+    factor: float = Field(8.0, gt=0)
+    low_freq_factor: float = Field(1.0, gt=0)
+    high_freq_factor: float = Field(4.0, gt=0)
+    original_max_position_embeddings: int = Field(8192, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError(f"model.rope_scaling.high_freq_factor: {self.high_freq_factor} must be larger than "
+                              f"low_freq_factor {self.low_freq_factor}")
+        return self
+
+
 class ModelConfig(Section):
     block: Literal["transformer", "srupp"] = "transformer"
     num_layers: int = Field(4, ge=1)
     hidden_size: int = Field(256, ge=8)
     num_heads: int = Field(4, ge=1)
+    num_kv_heads: int | None = Field(
+        None, ge=1, description="key/value heads (grouped-query attention); default num_heads, 1 = multi-query")
     ffn_hidden_size: int | None = Field(None, ge=1, description="default: 8/3 * hidden, rounded up to 64")
     seq_len: int = Field(256, ge=2)
     vocab_size: int | None = Field(None, ge=2, description="default: the prepared data's vocabulary")
@@ -86,8 +114,15 @@ class ModelConfig(Section):
     embedding_rank: int | None = Field(
         None, ge=1, description="factorized token embedding codes (V x k) @ decoder (k -> d); None = a full V x d table")
     bias: bool = False
+    qkv_bias: bool = Field(False, description="biases on the Q, K and V projections only (Qwen2); bias=true has them too")
     norm_eps: float = Field(1e-5, gt=0)
     rope_theta: float = Field(10000.0, gt=0)
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int | None = Field(
+        None, ge=2, description="longest sequence the model is meant for (exports; rotary angles are computed for any "
+                                "position); default seq_len")
+    hf_architecture: Literal["llama", "mistral", "qwen2"] = Field(
+        "llama", description="the Hugging Face class to-hf writes a plain dense model as (from-hf records the source's)")
     init_std: float = Field(0.02, gt=0)
     skip: SkipConfig = SkipConfig()
     srupp: SRUppConfig = SRUppConfig()
@@ -95,6 +130,14 @@ class ModelConfig(Section):
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def max_positions(self) -> int:
+        return max(self.max_position_embeddings or self.seq_len, self.seq_len)
 
     @property
     def ffn_size(self) -> int:
@@ -114,6 +157,11 @@ class ModelConfig(Section):
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"model.hidden_size: {self.hidden_size} is not divisible by model.num_heads {self.num_heads}")
+        if self.num_heads % self.kv_heads:
+            raise ConfigError(f"model.num_kv_heads: {self.num_heads} query heads (model.num_heads) are not divisible "
+                              f"into {self.kv_heads} key/value heads")
+        if self.hf_architecture == "qwen2" and not (self.qkv_bias or self.bias):
+            raise ConfigError("model.hf_architecture: 'qwen2' has Q, K and V biases; set model.qkv_bias=true")
         if self.head_dim % 2:
             raise ConfigError(f"model.hidden_size: head dim {self.head_dim} (hidden / heads) must be even for rotary")
         if self.embedding_rank is not None and self.embedding_rank > self.hidden_size:
@@ -209,9 +257,29 @@ class TrainConfig(Section):
 
 
 class DataConfig(Section):
-    path: str | None = None
+    path: str | None = Field(None, description="a prepared data directory (skiptron-data prepare / import-megatron)")
+    blend: list | None = Field(
+        None, description="instead of path: weighted prepared directories, [[0.7, dir], [0.3, dir]] or the "
+                          "Megatron-style flat [0.7, dir, 0.3, dir]; same tokenizer required (docs/data.md)")
     num_workers: int = Field(1, ge=0)
     shuffle: bool = True
+
+    @model_validator(mode="after")
+    def _one_source_spec(self):
+        if self.path and self.blend:
+            raise ConfigError("data.blend: give data.path or data.blend, not both")
+        if self.blend is not None:
+            try:
+                parse_blend(self.blend)
+            except ValueError as exc:
+                raise ConfigError(f"data.blend: {exc}") from None
+        return self
+
+    def sources(self) -> list[Source]:
+        """The data sources of the run: the blend's, or data.path as one source of weight 1."""
+        if self.blend is not None:
+            return parse_blend(self.blend)
+        return [Source(Path(self.path).name, 1.0, self.path)] if self.path else []
 
 
 class EvalConfig(Section):
@@ -315,6 +383,10 @@ class Config(Section):
         if self.model.num_heads % self.parallel.tp:
             raise ConfigError(
                 f"model.num_heads: {self.model.num_heads} attention heads are not divisible by parallel.tp={self.parallel.tp}")
+        kv, tp = self.model.kv_heads, self.parallel.tp
+        if kv % tp and tp % kv:
+            raise ConfigError(f"model.num_kv_heads: {kv} key/value heads neither split over parallel.tp={tp} ranks nor "
+                              f"replicate evenly on them (need num_kv_heads % tp == 0 or tp % num_kv_heads == 0)")
         if self.model.ffn_size % self.parallel.tp:
             raise ConfigError(f"model.ffn_hidden_size: {self.model.ffn_size} is not divisible by parallel.tp={self.parallel.tp}")
         if self.model.make_vocab_size_divisible_by % self.parallel.tp:
@@ -378,11 +450,13 @@ class Config(Section):
         """The checks that depend on the launch: world size and data on disk. Call before creating process groups."""
         self.grad_accum_steps(world_size)
         if need_data:
-            if not self.data.path:
+            if not self.data.sources():
                 raise ConfigError("data.path: no prepared data directory given (run `skiptron-data prepare --out DIR`)")
-            manifest = Path(self.data.path) / "manifest.json"
-            if not manifest.is_file():
-                raise ConfigError(f"data.path: {self.data.path} is not a prepared data directory ({manifest} missing)")
+            key = "data.blend" if self.data.blend is not None else "data.path"
+            for source in self.data.sources():
+                manifest = Path(source.path) / "manifest.json"
+                if not manifest.is_file():
+                    raise ConfigError(f"{key}: {source.path} is not a prepared data directory ({manifest} missing)")
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -92,7 +92,8 @@ def config_flops_per_token(model, padded_vocab: int, layer_rates: dict[int, floa
             parts = srupp_layer_flops(model.hidden_size, proj, model.seq_len, model.srupp.has_attention(layer))
             scaled = set(parts)  # a routed SRU++ layer runs for its active tokens only
         else:
-            parts = transformer_layer_flops(model.hidden_size, model.ffn_size, model.num_heads, model.seq_len)
+            parts = transformer_layer_flops(model.hidden_size, model.ffn_size, model.num_heads, model.seq_len,
+                                            num_kv_heads=model.kv_heads)
             scaled = _routed_parts(model.skip)
         rate = (layer_rates or {}).get(layer, model.skip.target_rate) if layer in routed else 1.0
         total += sum(f * (rate if name in scaled else 1.0) for name, f in parts.items())

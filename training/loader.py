@@ -10,25 +10,30 @@ A rank's k-th micro-batch holds global positions
 so DP=2 with micro-batch b sees what DP=1 sees over two accumulated
 micro-batches of b, and a resumed run only needs the global sample count.
 
-Trade-off: every rank and every DataLoader worker reads every shard and keeps
-only its own positions. That is simple and exact (all readers agree on the
-stream, including which shards are corrupt), at the cost of IO multiplied by
-dp_size * num_workers, which for token data is small next to compute.
+Each reader (rank, DataLoader worker) computes where its positions live from
+the manifest's per-shard counts and reads only those samples through the shard
+index (training/samples.py), so a rank reads ~1/dp_size of the data and a
+resume at any position opens only the shards it reads next. Which shards are
+unusable is decided by stat() alone, identically for every reader. A blend of
+several directories maps global positions to (source, position in that
+source's own stream) arithmetically (training/blend.py).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from skiptron.training.shards import FORMAT, FORMAT_VERSION, MANIFEST, SAMPLE_FIELD
+from skiptron.training.blend import Mixture, Source
+from skiptron.training.samples import file_problem, open_shard, sha256_file
+from skiptron.training.shards import FORMAT, FORMAT_VERSION, MANIFEST
 
 
 def read_manifest(data_dir: str | Path) -> dict:
@@ -45,7 +50,8 @@ def read_manifest(data_dir: str | Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} manifest")
     if manifest.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has format version {manifest.get('version')}, this code reads {FORMAT_VERSION}")
+        raise ValueError(f"{path} has format version {manifest.get('version')}, this code reads {FORMAT_VERSION} "
+                         f"(sample indexes and shard checksums): prepare {data_dir} again")
     return manifest
 
 
@@ -60,27 +66,16 @@ def num_samples(data_dir: str | Path, split: str) -> int:
     return _split_entry(read_manifest(data_dir), split, data_dir)["samples"]
 
 
-def read_shard(path: str | Path) -> Iterator[dict]:
-    """Decoded samples of one tar shard, in tar order; the file is closed when iteration ends."""
-    with open(path, "rb") as stream:
-        files = wds.tariterators.tar_file_expander([{"url": str(path), "stream": stream}])
-        yield from wds.decode()(wds.tariterators.group_by_keys(files))
-
-
-class CorruptShard(Exception):
-    """A shard that cannot be used; the message says why."""
-
-
 class SampleStream:
-    """The global sample stream of one split, read by one rank/worker.
+    """The global sample stream of one split of one prepared directory, read at random positions.
 
-    `take(positions)` yields the samples at increasing global positions.
-    Corrupt shards count as empty; shards wholly before the next wanted
-    position are not decoded once their validity is known, and whole epochs
-    are skipped arithmetically once every shard's validity is known.
+    `sample(p)` reads only global sample p: its epoch, shard and place in the shard follow from the manifest's
+    per-shard counts (no earlier shard is opened), and the shard index gives its bytes. Shards that are missing
+    or have the wrong size (training/samples.py `file_problem`, stat only) count as empty for every reader alike;
+    they are listed in `corrupt` (name -> reason) from the start.
     """
 
-    def __init__(self, data_dir: str | Path, split: str, seed: int, shuffle: bool):
+    def __init__(self, data_dir: str | Path, split: str, seed: int, shuffle: bool, max_open: int = 8):
         self.data_dir = Path(data_dir)
         self.manifest = read_manifest(data_dir)
         self.shards = _split_entry(self.manifest, split, data_dir)["shards"]
@@ -88,7 +83,21 @@ class SampleStream:
         self.sample_shape = (self.manifest["sample_len"],)
         self.dtype = np.dtype(self.manifest["dtype"])
         self.corrupt: dict[str, str] = {}
-        self._valid: dict[int, bool] = {}
+        size_of = functools.lru_cache(maxsize=None)(lambda path: path.stat().st_size)
+        for entry in self.shards:
+            problem = file_problem(self.data_dir, entry, size_of)
+            if problem:
+                self.corrupt[entry["name"]] = problem
+        self.sizes = np.array([0 if e["name"] in self.corrupt else e["samples"] for e in self.shards], dtype=np.int64)
+        self.epoch_size = int(self.sizes.sum())
+        if self.epoch_size == 0:
+            reasons = "; ".join(f"{name}: {why}" for name, why in self.corrupt.items())
+            raise RuntimeError(f"all {len(self.shards)} {split} shards in {self.data_dir} are corrupt or missing: {reasons}")
+        self.max_open = max_open
+        self._open: dict[int, object] = {}  # shard -> reader, least recently used first
+        self._layout: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._sample_orders: dict[tuple[int, int], np.ndarray] = {}
+        self.bytes_read = 0  # of closed readers; see `total_bytes_read`
 
     def shard_order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
@@ -101,70 +110,112 @@ class SampleStream:
             return np.arange(count)
         return np.random.default_rng([self.seed, epoch, shard]).permutation(count)
 
-    def _read(self, index: int) -> list[np.ndarray]:
-        """All samples of shard `index` in tar order; raises CorruptShard if anything is off."""
-        entry = self.shards[index]
-        path = self.data_dir / entry["name"]
-        if not path.is_file():
-            raise CorruptShard(f"missing file {path}")
-        try:
-            decoded = list(read_shard(path))
-        except Exception as exc:
-            reason = exc.args[0] if exc.args else exc  # webdataset appends the file object and url to args
-            raise CorruptShard(f"read error: {type(exc).__name__}: {reason}") from exc
-        samples = [sample.get(SAMPLE_FIELD) for sample in decoded]
-        for sample, tokens in zip(decoded, samples):
-            if not isinstance(tokens, np.ndarray) or tokens.shape != self.sample_shape or tokens.dtype != self.dtype:
-                raise CorruptShard(f"sample {sample['__key__']!r} has no {self.dtype} {SAMPLE_FIELD} of shape {self.sample_shape}")
-        if len(samples) != entry["samples"]:
-            raise CorruptShard(f"has {len(samples)} samples, manifest says {entry['samples']}")
-        return samples
+    def locate(self, p: int) -> tuple[int, int]:
+        """(shard, sample in tar order) of global position p."""
+        epoch, offset = divmod(p, self.epoch_size)
+        if self._layout is None or self._layout[0] != epoch:
+            order = self.shard_order(epoch)
+            self._layout = (epoch, order, np.cumsum(self.sizes[order]))
+        _, order, ends = self._layout
+        slot = int(np.searchsorted(ends, offset, side="right"))
+        shard = int(order[slot])
+        within = offset - (int(ends[slot - 1]) if slot else 0)
+        key = (epoch, shard)
+        if key not in self._sample_orders:
+            if len(self._sample_orders) >= self.max_open:
+                self._sample_orders.pop(next(iter(self._sample_orders)))
+            self._sample_orders[key] = self.sample_order(epoch, shard)
+        return shard, int(self._sample_orders[key][within])
 
-    def _load(self, index: int) -> list[np.ndarray] | None:
-        """Samples of a shard, or None (recorded in `corrupt`) if it is unusable."""
-        try:
-            samples = self._read(index)
-        except CorruptShard as exc:
-            self.corrupt[self.shards[index]["name"]] = str(exc)
-            samples = None
-        self._valid[index] = samples is not None
-        return samples
+    def _reader(self, shard: int):
+        reader = self._open.pop(shard, None)
+        if reader is None:
+            if len(self._open) >= self.max_open:
+                oldest = self._open.pop(next(iter(self._open)))
+                self.bytes_read += oldest.bytes_read
+                oldest.close()
+            reader = open_shard(self.data_dir, self.shards[shard], self.sample_shape, self.dtype)
+        self._open[shard] = reader
+        return reader
 
-    def _size(self, index: int) -> int:
-        return self.shards[index]["samples"] if self._valid[index] else 0
-
-    def _epoch_size(self) -> int | None:
-        """Samples per epoch once every shard's validity is known, else None."""
-        if len(self._valid) < len(self.shards):
-            return None
-        size = sum(self._size(i) for i in range(len(self.shards)))
-        if size == 0:
-            raise RuntimeError(
-                f"all {len(self.shards)} {self.split} shards in {self.data_dir} are corrupt or missing: {sorted(self.corrupt)}"
-            )
-        return size
+    def sample(self, p: int) -> np.ndarray:
+        shard, index = self.locate(p)
+        return self._reader(shard).read(index)
 
     def take(self, positions: Iterator[int]) -> Iterator[np.ndarray]:
-        """Samples at `positions` (strictly increasing global positions), lazily and forever."""
-        target = next(positions)
-        start = 0
-        for epoch in itertools.count():
-            epoch_size = self._epoch_size()
-            if epoch_size is not None and start + epoch_size <= target:
-                start += epoch_size
-                continue
-            for shard in self.shard_order(epoch):
-                if shard in self._valid and start + self._size(shard) <= target:
-                    start += self._size(shard)
-                    continue
-                samples = self._load(shard)
-                if samples is None:
-                    continue
-                order = self.sample_order(epoch, shard)
-                while target < start + len(samples):
-                    yield samples[order[target - start]]
-                    target = next(positions)
-                start += len(samples)
+        """Samples at `positions` (global positions, any order), lazily."""
+        for p in positions:
+            yield self.sample(p)
+
+    @property
+    def total_bytes_read(self) -> int:
+        return self.bytes_read + sum(r.bytes_read for r in self._open.values())
+
+    def close(self) -> None:
+        for shard in list(self._open):
+            reader = self._open.pop(shard)
+            self.bytes_read += reader.bytes_read
+            reader.close()
+
+
+def check_sources(sources: Sequence[Source]) -> dict:
+    """The manifests of a blend's sources must agree on tokenizer and sample layout; returns the first one."""
+    manifests = [read_manifest(s.path) for s in sources]
+    first, ref = manifests[0], sources[0]
+    for source, manifest in zip(sources[1:], manifests[1:]):
+        if tokenizer_digest(source.path, manifest) != tokenizer_digest(ref.path, first) or manifest["vocab_size"] != first["vocab_size"] \
+                or manifest["eot_id"] != first["eot_id"]:
+            raise ValueError(f"data sources {ref.path} and {source.path} were tokenized with different tokenizers "
+                             f"(vocab {first['vocab_size']} vs {manifest['vocab_size']}); blend only data prepared "
+                             f"with the same tokenizer.json")
+        for key in ("seq_len",):
+            if manifest[key] != first[key]:
+                raise ValueError(f"data sources {ref.path} and {source.path} differ in {key}: "
+                                 f"{first[key]} vs {manifest[key]}; prepare them with the same --seq-len")
+    return first
+
+
+class BlendedStream:
+    """The global stream of a blend: global sample p is sample `locate(p)[1]` of source `locate(p)[0]`."""
+
+    def __init__(self, sources: Sequence[Source], split: str, seed: int, shuffle: bool):
+        check_sources(sources)
+        self.sources = list(sources)
+        self.mixture = Mixture([s.weight for s in sources])
+        self.streams = [SampleStream(s.path, split, seed, shuffle) for s in sources]
+
+    @property
+    def corrupt(self) -> dict[str, str]:
+        """Unusable shards of every source, by path relative to the source (`code/train-000003.tar`)."""
+        return {f"{s.name}/{name}": why for s, st in zip(self.sources, self.streams) for name, why in st.corrupt.items()}
+
+    def sample(self, p: int) -> np.ndarray:
+        j, local = self.mixture.locate(p)
+        return self.streams[j].sample(local)
+
+    def take(self, positions: Iterator[int]) -> Iterator[np.ndarray]:
+        for p in positions:
+            yield self.sample(p)
+
+    @property
+    def total_bytes_read(self) -> int:
+        return sum(s.total_bytes_read for s in self.streams)
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.close()
+
+
+def as_sources(data: str | Path | Sequence[Source]) -> list[Source]:
+    """A prepared directory is a blend of one source with weight 1 (the same stream as the directory alone)."""
+    if isinstance(data, (str, Path)):
+        return [Source(Path(data).name, 1.0, str(data))]
+    return list(data)
+
+
+def tokenizer_digest(data_dir: str | Path, manifest: dict) -> str:
+    path = Path(data_dir) / manifest["tokenizer"]
+    return sha256_file(path) if path.is_file() else f"missing {path}"
 
 
 def _worker_identity() -> tuple[int, int]:
@@ -173,14 +224,11 @@ def _worker_identity() -> tuple[int, int]:
 
 
 class _RankBatches(IterableDataset):
-    """One rank's micro-batches; inside DataLoader worker w of W it makes those with k % W == w.
+    """One rank's micro-batches; inside DataLoader worker w of W it makes those with k % W == w."""
 
-    Yields (batch, corrupt shards seen so far) so the main process can warn and count.
-    """
-
-    def __init__(self, data_dir, split, micro_batch_size, dp_rank, dp_size, seed, start_sample, shuffle):
+    def __init__(self, sources, split, micro_batch_size, dp_rank, dp_size, seed, start_sample, shuffle):
         super().__init__()
-        self.args = (data_dir, split, seed, shuffle)
+        self.args = (sources, split, seed, shuffle)
         self.micro_batch_size, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
         self.start_sample = start_sample
 
@@ -190,33 +238,33 @@ class _RankBatches(IterableDataset):
             first = self.start_sample + k * self.dp_size * b + self.dp_rank * b
             yield from range(first, first + b)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, str]]]:
-        stream = SampleStream(*self.args)
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        stream = BlendedStream(*self.args)
         samples = stream.take(self.positions(*_worker_identity()))
-        while True:
-            batch = np.stack([next(samples) for _ in range(self.micro_batch_size)]).astype(np.int64)
-            yield torch.from_numpy(batch), dict(stream.corrupt)
+        try:
+            while True:
+                yield torch.from_numpy(np.stack([next(samples) for _ in range(self.micro_batch_size)]).astype(np.int64))
+        finally:
+            stream.close()
 
 
 class TokenLoader:
     """Infinite iterator of `torch.LongTensor[micro_batch_size, seq_len + 1]` for one data-parallel rank.
 
-    Use `batch[:, :-1]` as inputs and `batch[:, 1:]` as labels. With gradient
-    accumulation ga, step s micro-step m is micro-batch k = s * ga + m; to
-    resume after `consumed` global samples pass `start_sample=consumed` (it
-    may be used with a different dp_size).
+    `data` is a prepared directory or a list of `Source`s (a blend). Use `batch[:, :-1]` as inputs and
+    `batch[:, 1:]` as labels. With gradient accumulation ga, step s micro-step m is micro-batch k = s * ga + m;
+    to resume after `consumed` global samples pass `start_sample=consumed` (it may be used with a different
+    dp_size); `consumed_by_source(n)` says how many of the first n global samples came from each source.
 
-    Corrupt or missing shards are skipped whole (every reader skips the same
-    ones, so the stream stays consistent), warned about by name, and reported
-    in `stats["corrupt_shards"]` (count) and `stats["corrupt"]` (name -> reason),
-    for num_workers=0 and for worker processes alike: workers send their
-    findings along with each batch and the main process records them here.
-    Each `iter()` starts over at `start_sample` (with fresh workers).
+    Shards that are missing or of the wrong size are skipped by every reader alike, warned about by name, and
+    reported in `stats["corrupt_shards"]` (count) and `stats["corrupt"]` (name -> reason) as soon as the loader
+    exists (the check is a stat() of each shard, so it needs no reading). Each `iter()` starts over at
+    `start_sample` (with fresh workers).
     """
 
     def __init__(
         self,
-        data_dir: str | Path,
+        data: str | Path | Sequence[Source],
         split: str,
         micro_batch_size: int,
         dp_rank: int = 0,
@@ -230,24 +278,24 @@ class TokenLoader:
             raise ValueError(f"need micro_batch_size >= 1 and 0 <= dp_rank < dp_size, got {micro_batch_size}, {dp_rank}, {dp_size}")
         if num_workers < 0 or start_sample < 0:
             raise ValueError(f"num_workers and start_sample must be >= 0, got {num_workers}, {start_sample}")
-        self.manifest = read_manifest(data_dir)
-        _split_entry(self.manifest, split, data_dir)
-        self.data_dir, self.split = Path(data_dir), split
+        self.sources = as_sources(data)
+        probe = BlendedStream(self.sources, split, seed, shuffle)  # validates the sources and finds unusable shards
+        self.mixture = probe.mixture
+        self.manifest = read_manifest(self.sources[0].path)
+        self.split = split
         self.seq_len = self.manifest["seq_len"]
         self.micro_batch_size, self.num_workers = micro_batch_size, num_workers
-        self.dataset = _RankBatches(data_dir, split, micro_batch_size, dp_rank, dp_size, seed, start_sample, shuffle)
-        self.stats: dict = {"corrupt_shards": 0, "corrupt": {}}
+        self.dataset = _RankBatches(self.sources, split, micro_batch_size, dp_rank, dp_size, seed, start_sample, shuffle)
+        corrupt = probe.corrupt if len(self.sources) > 1 else probe.streams[0].corrupt
+        for name, reason in corrupt.items():
+            warnings.warn(f"skipping corrupt {split} shard {name}: {reason}", stacklevel=2)
+        self.stats: dict = {"corrupt_shards": len(corrupt), "corrupt": corrupt}
 
-    def _batches(self) -> Iterator[tuple[torch.Tensor, dict[str, str]]]:
+    def consumed_by_source(self, samples: int) -> dict[str, int]:
+        """How many of the global samples [0, samples) each source contributed."""
+        return {s.name: int(n) for s, n in zip(self.sources, self.mixture.consumed(samples))}
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
         if self.num_workers == 0:
             return iter(self.dataset)
         return iter(DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers))
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        for batch, corrupt in self._batches():
-            for name in corrupt.keys() - self.stats["corrupt"].keys():
-                warnings.warn(f"skipping corrupt {self.split} shard {self.data_dir / name}: {corrupt[name]}", stacklevel=2)
-                self.stats["corrupt"][name] = corrupt[name]
-            self.stats["corrupt_shards"] = len(self.stats["corrupt"])
-            yield batch
-

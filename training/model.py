@@ -1,12 +1,16 @@
-"""A Llama-style decoder built from megatron-core tensor-parallel layers.
+"""A Llama-style decoder built from megatron-core tensor-parallel layers, assembled from the building blocks of
+`training/layers.py` (attention, MLP, block), routed blocks (`training/routing.py`) and SRU++ blocks
+(`training/srupp.py`), which import those building blocks too: imports point one way, layers <- routing, srupp <- model.
 
-Pre-norm RMSNorm, rotary positions, SwiGLU MLP, no biases by default, tied or untied embeddings. The model is a flat
-sequence of stages (embedding, N blocks, head) so the same definition can feed DeepSpeed's pipeline engine and so a
-block can be wrapped by a router.
+Pre-norm RMSNorm, rotary positions, SwiGLU MLP, no biases by default, grouped-query attention, tied or untied
+embeddings. The model is a flat sequence of stages (embedding, N blocks, head) so the same definition can feed
+DeepSpeed's pipeline engine and so a block can be wrapped by a router.
 
 Every layer builds its full weight on the CPU from the same seed and keeps its own shard
 (`use_cpu_initialization`), so any tensor-parallel layout starts from exactly the weights of TP=1. Fused
-(QKV, gate+up) projections use megatron's `stride` so each TP shard holds whole heads / matching gate and up rows.
+(QKV, gate+up) projections use megatron's `stride` so each TP shard holds whole heads / matching gate and up rows;
+grouped-query K/V heads are split the same way, or replicated when there are fewer of them than TP ranks
+(`layers.KVProjection`).
 
 With `sequence_parallel` (dense blocks only) the residual stream and the norms hold s / tp tokens per TP rank
 ([b, s/tp, d]); the TP regions gather the sequence on entry and reduce-scatter it on exit
@@ -18,7 +22,6 @@ its output instead of all-reducing it. Same parameters and names either way, so 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,236 +34,9 @@ from torch import nn
 from skiptron.parallel import sequence_parallel as sp
 
 from .config import ModelConfig
-
-try:
-    from apex.normalization import FusedRMSNorm as _ApexRMSNorm
-except ImportError:
-    _ApexRMSNorm = None
-
-
-def rms_norm(size: int, eps: float) -> nn.Module:
-    """apex's fused RMSNorm on GPU when importable, torch's otherwise (identical math)."""
-    if _ApexRMSNorm is not None and torch.cuda.is_available():
-        return _ApexRMSNorm(size, eps=eps)
-    return nn.RMSNorm(size, eps=eps)
-
-
-def megatron_config(tp: int) -> ModelParallelConfig:
-    return ModelParallelConfig(
-        tensor_model_parallel_size=tp,
-        use_cpu_initialization=True,
-        perform_initialization=True,
-        params_dtype=torch.float32,
-        gradient_accumulation_fusion=False,
-        sequence_parallel=False,
-    )
-
-
-def normal_init(std: float):
-    return lambda w: nn.init.normal_(w, mean=0.0, std=std)
-
-
-class SequenceParallelRowLinear(mtp.RowParallelLinear):
-    """A RowParallelLinear whose output is reduce-scattered along the sequence ([b, s, d] partial sums -> this
-    rank's [b, s/tp, d]) instead of all-reduced. Same parameters and initialization; a subclass, so ZeRO-3's module
-    hooks and mask finetuning's forward wrapper (training/masking.py) apply to it as to its parent."""
-
-    def forward(self, x: torch.Tensor):
-        y = sp.reduce_scatter_to_sequence(F.linear(x, self.weight))
-        return (y if self.bias is None else y + self.bias), None
-
-
-def row_parallel_linear(sequence_parallel: bool, *args, **kwargs) -> mtp.RowParallelLinear:
-    return (SequenceParallelRowLinear if sequence_parallel else mtp.RowParallelLinear)(*args, **kwargs)
-
-
-def shard_local(*params: nn.Parameter | None) -> None:
-    """Sequence parallelism: these replicated parameters (norm gains, row-parallel biases) see only this rank's
-    tokens; their gradients are summed over TP."""
-    for param in params:
-        if param is not None:
-            sp.sum_grad_over_tp(param)
-
-
-class Rotary(nn.Module):
-    """Rotary position embedding (rotate-half form, as in Llama and Hugging Face)."""
-
-    def __init__(self, head_dim: int, max_len: int, theta: float):
-        super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [b, heads, s, hd]; positions: [s] or [b, s]."""
-        cos = self.cos[positions].to(x.dtype)
-        sin = self.sin[positions].to(x.dtype)
-        if positions.dim() == 2:
-            cos, sin = cos[:, None], sin[:, None]
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
-class Attention(nn.Module):
-    """Causal self-attention; heads are split over TP ranks (column-parallel QKV, row-parallel output)."""
-
-    def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig, sequence_parallel: bool = False):
-        super().__init__()
-        tp = mcfg.tensor_model_parallel_size
-        self.local_heads = cfg.num_heads // tp
-        self.head_dim = cfg.head_dim
-        self.sequence_parallel = sequence_parallel
-        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-        self.qkv = mtp.ColumnParallelLinear(
-            cfg.hidden_size, 3 * cfg.hidden_size, config=mcfg, init_method=normal_init(cfg.init_std),
-            bias=cfg.bias, gather_output=False, stride=3, disable_grad_reduce=sequence_parallel)
-        self.out = row_parallel_linear(
-            sequence_parallel, cfg.hidden_size, cfg.hidden_size, config=mcfg, init_method=normal_init(out_std),
-            bias=cfg.bias, input_is_parallel=True, skip_bias_add=False)
-        self.rotary = Rotary(cfg.head_dim, cfg.seq_len, cfg.rope_theta)
-        if sequence_parallel:
-            shard_local(self.out.bias)
-
-    def _heads(self, x: torch.Tensor, positions: torch.Tensor):
-        """q, k, v as [b, local heads, s, head dim], rotated by their positions."""
-        return self._split_heads(self.project(x), positions)
-
-    def _split_heads(self, t: torch.Tensor, positions: torch.Tensor, parts: str = "qkv"):
-        """The `parts` of a projection [b, s, len(parts) x local heads x hd] as [b, local heads, s, hd] each."""
-        b, s, _ = t.shape
-        heads = t.view(b, s, len(parts), self.local_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return [self.rotary(h, positions) if part in "qk" else h for part, h in zip(parts, heads)]
-
-    def project(self, x: torch.Tensor, parts: str = "qkv") -> torch.Tensor:
-        """The fused projection's `parts` ("qkv", "q" or "kv") for tokens x [..., hidden]. Routed layers project
-        only some tokens' queries; they use slices of the fused weight (this rank's rows are [q; k; v] of its heads)."""
-        if parts == "qkv":
-            return self.qkv(x)[0]
-        n = self.local_heads * self.head_dim
-        rows = slice(0, n) if parts == "q" else slice(n, 3 * n)
-        bias = self.qkv.bias[rows] if self.qkv.bias is not None else None
-        return F.linear(mtp.copy_to_tensor_model_parallel_region(x), self.qkv.weight[rows], bias)
-
-    def project_out(self, context: torch.Tensor) -> torch.Tensor:
-        """The row-parallel output projection of attention context rows [n, local heads x hd] -> [n, hidden]."""
-        return self.out(context[None])[0][0]
-
-    def _merge_heads(self, y: torch.Tensor) -> torch.Tensor:
-        """[b, heads, n, hd] -> [b, n, heads x hd]"""
-        b, _, n, _ = y.shape
-        return y.transpose(1, 2).reshape(b, n, self.local_heads * self.head_dim)
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [b, s, hidden], or this rank's [b, s/tp, hidden] with sequence parallelism; positions: [s]."""
-        if self.sequence_parallel:
-            x = sp.gather_from_sequence(x)
-        q, k, v = self._heads(x, positions)
-        y, _ = self.out(self._merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True)))
-        return y
-
-    def step(self, x: torch.Tensor, cache: KVCache | None, present: torch.Tensor):
-        """Incremental attention for the next tokens x [b, n, hidden] after `cache`; `present` [b, n] marks which
-        of them later tokens (and they themselves) may attend to. Returns (output [b, n, hidden], cache)."""
-        start = cache.length if cache is not None else 0
-        positions = torch.arange(start, start + x.shape[1], device=x.device)
-        q, k, v = self._heads(x, positions)
-        if cache is not None:
-            k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
-            present = torch.cat([cache.present, present], dim=1)
-        keys = torch.arange(k.shape[2], device=x.device)
-        mask = (keys[None, :] <= positions[:, None])[None] & present[:, None, :]
-        y, _ = self.out(self._merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])))
-        return y, KVCache(k, v, present)
-
-    def forward_selected(self, x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, kv_all: bool,
-                         tokenwise=None) -> torch.Tensor:
-        """Attention context rows [selected tokens, local heads x hd] (before the output projection, `project_out`)
-        of the selected tokens only, in row-major order of `valid`: `index` [b, n] holds their positions (padded;
-        `valid` marks real entries). Keys and values come from every token (`kv_all`: K and V are projected for every
-        token, Q for the selected ones) or from the selected tokens alone. The selected rows' projection is
-        position-wise: `tokenwise(fn, rows)` runs it (a routed block balances it across DP ranks; default: here)."""
-        tokenwise = tokenwise or (lambda fn, rows: fn(rows))
-        picked = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))[valid]
-
-        def padded(rows: torch.Tensor) -> torch.Tensor:
-            return rows.new_zeros(*valid.shape, rows.shape[-1]).masked_scatter(valid[..., None], rows)
-
-        if kv_all:
-            positions = torch.arange(x.shape[1], device=x.device)
-            q, = self._split_heads(padded(tokenwise(lambda rows: self.project(rows, "q"), picked)), index, "q")
-            k, v = self._split_heads(self.project(x, "kv"), positions, "kv")
-            key_pos, key_ok = positions.expand_as(x[..., 0]), torch.ones_like(x[..., 0], dtype=torch.bool)
-        else:
-            q, k, v = self._split_heads(padded(tokenwise(lambda rows: self.project(rows[None])[0], picked)), index)
-            key_pos, key_ok = index, valid
-        mask = (key_pos[:, None, :] <= index[:, :, None]) & key_ok[:, None, :]
-        mask = mask | ~valid[:, :, None]  # padded query rows see everything, so softmax stays finite
-        return self._merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None]))[valid]
-
-
-@dataclass
-class KVCache:
-    """Keys and values of the tokens decoded so far ([b, heads, t, hd]) and which of them are visible
-    (`present` [b, t]: a token a routed `kv: active` layer skipped is cached but masked)."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    present: torch.Tensor
-
-    @property
-    def length(self) -> int:
-        return self.k.shape[2]
-
-
-class SwiGLU(nn.Module):
-    """SwiGLU MLP; the FFN dimension is split over TP ranks."""
-
-    def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig, sequence_parallel: bool = False):
-        super().__init__()
-        self.sequence_parallel = sequence_parallel
-        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-        self.gate_up = mtp.ColumnParallelLinear(
-            cfg.hidden_size, 2 * cfg.ffn_size, config=mcfg, init_method=normal_init(cfg.init_std), bias=cfg.bias,
-            gather_output=False, stride=2, disable_grad_reduce=sequence_parallel)
-        self.down = row_parallel_linear(
-            sequence_parallel, cfg.ffn_size, cfg.hidden_size, config=mcfg, init_method=normal_init(out_std),
-            bias=cfg.bias, input_is_parallel=True, skip_bias_add=False)
-        if sequence_parallel:
-            shard_local(self.down.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:
-            x = sp.gather_from_sequence(x)
-        gate_up, _ = self.gate_up(x)
-        gate, up = gate_up.chunk(2, dim=-1)
-        y, _ = self.down(F.silu(gate) * up)
-        return y
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x)). With sequence parallelism x and the
-    norms are this rank's tokens [b, s/tp, d]."""
-
-    def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig, sequence_parallel: bool = False):
-        super().__init__()
-        self.attn_norm = rms_norm(cfg.hidden_size, cfg.norm_eps)
-        self.attn = Attention(cfg, mcfg, sequence_parallel)
-        self.mlp_norm = rms_norm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg, mcfg, sequence_parallel)
-        if sequence_parallel:
-            shard_local(*self.attn_norm.parameters(), *self.mlp_norm.parameters())
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), positions)
-        return x + self.mlp(self.mlp_norm(x))
-
-    def step(self, x: torch.Tensor, cache: KVCache | None):
-        """Incremental forward of the next tokens with a KV cache (see `IncrementalDecoder`)."""
-        a, cache = self.attn.step(self.attn_norm(x), cache, torch.ones_like(x[..., 0], dtype=torch.bool))
-        x = x + a
-        return x + self.mlp(self.mlp_norm(x)), cache
+from .layers import Block, megatron_config, normal_init, rms_norm, shard_local
+from .routing import RoutedBlock
+from .srupp import SRUppBlock
 
 
 class Embedding(nn.Module):
@@ -323,8 +99,6 @@ def layer_sequence(cfg: ModelConfig, vocab_size: int, tp: int, balance: float | 
     pipeline module (`training/pipeline.py`) are both built from it. `base_seed` defaults to a draw from torch's RNG
     (the same on every rank after `seed_everything`). `sequence_parallel` covers dense blocks only (the config
     refuses it with routing, SRU++ blocks and pipeline parallelism)."""
-    from .routing import RoutedBlock
-
     if base_seed is None:
         base_seed = int(torch.randint(0, 2**31 - 1, ()).item())
     mcfg = megatron_config(tp)
@@ -333,7 +107,6 @@ def layer_sequence(cfg: ModelConfig, vocab_size: int, tp: int, balance: float | 
 
     def block(i: int) -> nn.Module:
         if cfg.block == "srupp":
-            from .srupp import SRUppBlock
             inner = SRUppBlock(cfg, mcfg, i)
         else:
             inner = Block(cfg, mcfg, sequence_parallel)

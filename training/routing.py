@@ -29,7 +29,7 @@ from skiptron.parallel import state
 from skiptron.parallel.balance import balance
 
 from .config import SkipConfig
-from .model import Block, rms_norm
+from .layers import Block, rms_norm
 
 
 BALANCE_KEYS = ("imbalance_before", "imbalance_after", "tokens_moved", "bytes_moved", "exchange_ms")
@@ -114,7 +114,7 @@ class RoutedBlock(nn.Module):
         self.exchanges: list[tuple] = []  # this forward's position-wise computations: (rows, BalanceStats, seconds)
         # Queries of `kv: all` layers are projected with slices of the fused QKV weight, outside that module's
         # forward: ZeRO-3 must gather it for this block's forward.
-        for param in block.attn.qkv.parameters() if isinstance(block, Block) else ():
+        for param in block.attn.projection_parameters() if isinstance(block, Block) else ():
             deepspeed.zero.register_external_parameter(self, param)
 
     @torch.no_grad()

@@ -46,7 +46,7 @@ from torch import nn
 from skiptron.parallel.tensor_parallel import gather_tp
 from .config import ModelConfig
 from .kernels import sru_recurrence
-from .model import normal_init, rms_norm
+from .layers import normal_init, rms_norm
 
 
 def _local_units(t: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from .config import Config, ConfigError, save_config
 from .engine import build_engine, resolve_precision
 from .guard import StepGuard
 from .flops import config_flops_per_token, peak_flops
-from .loader import TokenLoader, read_manifest
+from .loader import BlendedStream, TokenLoader, check_sources
 from .masking import prepare_model
 from .metrics import MetricsLogger
 from .model import GPT
@@ -45,11 +45,18 @@ def seed_everything(seed: int) -> None:
 
 
 def data_vocab_and_seq(cfg: Config) -> tuple[int, dict]:
-    manifest = read_manifest(cfg.data.path)
+    """Vocabulary size and the manifest of the (first) data source; blended sources must agree (named if not)."""
+    sources = cfg.data.sources()
+    try:
+        manifest = check_sources(sources)
+        for split in ("train", "val"):  # stat() of every shard: refuse a split with no usable shard before starting
+            BlendedStream(sources, split, cfg.train.seed, shuffle=False).close()
+    except (ValueError, RuntimeError) as exc:
+        raise ConfigError(f"{'data.blend' if cfg.data.blend is not None else 'data.path'}: {exc}") from None
     if manifest["seq_len"] != cfg.model.seq_len:
         raise ConfigError(
             f"model.seq_len: {cfg.model.seq_len} differs from the prepared data's seq_len {manifest['seq_len']} "
-            f"({cfg.data.path}); set model.seq_len={manifest['seq_len']} or prepare the data again")
+            f"({sources[0].path}); set model.seq_len={manifest['seq_len']} or prepare the data again")
     vocab = cfg.model.vocab_size or manifest["vocab_size"]
     if vocab < manifest["vocab_size"]:
         raise ConfigError(f"model.vocab_size: {vocab} is smaller than the data's vocabulary {manifest['vocab_size']}")
@@ -111,9 +118,9 @@ class Trainer:
         return self.layout.pp > 1
 
     # -- pieces of the loop -------------------------------------------------------------------------------------
-    def loader(self, split: str, start_sample: int = 0, shuffle: bool | None = None) -> TokenLoader:
+    def loader(self, split: str, start_sample: int = 0, shuffle: bool | None = None, sources=None) -> TokenLoader:
         return TokenLoader(
-            self.cfg.data.path, split, self.cfg.train.micro_batch_size,
+            sources or self.cfg.data.sources(), split, self.cfg.train.micro_batch_size,
             dp_rank=self.layout.dp_rank, dp_size=self.layout.dp, num_workers=self.cfg.data.num_workers,
             seed=self.cfg.train.seed, start_sample=start_sample,
             shuffle=self.cfg.data.shuffle if shuffle is None else shuffle)
@@ -184,17 +191,27 @@ class Trainer:
         out["pipe/bubble"] = sum(out[f"pipe/bubble/S{s}"] for s in range(self.layout.pp)) / self.layout.pp
         return out
 
+    def validation_metrics(self) -> dict[str, float]:
+        """`val_loss` on the data's val split (a blend's: mixed with the same weights) and, for a blend,
+        `val_loss/<source>` on each source's own val split. Collective."""
+        sources = self.cfg.data.sources()
+        metrics = {"val_loss": self.validate()}
+        if len(sources) > 1:
+            for source in sources:
+                metrics[f"val_loss/{source.name}"] = self.validate([source])
+        return metrics
+
     @torch.no_grad()
-    def validate(self) -> float:
+    def validate(self, sources=None) -> float:
         if self.pipelined:
-            batches = iter(self.loader("val", shuffle=False))
+            batches = iter(self.loader("val", shuffle=False, sources=sources))
             pairs = ((t[:, :-1], t[:, 1:]) for t in (next(batches) for _ in range(self.cfg.eval.batches)))
             self.engine.eval_batch(pairs, num_micro_batches=self.cfg.eval.batches)
             self.engine.train()
             return self._from_last_stage(self.engine.module.loss_fn.drain())
         self.engine.eval()
         total = torch.zeros((), dtype=torch.float32, device=self.layout.device)
-        batches = iter(self.loader("val", shuffle=False))
+        batches = iter(self.loader("val", shuffle=False, sources=sources))
         for _ in range(self.cfg.eval.batches):
             self.engine(next(batches).to(self.layout.device))
             total += self.engine.module.last_lm_loss.float()
@@ -204,7 +221,7 @@ class Trainer:
     def save(self) -> Path:
         """Checkpoint the current step (atomic, see training/checkpoint.py). Collective. A checkpoint saved while
         steps are being skipped is marked (`health` in trainer.json) so resume does not prefer it silently."""
-        tokenizer = Path(self.cfg.data.path) / self.manifest.get("tokenizer", "tokenizer.json")
+        tokenizer = Path(self.cfg.data.sources()[0].path) / self.manifest.get("tokenizer", "tokenizer.json")
         health = {"skipped_streak": self.guard.streak, "skipped_total": self.guard.totals["total"]}
         path = ckpt.save(self.engine, self.cfg, self.layout, self.progress, self.vocab_size, self.extra_state,
                          tokenizer=tokenizer, health=health)
@@ -234,6 +251,15 @@ class Trainer:
         if refused:
             raise ckpt.CheckpointError("no usable checkpoint: " + "; ".join(refused))
 
+    def _check_data_position(self, train_data: TokenLoader) -> None:
+        """A resumed run's per-source sample counts must be where this blend puts them (else the blend changed)."""
+        saved = self.progress.consumed_by_source
+        expected = train_data.consumed_by_source(self.progress.consumed_samples)
+        if len(saved) + len(expected) > 2 and saved != expected:  # one source: only the count, always consistent
+            raise ConfigError(
+                f"data.blend: the checkpoint consumed {saved} samples per source after {self.progress.consumed_samples}"
+                f" samples, this blend would have taken {expected}; resume with the blend the run started with")
+
     # -- the loop -----------------------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg, layout = self.cfg, self.layout
@@ -259,10 +285,16 @@ class Trainer:
             log.log_text(f"pipeline partition ({module.partition_name}, 1F1B, {ga} micro-batches):")
             for line in module.describe_partition():
                 log.log_text(f"  {line}")
-        batches = iter(self.loader("train", start_sample=self.progress.consumed_samples))
+        train_data = self.loader("train", start_sample=self.progress.consumed_samples)
+        self._check_data_position(train_data)
+        corrupt = 0
+        for split, data in (("train", train_data), ("val", self.loader("val", shuffle=False))):
+            corrupt += data.stats["corrupt_shards"]
+            for name, reason in data.stats["corrupt"].items():
+                log.log_text(f"data: skipping unusable {split} shard {name}: {reason}")
         dog = watchdog.start(cfg.launch.collective_timeout_s, self.progress.step) if cfg.launch.watchdog else None
         try:
-            summary = self._loop(log, batches, dog, ga, tokens_per_step, model_flops, peak)
+            summary = self._loop(log, train_data, corrupt, dog, ga, tokens_per_step, model_flops, peak)
         except Exception as err:
             if dog is not None and watchdog.is_communication_error(err):
                 dog.communication_failed(err)  # the watchdog names the dead or stalled rank and ends the process
@@ -276,8 +308,9 @@ class Trainer:
                 self.lock.release()
         return summary
 
-    def _loop(self, log, batches, dog, ga, tokens_per_step, model_flops, peak) -> dict:
+    def _loop(self, log, train_data, corrupt, dog, ga, tokens_per_step, model_flops, peak) -> dict:
         cfg, layout = self.cfg, self.layout
+        batches = iter(train_data)
         signals = ckpt.StopSignals(layout.device).install()
         nonfinite = 0
         # fp16: DeepSpeed's loss scaler skips overflowing steps while it lowers the scale from 2^16 (at most 16 in
@@ -302,6 +335,7 @@ class Trainer:
                 step_metrics.update(self.stage_metrics())
             loss = step_metrics["loss"]
             self.progress.advance(cfg.train.global_batch_size, tokens_per_step)
+            self.progress.consumed_by_source = train_data.consumed_by_source(self.progress.consumed_samples)
             elapsed = time.perf_counter() - start
             tokens_per_s = tokens_per_step / elapsed
             flops_per_token = model_flops(step_metrics)
@@ -312,6 +346,8 @@ class Trainer:
                 "tokens_per_s": tokens_per_s,
                 "tflops": flops_per_token * tokens_per_s / layout.world_size / 1e12,
                 "step_time_s": elapsed,
+                "data/corrupt_shards": corrupt,  # train + val, named in the log above
+                **{f"data/consumed/{k}": v for k, v in self.progress.consumed_by_source.items()},
             }
             if peak:
                 metrics["mfu"] = flops_per_token * tokens_per_s / (peak * layout.world_size)
@@ -320,7 +356,7 @@ class Trainer:
             if cfg.eval.interval and step % cfg.eval.interval == 0 or step == cfg.train.max_steps:
                 if dog:
                     dog.progress(step, "validation")
-                metrics["val_loss"] = self.validate()
+                metrics.update(self.validation_metrics())
             log.log(step, metrics)
             nonfinite = 0 if math.isfinite(loss) else nonfinite + 1
             if max(nonfinite, self.guard.streak) >= max_skipped:

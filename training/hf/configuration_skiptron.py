@@ -19,9 +19,9 @@ class SkiptronConfig(PretrainedConfig):
     model_type = "skiptron"
 
     def __init__(self, vocab_size: int = 32000, hidden_size: int = 256, num_hidden_layers: int = 4,
-                 num_attention_heads: int = 4, intermediate_size: int = 704, max_position_embeddings: int = 256,
-                 rms_norm_eps: float = 1e-5, rope_theta: float = 10000.0, initializer_range: float = 0.02,
-                 bias: bool = False, tie_embeddings: bool = True, embedding_rank: int | None = None,
+                 num_attention_heads: int = 4, num_key_value_heads: int | None = None, intermediate_size: int = 704, max_position_embeddings: int = 256,
+                 rms_norm_eps: float = 1e-5, rope_theta: float = 10000.0, rotary_scaling: dict | None = None,
+                 initializer_range: float = 0.02, bias: bool = False, qkv_bias: bool = False, tie_embeddings: bool = True, embedding_rank: int | None = None,
                  block: str = "transformer", routed_layers: list[int] | None = None, skip_granularity: str = "layer",
                  skip_kv: str = "all", srupp_proj_size: int | None = None, srupp_num_heads: int = 1,
                  srupp_attention_layers: list[int] | None = None, **kwargs):
@@ -29,12 +29,16 @@ class SkiptronConfig(PretrainedConfig):
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads or num_attention_heads
         self.intermediate_size = intermediate_size
         self.max_position_embeddings = max_position_embeddings
         self.rms_norm_eps = rms_norm_eps
         self.rope_theta = rope_theta
+        # skiptron's model.rope_scaling (type llama3) or None; not `rope_scaling`, which transformers rewrites
+        self.rotary_scaling = rotary_scaling
         self.initializer_range = initializer_range
         self.bias = bias
+        self.qkv_bias = qkv_bias
         self.tie_embeddings = tie_embeddings
         self.embedding_rank = embedding_rank
         self.block = block

@@ -19,6 +19,8 @@ recurrence).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,39 +30,62 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .configuration_skiptron import SkiptronConfig
 
 
-def rotate(x: torch.Tensor, theta: float) -> torch.Tensor:
+def rotary_inv_freq(head_dim: int, theta: float, scaling: dict | None, device: torch.device) -> torch.Tensor:
+    """Rotary inverse frequencies, default or `llama3`-scaled (skiptron's `layers.rotary_inv_freq`; this file must
+    stand alone)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    if not scaling:
+        return inv_freq
+    old, low, high = scaling["original_max_position_embeddings"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / low, inv_freq / scaling["factor"], inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / scaling["factor"] + smooth * scaled
+    return torch.where((wavelen >= old / high) & (wavelen <= old / low), smoothed, scaled)
+
+
+def rotate(x: torch.Tensor, theta: float, scaling: dict | None = None) -> torch.Tensor:
     """Rotary positions 0..s-1 on x [b, heads, s, head dim] (rotate-half form, as skiptron's `Rotary`)."""
     hd, s = x.shape[-1], x.shape[-2]
-    inv_freq = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=x.device) / hd)
-    freqs = torch.outer(torch.arange(s, dtype=torch.float32, device=x.device), inv_freq)
+    inv_freq = rotary_inv_freq(hd, theta, scaling, x.device)
+    freqs = torch.arange(s, dtype=torch.float32, device=x.device)[:, None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * emb.cos().to(x.dtype) + torch.cat([-x2, x1], dim=-1) * emb.sin().to(x.dtype)
 
 
 class Attention(nn.Module):
-    """Causal multi-head attention with a fused QKV projection ([q; k; v] rows)."""
+    """Causal attention: multi-head with a fused QKV projection ([q; k; v] rows), or grouped-query with `q` and
+    `kv` ([k; v] rows of the fewer key/value heads)."""
 
     def __init__(self, config: SkiptronConfig):
         super().__init__()
         d = config.hidden_size
-        self.heads, self.head_dim, self.theta = config.num_attention_heads, d // config.num_attention_heads, \
-            config.rope_theta
-        self.qkv = nn.Linear(d, 3 * d, bias=config.bias)
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim, self.theta, self.scaling = d // self.heads, config.rope_theta, config.rotary_scaling
+        bias = config.bias or config.qkv_bias
+        if self.kv_heads == self.heads:
+            self.qkv = nn.Linear(d, 3 * d, bias=bias)
+        else:
+            self.q = nn.Linear(d, d, bias=bias)
+            self.kv = nn.Linear(d, 2 * self.kv_heads * self.head_dim, bias=bias)
         self.out = nn.Linear(d, d, bias=config.bias)
 
     def forward(self, x: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
         """`present` [b, s]: the tokens that may be attended to (None: all). Rows of absent queries attend to
         everything so they stay finite; their outputs are the caller's to discard."""
         b, s, _ = x.shape
-        q, k, v = self.qkv(x).view(b, s, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = rotate(q, self.theta), rotate(k, self.theta)
+        qkv = self.qkv(x) if hasattr(self, "qkv") else torch.cat([self.q(x), self.kv(x)], dim=-1)
+        widths = [self.heads * self.head_dim] + [self.kv_heads * self.head_dim] * 2
+        q, k, v = (t.view(b, s, -1, self.head_dim).transpose(1, 2) for t in qkv.split(widths, dim=-1))
+        q, k = rotate(q, self.theta, self.scaling), rotate(k, self.theta, self.scaling)
+        gqa = self.kv_heads != self.heads
         if present is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
             mask = (causal[None] & present[:, None, :]) | ~present[:, :, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
         return self.out(y.transpose(1, 2).reshape(b, s, -1))
 
 
