@@ -17,6 +17,7 @@ checkpoint and restored on resume, so the limit on consecutive skipped steps mea
 from __future__ import annotations
 
 import math
+import types
 from collections import deque
 from dataclasses import dataclass
 
@@ -59,12 +60,12 @@ class StepGuard:
         schedulers patch it; the optimizer's state_dict does not hold it)."""
         opt_step = optimizer.step
 
-        def guarded_optimizer_step(*args, **kwargs):
+        def guarded_optimizer_step(_optimizer, *args, **kwargs):
             if self.decide().apply:
                 return opt_step(*args, **kwargs)
             return None
 
-        optimizer.step = guarded_optimizer_step
+        optimizer.step = types.MethodType(guarded_optimizer_step, optimizer)  # bound, as LR schedulers expect
 
     def schedule_may_advance(self) -> bool:
         """False in a step this guard rejected: the LR schedule holds, as for a step DeepSpeed skips."""
