@@ -144,7 +144,7 @@ class Watchdog:
                     if verdict and self._claim():
                         print(f"[watchdog] {verdict}", file=sys.stderr, flush=True)
                         self._store.set(f"{self.prefix}/verdict", verdict)
-                        self._wait_for_acknowledgements()
+                        self._wait_for_acknowledgements(seen)
                 else:
                     self._store.add(f"{self.prefix}/verdict_read", 1)
                 store_failures = 0
@@ -160,9 +160,11 @@ class Watchdog:
             if verdict is not None:
                 _end_process()
 
-    def _wait_for_acknowledgements(self) -> None:
-        """Keep the store (hosted by rank 0 outside torchrun) up until the live ranks have read the verdict."""
-        live = sum(1 for r in range(self.world_size) if r != self.rank)
+    def _wait_for_acknowledgements(self, seen: dict[int, _Seen]) -> None:
+        """Keep the store (hosted by rank 0 outside torchrun) up until the live ranks (heartbeat seen within two
+        intervals) have read the verdict."""
+        now = time.monotonic()
+        live = sum(1 for r, s in seen.items() if r != self.rank and now - s.beat_at < 2 * self.interval_s)
         deadline = time.monotonic() + 3 * self.interval_s
         while time.monotonic() < deadline and self._store.add(f"{self.prefix}/verdict_read", 0) < live:
             time.sleep(0.1)
