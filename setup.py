@@ -53,6 +53,7 @@ setup(
             "skiptron-convert=skiptron.tools.convert:main",
             "skiptron-finetune=skiptron.tools.finetune:main",
             "skiptron-compress=skiptron.tools.compress:main",
+            "skiptron-gpu-check=skiptron.tools.gpu_check:main",
         ]
     },
 )

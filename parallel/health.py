@@ -16,6 +16,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from . import launch
+from .timing import synchronized_seconds
 
 # Sizes that take well under a second per measurement: small on CPU (tests, rehearsals), realistic on GPUs.
 SIZES = {"cpu": {"matmul": 256, "comm_bytes": 1 << 20, "iters": 3},
@@ -33,19 +34,9 @@ class Measure:
     value: float
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _seconds(fn, iters: int, device: torch.device) -> float:
     fn()  # warm-up: first NCCL call sets up the communicator, first matmul picks a kernel
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - start) / iters
+    return synchronized_seconds(lambda: [fn() for _ in range(iters)], device) / iters
 
 
 def matmul_tflops(device: torch.device, n: int, iters: int) -> float:

@@ -41,6 +41,7 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
             results.put((rank, True, value))
         except BaseException:
             results.put((rank, False, traceback.format_exc()))
+        torch.use_deterministic_algorithms(False)  # a run's train.deterministic is process-wide: not for the next test
     from skiptron.parallel.state import shutdown
 
     shutdown()
@@ -94,3 +95,119 @@ class DistPool:
         for p in self.procs:
             if p.is_alive():
                 p.kill()
+
+
+# -- device placement of collective inputs ------------------------------------------------------------------------
+# NCCL takes CUDA tensors only, so on GPUs every tensor handed to a collective must live on the layout's device. On
+# CPU (gloo) a tensor made without `device=` is on the right device by accident, so placement bugs stay invisible.
+# `collective_device_check` makes them visible: a torch function mode tags every tensor that a factory call
+# (torch.tensor, zeros, arange, ...) in skiptron's own code creates without an explicit device (the tag, its call site,
+# follows it through ops whose tensor inputs all carry it: clone, stack, cat, arithmetic, ...; an explicit
+# `.to(device)` / `.cuda()` clears it), and torch.distributed's collectives refuse any tagged tensor, naming where it was
+# made and which collective got it. On a GPU the same tensor would have been a CPU tensor handed to NCCL.
+import contextlib  # noqa: E402
+import sys  # noqa: E402
+
+_FACTORIES = ("tensor", "as_tensor", "scalar_tensor", "zeros", "ones", "empty", "full", "arange", "linspace", "eye",
+              "rand", "randn", "randint", "randperm", "from_numpy")
+_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
+                "all_to_all", "all_to_all_single", "broadcast", "reduce", "scatter", "gather", "send", "recv", "isend",
+                "irecv", "all_gather_single", "reduce_scatter_single")
+_TAG = "_skiptron_host_origin"
+
+
+def _tensors(obj):
+    if isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)
+    else:
+        import torch
+
+        if isinstance(obj, torch.Tensor):
+            yield obj
+
+
+def _skiptron_roots() -> tuple[str, ...]:
+    import skiptron.parallel
+    import skiptron.tools
+    import skiptron.training
+
+    return tuple(os.path.dirname(m.__file__) + os.sep for m in (skiptron.parallel, skiptron.training, skiptron.tools))
+
+
+@contextlib.contextmanager
+def collective_device_check(extra_roots: tuple[str, ...] = ()):
+    """Within the block, a collective given a tensor that skiptron's code created without `device=` raises
+    AssertionError naming the tensor's creation site and the collective (see the notes above)."""
+    import torch
+    import torch.distributed as dist
+    from torch.overrides import TorchFunctionMode
+
+    roots = _skiptron_roots() + tuple(os.path.abspath(r) + os.sep for r in extra_roots)
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    factories = {getattr(torch, name) for name in _FACTORIES}
+    moves = {torch.Tensor.to, torch.Tensor.cuda}
+
+    def project_caller() -> str | None:
+        frame = sys._getframe(2)
+        while frame is not None and (frame.f_code.co_filename.startswith(torch_dir)
+                                     or frame.f_code.co_filename == __file__):
+            frame = frame.f_back
+        if frame is not None and frame.f_code.co_filename.startswith(roots):
+            return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+        return None
+
+    def tag(out, origin: str):
+        for t in _tensors(out):
+            setattr(t, _TAG, origin)
+
+    class Tracker(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            if func in factories:
+                if kwargs.get("device") is None and (origin := project_caller()):
+                    tag(out, origin)
+                return out
+            if func in moves and (func is torch.Tensor.cuda or "device" in kwargs or any(
+                    isinstance(a, (str, torch.device)) or isinstance(a, torch.Tensor) for a in args[1:])):
+                if getattr(out, _TAG, None):  # on CPU `.to("cpu")` returns the tensor itself
+                    setattr(out, _TAG, None)
+                return out  # an explicit move: placed by the caller
+            inputs = list(_tensors((args, kwargs)))
+            origins = [getattr(t, _TAG, None) for t in inputs]
+            if inputs and all(origins):
+                tag(out, origins[0])
+            return out
+
+    def guarded(name, fn):
+        def collective(*args, **kwargs):
+            for t in _tensors((args, kwargs)):
+                origin = getattr(t, _TAG, None)
+                if origin:
+                    caller = sys._getframe(1)
+                    raise AssertionError(
+                        f"torch.distributed.{name} got a tensor created without device= at {origin} (called from "
+                        f"{caller.f_code.co_filename}:{caller.f_lineno}); on NCCL it would be a CPU tensor: create it "
+                        f"on the layout's device")
+            return fn(*args, **kwargs)
+        return collective
+
+    originals = {name: getattr(dist, name) for name in _COLLECTIVES if hasattr(dist, name)}
+    for name, fn in originals.items():
+        setattr(dist, name, guarded(name, fn))
+    try:
+        with Tracker():
+            yield
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
+def under_device_check(fn, *args, extra_roots: tuple[str, ...] = (), **kwargs):
+    """fn(*args, **kwargs) inside `collective_device_check` (module-level, so a pool can run it)."""
+    with collective_device_check(extra_roots):
+        return fn(*args, **kwargs)

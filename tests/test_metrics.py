@@ -112,7 +112,18 @@ def test_peak_flops_cuda_table(monkeypatch):
         assert peak_flops(cuda, dtype, None) == expected, name
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda _d: "NVIDIA A100-PCIE-40GB")
     assert peak_flops(cuda, torch.float32, None) == 156e12  # TF32
+    assert peak_flops(cuda, torch.float32, None, tf32=False) is None  # no plain-fp32 peaks in the table
     assert peak_flops(cuda, torch.float64, None) is None
+
+
+def test_mfu_peak_follows_the_precision(monkeypatch):
+    """fp16 runs are measured against the fp16 peak, not the fp32 (TF32) one."""
+    from skiptron.training.engine import PRECISION_DTYPES
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda _d: "Tesla V100-SXM2-32GB")
+    cuda = torch.device("cuda", 0)
+    assert peak_flops(cuda, PRECISION_DTYPES["fp16"], None) == 125e12
+    assert peak_flops(cuda, PRECISION_DTYPES["fp32"], None) == 15.7e12
 
 
 # ---------------------------------------------------------------- MetricsLogger

@@ -38,7 +38,7 @@ def _train(overrides, data, run_dir, metrics=("loss",), stop_at=None):
         tied = None if tied is None else tied.detach().clone()
     else:
         topo = PipeModelDataParallelTopology(num_pp=lay.pp, num_mp=lay.tp, num_dp=lay.dp)
-        coords, tied = check_rank_mapping(topo)[lay.rank], None
+        coords, tied = check_rank_mapping(topo, lay.device)[lay.rank], None
     dist.barrier()
     values = None
     if dist.get_rank() == 0:
@@ -193,9 +193,9 @@ def _mismatched_topology():
     from skiptron.training.pipeline import MappingError, check_rank_mapping
 
     init_model_parallel(2, 1, torch.device("cpu"))
-    check_rank_mapping(ProcessTopology(axes=["pipe", "data", "model"], dims=[1, 2, 2]))  # agrees
+    check_rank_mapping(ProcessTopology(axes=["pipe", "data", "model"], dims=[1, 2, 2]), torch.device("cpu"))  # agrees
     try:
-        check_rank_mapping(ProcessTopology(axes=["pipe", "model", "data"], dims=[1, 2, 2]))  # TP across the slow axis
+        check_rank_mapping(ProcessTopology(axes=["pipe", "model", "data"], dims=[1, 2, 2]), torch.device("cpu"))  # TP across the slow axis
     except MappingError as err:
         return str(err)
     return None

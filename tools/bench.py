@@ -11,13 +11,13 @@ import json
 import math
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from skiptron.parallel import state
+from skiptron.parallel.timing import synchronized_seconds
 from skiptron.training.config import Config, load_config
 from skiptron.training.engine import build_engine
 from skiptron.training.flops import config_flops_per_token
@@ -26,15 +26,17 @@ from skiptron.training.trainer import Trainer, seed_everything
 
 
 class PlainBlock(nn.Module):
-    def __init__(self, d: int, heads: int, ffn: int, rope: torch.Tensor):
+    def __init__(self, d: int, heads: int, ffn: int, rope: tuple[torch.Tensor, torch.Tensor]):
         super().__init__()
-        self.heads, self.rope = heads, rope
+        self.heads = heads
+        self.register_buffer("cos", rope[0], persistent=False)  # buffers: `.to(device)` moves them
+        self.register_buffer("sin", rope[1], persistent=False)
         self.n1, self.n2 = nn.RMSNorm(d, eps=1e-5), nn.RMSNorm(d, eps=1e-5)
         self.qkv, self.out = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
         self.gate_up, self.down = nn.Linear(d, 2 * ffn, bias=False), nn.Linear(ffn, d, bias=False)
 
     def rotate(self, x):
-        cos, sin = self.rope[0][: x.shape[2]], self.rope[1][: x.shape[2]]
+        cos, sin = self.cos[: x.shape[2]].to(x.dtype), self.sin[: x.shape[2]].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -91,14 +93,7 @@ def alternate_timings(systems: dict, device: torch.device, warmup: int, rounds: 
     times = {name: [] for name in systems}
     for _ in range(rounds):
         for name, run in systems.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(steps):
-                run()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - start) / steps)
+            times[name].append(synchronized_seconds(lambda: [run() for _ in range(steps)], device) / steps)
     return times
 
 

@@ -43,6 +43,7 @@ def _worker(rank: int, pp: int, m: int, args, port: int, results) -> None:
     import torch.distributed as dist
 
     from skiptron.parallel import state
+    from skiptron.parallel.timing import synchronized_seconds
     from skiptron.training.config import load_config
     from skiptron.training.engine import build_engine
     from skiptron.training.trainer import Trainer, build_model, seed_everything
@@ -55,7 +56,7 @@ def _worker(rank: int, pp: int, m: int, args, port: int, results) -> None:
     layout = state.init_model_parallel(1, pp, device)
     seed_everything(cfg.train.seed)
     before = _rss_mib()
-    engine, precision = build_engine(cfg, build_model(cfg, args.vocab_size), layout)
+    engine, precision = build_engine(cfg, build_model(cfg, args.vocab_size, layout.device), layout)
     trainer = Trainer(cfg, layout, engine, precision, args.vocab_size, manifest={})
     g = torch.Generator().manual_seed(rank)
     batches = [torch.randint(0, args.vocab_size, (mb, cfg.model.seq_len + 1), generator=g).to(device)
@@ -63,9 +64,8 @@ def _worker(rank: int, pp: int, m: int, args, port: int, results) -> None:
     step_s, bubbles = [], []
     for i in range(args.warmup + args.steps):
         dist.barrier()
-        start = time.perf_counter()
-        trainer.train_step(iter(batches))
-        elapsed = torch.tensor(time.perf_counter() - start)
+        seconds = synchronized_seconds(lambda: trainer.train_step(iter(batches)), device)
+        elapsed = torch.tensor(seconds, device=device)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         metrics = trainer.stage_metrics()  # collective; resets the bubble timers
         if i >= args.warmup:

@@ -1,7 +1,8 @@
 """`skiptron-bench-routing compute|balance`: what skip routing saves, and what the DP token balancer buys.
 
 compute (one process): a whole train step (DeepSpeed engine, AdamW) of the dense model against the same model with
-every layer routed at execution rate 0.5 (capacity mode, so the rate is exact), with `kv: all` and `kv: active`.
+every layer routed at execution rate 0.5 (capacity mode, so the rate is exact; `--modes capacity,threshold` adds
+threshold routing, whose rate the controller steers to 0.5), with `kv: all` and `kv: active`.
 
 balance (torchrun, 2 or more processes, one thread each): forward + backward + the DP gradient all-reduce of a routed
 model whose ranks are deliberately skewed (rank 0 executes 90% of its tokens in every routed layer, the others 10%:
@@ -30,6 +31,17 @@ ROUTED = ["model.skip.enabled=true", "model.skip.mode=capacity", "model.skip.tar
           "model.skip.granularity=layer"]
 
 
+def compute_variants(modes: list[str]) -> dict[str, list[str]]:
+    """Name -> overrides of the compute benchmark's systems: dense, then each mode with kv all and active. Capacity
+    mode keeps the historical names (`routed kv=all`)."""
+    variants = {"dense": []}
+    for mode in modes:
+        label = "routed" if mode == "capacity" else f"routed {mode}"
+        for kv in ("all", "active"):
+            variants[f"{label} kv={kv}"] = ROUTED + [f"model.skip.mode={mode}", f"model.skip.kv={kv}"]
+    return variants
+
+
 def compute(args) -> dict:
     device, _ = state.init_world("auto")
     base = load_config(args.config, args.overrides)
@@ -40,10 +52,8 @@ def compute(args) -> dict:
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, args.vocab_size, (base.train.micro_batch_size, base.model.seq_len + 1),
                              generator=g).to(device) for _ in range(ga)]
-    variants = {"dense": [], "routed kv=all": ROUTED + ["model.skip.kv=all"],
-                "routed kv=active": ROUTED + ["model.skip.kv=active"]}
     systems = {}
-    for name, extra in variants.items():
+    for name, extra in compute_variants(args.modes.split(",")).items():
         cfg = load_config(args.config, list(args.overrides) + extra)
         seed_everything(cfg.train.seed)
         engine, precision = build_engine(cfg, GPT(cfg.model, args.vocab_size, cfg.parallel.tp), layout)
@@ -51,9 +61,10 @@ def compute(args) -> dict:
         systems[name] = lambda t=trainer: t.train_step(iter(batches))
     times = alternate_timings(systems, device, args.warmup, args.rounds, args.steps)
     step = {name: statistics.median(t) for name, t in times.items()}
-    result = {"step_s": step, "ratio_vs_dense": {n: step[n] / step["dense"] for n in step}}
+    result = {"step_s": step, "ratio_vs_dense": {n: step[n] / step["dense"] for n in step},
+              "precision": precision, "device": str(device)}
     for name in step:
-        print(f"{name:17s} step {step[name] * 1e3:8.1f} ms | ratio to dense {step[name] / step['dense']:.3f}")
+        print(f"{name:27s} step {step[name] * 1e3:8.1f} ms | ratio to dense {step[name] / step['dense']:.3f}")
     print("target: routed at rate 0.5 <= 0.65 x dense")
     return result
 
@@ -99,7 +110,7 @@ def balance_bench(args) -> dict:
                               args.steps)
     step_s = {}
     for name, t in times.items():
-        slowest = torch.tensor(statistics.median(t))
+        slowest = torch.tensor(statistics.median(t), device=device)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # a synchronous DP step takes as long as its slowest rank
         step_s[name] = slowest.item()
     rates = {i: r.exec_rate for i, r in models["unbalanced"].routing_records().items()}
@@ -127,6 +138,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="tiny")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--granularity", default="mlp", choices=["layer", "mlp"], help="balance mode")
+    p.add_argument("--modes", default="capacity", help="compute mode: routing modes to time, comma-separated "
+                                                       "(capacity, threshold)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)

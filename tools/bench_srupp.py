@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
+from skiptron.parallel.timing import synchronized_seconds
 from skiptron.training.kernels import available_impl, reference_recurrence, sru_recurrence
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -26,21 +26,30 @@ def _inputs(batch: int, seq: int, hidden: int, device: torch.device, dtype: torc
         make(batch, hidden)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_once(fn, inputs, device: torch.device) -> float:
     """Seconds for one forward + backward through h and the last state."""
     for t in inputs:
         t.grad = None
-    _sync(device)
-    start = time.perf_counter()
-    h, c = fn(*inputs)
-    (h.float().sum() + c.float().sum()).backward()
-    _sync(device)
-    return time.perf_counter() - start
+
+    def run():
+        h, c = fn(*inputs)
+        (h.float().sum() + c.float().sum()).backward()
+    return synchronized_seconds(run, device)
+
+
+def parity(inputs) -> dict[str, float]:
+    """Largest |fused - reference| of the outputs (h, last state) and of every input's gradient, relative to the
+    reference's largest magnitude (so one tolerance fits fp32 and bf16)."""
+    results = {}
+    for name, fn in (("fused", sru_recurrence), ("reference", reference_recurrence)):
+        for t in inputs:
+            t.grad = None
+        h, c = fn(*inputs)
+        (h.float().sum() + 0.5 * c.float().sum()).backward()
+        results[name] = {"h": h.detach().float(), "c": c.detach().float(),
+                         **{f"grad_{n}": t.grad.float() for n, t in zip(("u", "x", "v", "bias", "c0"), inputs)}}
+    return {k: ((results["fused"][k] - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+            for k, ref in results["reference"].items()}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,7 +83,7 @@ def run(args: argparse.Namespace) -> dict:
         for name, fn in impls.items():
             times[name].append(time_once(fn, inputs, device))
     fused, ref = (statistics.median(times[name]) for name in impls)
-    return {"seq": args.seq, "batch": args.batch, "hidden": args.hidden, "device": str(device), "dtype": args.dtype,
+    return {"relative_error": parity(inputs),"seq": args.seq, "batch": args.batch, "hidden": args.hidden, "device": str(device), "dtype": args.dtype,
             "threads": torch.get_num_threads(), "fused_impl": fused_impl, "repeats": args.repeats,
             "fused_ms": fused * 1e3, "reference_ms": ref * 1e3, "speedup": ref / fused}
 
@@ -91,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  fused ({r['fused_impl']}){'':<8} {r['fused_ms']:10.1f} ms")
         print(f"  reference loop   {r['reference_ms']:10.1f} ms")
         print(f"  speed-up         {r['speedup']:10.1f}x")
+        print(f"  largest relative error fused vs reference (outputs, gradients): "
+              f"{max(r['relative_error'].values()):.2e}")
 
 
 if __name__ == "__main__":

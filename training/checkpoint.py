@@ -583,8 +583,33 @@ def _model_file(path: Path, stage: int, mp_rank: int) -> Path:
     return path / f"{prefix}mp_rank_{mp_rank:02d}_model_states.pt"
 
 
-def _optim_file(path: Path, dp_rank: int, mp_rank: int) -> Path:
-    return path / f"zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
+def _optim_file(path: Path, dp_rank: int, mp_rank: int, precision: str) -> Path:
+    """DeepSpeed prefixes the ZeRO optimizer files of bf16 runs with `bf16_` (any stage; checked with 0.19.8)."""
+    prefix = "bf16_" if precision == "bf16" else ""
+    return path / f"{prefix}zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
+
+
+def _stage0_masters(optimizer: dict, names: list[str], param_shapes: list[dict]) -> tuple[list, dict]:
+    """ZeRO-0 bf16/fp16 (DeepSpeed's FP16_Optimizer): the fp32 master of every parameter in optimizer-group order,
+    and the base optimizer's state by that same index. The unfused optimizer (torch's AdamW) saves one master per
+    parameter (`fp32_groups`); the fused one (apex / DeepSpeed FusedAdam) one flat master and state per group
+    (`fp32_groups_flat`), cut here by the parameter shapes DeepSpeed records (`param_shapes`)."""
+    state = optimizer["optimizer_state_dict"]["state"]
+    if "fp32_groups" in optimizer:
+        return [t for group in optimizer["fp32_groups"] for t in group], state
+    masters, per_param = [], {}
+    for g, (flat, shapes) in enumerate(zip(optimizer["fp32_groups_flat"], param_shapes)):
+        offset = 0
+        for shape in shapes.values():
+            n, i = math.prod(shape), len(masters)
+            masters.append(flat.narrow(0, offset, n).view(shape))
+            if g in state:
+                per_param[i] = {k: state[g][k].narrow(0, offset, n).view(shape) for k in ADAM_KEYS}
+                per_param[i]["step"] = state[g]["step"]
+            offset += n
+    if len(masters) != len(names):
+        raise CheckpointError(f"ZeRO-0 optimizer state holds {len(masters)} parameters, trainer.json {len(names)}")
+    return masters, per_param
 
 
 def _gpt_names(module: torch.nn.Module):
@@ -628,14 +653,16 @@ def _read_tp_rank(path: Path, meta: dict, tp_rank: int, with_optimizer: bool, pp
     keys = ("param",) + (ADAM_KEYS if with_optimizer else ())
     out: dict[str, dict[str, torch.Tensor]] = {}
     if stage == 0:
-        if lay["precision"] != "fp32":
-            raise CheckpointError(f"{path}: resharding a ZeRO-0 {lay['precision']} checkpoint is not supported")
         names = [n for group in groups for n in group]
-        state = model["optimizer"]["state"]
+        if lay["precision"] == "fp32":
+            masters, state = None, model["optimizer"]["state"]
+        else:  # the module holds bf16/fp16 copies; the fp32 masters live in the optimizer's state
+            masters, state = _stage0_masters(model["optimizer"], names, model["param_shapes"])
         for i, name in enumerate(names):
             if rename(name) not in model["module"]:  # the last stage's tied embedding: no file of its own
                 continue
-            out[rename(name)] = {"param": model["module"][rename(name)].float()}
+            weight = model["module"][rename(name)] if masters is None else masters[i]
+            out[rename(name)] = {"param": weight.float().clone()}
             if with_optimizer:
                 out[rename(name)].update({k: state[i][k] for k in ADAM_KEYS} if i in state else {})
         return out, model, _opt_step(state)
@@ -643,7 +670,7 @@ def _read_tp_rank(path: Path, meta: dict, tp_rank: int, with_optimizer: bool, pp
     pieces = {n: {k: [] for k in keys} for n, _ in shapes}
     opt_step = 0
     for d in range(dp):
-        osd = _load(_optim_file(path, d, mp_rank))["optimizer_state_dict"]
+        osd = _load(_optim_file(path, d, mp_rank, lay["precision"]))["optimizer_state_dict"]
         if stage == 3:
             state = osd["optimizer_state_dict"]["state"]
             flat = {"param": torch.cat(osd["fp32_flat_groups"])}
@@ -728,18 +755,17 @@ def apply_full_state(engine, weights: dict, moments: dict | None, opt_step: int)
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)
     if moments is not None:
-        for group in base.param_groups:
-            for p in group["params"]:
-                st = base.state[p]
-                on_device = group.get("fused") or group.get("capturable")
-                st["step"] = torch.tensor(float(opt_step), dtype=torch.float32,
-                                          device=p.device if on_device else "cpu")
-                for k in ADAM_KEYS:
-                    st.setdefault(k, torch.zeros_like(p))
+        for group, p in _optimizer_state_owners(engine, base):
+            st = base.state[p]
+            on_device = group.get("fused") or group.get("capturable")
+            st["step"] = torch.tensor(float(opt_step), dtype=torch.float32, device=p.device if on_device else "cpu")
+            for k in ADAM_KEYS:
+                st.setdefault(k, torch.zeros_like(p))
         if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO 1/2: link the new state
             engine.optimizer._hp_optimizer_states_linked = False
             engine.optimizer._lazy_init_hp_params_optimizer_state()
     to_gpt = _gpt_names(engine.module)
+    masters = _fp16_optimizer_masters(engine)
     for local_name, p in engine.module.named_parameters():
         name = to_gpt(local_name)
         if name not in weights:
@@ -759,6 +785,9 @@ def apply_full_state(engine, weights: dict, moments: dict | None, opt_step: int)
         sharded_optimizer = zero3 or hasattr(p, "_hp_mapping")
         if sharded_optimizer:
             safe_set_full_fp32_param(p, value.float())
+        master = masters.get(id(p), p)  # the tensor the base optimizer steps (and keys its state by)
+        if master is not p:
+            master.copy_(value.view_as(master))
         if moments is None:
             continue
         for k in ADAM_KEYS:
@@ -766,7 +795,48 @@ def apply_full_state(engine, weights: dict, moments: dict | None, opt_step: int)
             if sharded_optimizer:
                 safe_set_full_optimizer_state(p, v.float(), k)
             else:
-                base.state[p][k].copy_(v)
+                _optimizer_state_of(base, master, k).copy_(v.view_as(master))
+
+
+def _optimizer_state_owners(engine, base) -> list[tuple[dict, torch.Tensor]]:
+    """(param group, tensor) for every tensor the base optimizer keeps Adam state for. ZeRO-3 empties the base
+    optimizer's groups between steps and keys the state by its flat fp32 partitions (`fp32_partitioned_groups_flat`,
+    checked with deepspeed 0.19.8), so a fresh ZeRO-3 engine has no state to write moments into without them."""
+    owners = [(group, p) for group in base.param_groups for p in group["params"]]
+    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    if flats:
+        known = {id(p) for _, p in owners}
+        defaults = base.param_groups[0] if base.param_groups else {}
+        owners += [(defaults, flat) for flat in flats if id(flat) not in known]
+    return owners
+
+
+def _fp16_optimizer_masters(engine) -> dict[int, torch.Tensor]:
+    """ZeRO-0 bf16/fp16 (DeepSpeed's FP16_Optimizer, unfused or fused; checked with 0.19.8): model parameter id ->
+    its fp32 master (a view into its group's flat master when fused). Empty for every other optimizer."""
+    opt = engine.optimizer
+    lows = getattr(opt, "fp16_groups", None)
+    if lows is None or engine.zero_optimization():
+        return {}
+    if hasattr(opt, "fp32_groups_flat"):
+        out = {}
+        for group, flat in zip(lows, opt.fp32_groups_flat):
+            offset = 0
+            for p in group:
+                out[id(p)] = flat.narrow(0, offset, p.numel()).view_as(p)
+                offset += p.numel()
+        return out
+    return {id(p): master for group, hi in zip(lows, opt.fp32_groups) for p, master in zip(group, hi)}
+
+
+def _optimizer_state_of(base, master: torch.Tensor, key: str) -> torch.Tensor:
+    """The base optimizer's `key` state for `master`; for a view into a fused group's flat master, the same view
+    of the flat state."""
+    if master in base.state:
+        return base.state[master][key]
+    flat = master._base
+    offset = master.storage_offset() - flat.storage_offset()
+    return base.state[flat][key].view(-1).narrow(0, offset, master.numel()).view_as(master)
 
 
 # -- weights-only checkpoints (made by `skiptron-convert from-hf`) -----------------------------------------------

@@ -246,7 +246,13 @@ class TrainConfig(Section):
     global_batch_size: int = Field(16, ge=1)
     grad_accum: int | None = Field(None, ge=1, description="default: global / (micro x DP)")
     seed: int = 1234
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPUs that have it, fp32 elsewhere; bf16 and fp16 (dynamic loss scaling) "
+                            "also run on CPUs (DeepSpeed's CPU accelerator), which is how their code paths are tested")
+    tf32: bool = Field(True, description="fp32 matmuls on TF32 tensor cores (Ampere and newer GPUs); no effect on CPUs")
+    deterministic: bool = Field(
+        False, description="deterministic kernels and collectives (torch.use_deterministic_algorithms, cuBLAS "
+                           "workspace, cuDNN, NCCL ring/simple): bitwise-reproducible steps on GPUs, at some speed cost")
     max_nonfinite_steps: int = Field(
         3, ge=1, description="stop (non-zero exit) after this many consecutive skipped steps: non-finite loss or "
                              "gradients, spikes, or DeepSpeed's own overflow skips")

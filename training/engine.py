@@ -7,6 +7,7 @@ import deepspeed
 import torch
 
 from skiptron.parallel.state import Layout, MegatronMpu
+from skiptron.parallel.timing import Stopwatch
 
 from .config import Config
 from .model import no_weight_decay
@@ -17,13 +18,30 @@ except ImportError:
     _ApexFusedAdam = None
 
 
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_fp16_supported() -> bool:
+    """Whether DeepSpeed's CPU accelerator accepts fp16 on this CPU (it asks oneDNN)."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    return accelerator.device_name() == "cpu" and bool(accelerator.is_fp16_supported())
+
+
 def resolve_precision(cfg: Config, device: torch.device) -> str:
-    """`auto` is bf16 on GPUs that have it, fp32 on CPU."""
+    """`auto` is bf16 on GPUs that have it, fp32 elsewhere. bf16 and fp16 are honoured on CPUs too: DeepSpeed's CPU
+    accelerator runs its bf16 optimizer and its fp16 loss scaling there (ZeRO 0-3), so those paths are testable
+    without a GPU (slowly: CPUs have few reduced-precision kernels)."""
     p = cfg.train.precision
     if p == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if p in ("bf16", "fp16") and device.type == "cpu":
-        raise ValueError(f"train.precision: {p} is for GPUs; use fp32 (or auto) on CPU")
+    if p == "fp16" and device.type == "cpu" and not cpu_fp16_supported():
+        raise ValueError("train.precision: fp16 needs a CPU with oneDNN fp16 support for DeepSpeed's CPU accelerator "
+                         "(this one has none); use bf16 or fp32 on this machine")
+    if p == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"train.precision: bf16 is not supported by {torch.cuda.get_device_name(device)}; "
+                         f"use fp16 or fp32")
     return p
 
 
@@ -91,6 +109,10 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
         },
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": precision == "bf16"},
+        # bf16 under ZeRO 1-3: gradients accumulate over micro-batches in fp32, as in Megatron-LM (DeepSpeed's
+        # BF16_Optimizer for stage 1, its ZeRO optimizers for 2-3). DeepSpeed 0.19.8 refuses that for stage 0, whose
+        # FP16_Optimizer keeps fp32 master weights but accumulates bf16 gradients.
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if precision == "bf16" and cfg.zero.stage >= 1 else {}),
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -124,9 +146,26 @@ def build_engine(cfg: Config, model: torch.nn.Module, layout: Layout, guard=None
         config=ds_config,
         dist_init_required=False,
     )
+    _undo_fp16_optimizer_init_step(engine)
     if pipelined:
-        engine.pipe_timer = PipeTimer(engine)
+        engine.pipe_timer = PipeTimer(engine, layout.device)
     return engine, precision
+
+
+def _undo_fp16_optimizer_init_step(engine) -> None:
+    """DeepSpeed's FP16_Optimizer and FP16_UnfusedOptimizer (ZeRO-0 with bf16 or fp16; checked with deepspeed 0.19.8)
+    take one optimizer step with zero gradients when they are built, to create the optimizer's state: Adam's step
+    count then starts at 1 (its bias correction makes the first real update 0.73 x lr) and weight decay is applied
+    once. Dropping that state (the optimizer creates it again at its first real step) and copying the fp32 masters
+    back from the model's bf16/fp16 weights (whose copies they were) starts ZeRO-0 where ZeRO 1-3 start."""
+    opt = engine.optimizer
+    if engine.zero_optimization() or not hasattr(opt, "fp16_groups") or not hasattr(opt, "refresh_fp32_params"):
+        return
+    base = opt.optimizer
+    base.state.clear()
+    for group in base.param_groups:
+        group.pop("step", None)  # apex's FusedAdam counts steps per group
+    opt.refresh_fp32_params()
 
 
 class PipeTimer:
@@ -137,29 +176,27 @@ class PipeTimer:
     COMPUTE = ("ForwardPass", "BackwardPass")
     OUTSIDE = ("OptimizerStep", "ReduceGrads", "ReduceTiedGrads")
 
-    def __init__(self, engine):
-        import time
-
-        self.compute = self.total = 0.0
+    def __init__(self, engine, device: torch.device):
+        # Device time (CUDA events on GPUs, read once per step by `bubble`), not the host's launch time.
+        self.watch = Stopwatch(device)
         timed = {}
         for kind, fn in type(engine)._INSTRUCTION_MAP.items():
             name = kind.__name__
+            if name in PipeTimer.OUTSIDE:
+                timed[kind] = fn
+                continue
+            region = "compute" if name in PipeTimer.COMPUTE else "other"
 
-            def wrapper(self_engine, *args, _fn=fn, _name=name, **kwargs):
-                start = time.perf_counter()
-                out = _fn(self_engine, *args, **kwargs)
-                elapsed = time.perf_counter() - start
-                if _name not in PipeTimer.OUTSIDE:
-                    self.total += elapsed
-                    if _name in PipeTimer.COMPUTE:
-                        self.compute += elapsed
-                return out
+            def wrapper(self_engine, *args, _fn=fn, _region=region, **kwargs):
+                with self.watch.region(_region):
+                    return _fn(self_engine, *args, **kwargs)
 
             timed[kind] = wrapper
-        engine._INSTRUCTION_MAP = timed  # the instance's map shadows the class's
+        engine._INSTRUCTION_MAP = timed  # the instance's map shadows the class's (checked with deepspeed 0.19.8)
 
     def bubble(self) -> float:
         """Idle fraction since the last call (nan before any schedule ran); resets."""
-        value = 1 - self.compute / self.total if self.total else float("nan")
-        self.compute = self.total = 0.0
-        return value
+        seconds = self.watch.take()
+        compute = seconds.get("compute", 0.0)
+        total = compute + seconds.get("other", 0.0)
+        return 1 - compute / total if total else float("nan")

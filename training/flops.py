@@ -127,18 +127,20 @@ _DTYPE_COLUMN = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 
 
 def peak_flops(
-    device: torch.device, dtype: torch.dtype, configured: float | None
+    device: torch.device, dtype: torch.dtype, configured: float | None, tf32: bool = True
 ) -> float | None:
-    """Peak dense FLOP/s of one device for `dtype`, or None when unknown.
+    """Peak dense FLOP/s of one device for `dtype` (the precision a run computes in), or None when unknown.
 
     `configured` (FLOP/s, e.g. from the run config) always wins, so unknown
     hardware can still report MFU. Otherwise CUDA devices are looked up in a
-    table of data-sheet peaks; float32 assumes TF32 tensor cores are enabled.
-    CPUs, unknown GPUs and unlisted dtypes return None: MFU is then not reported.
+    table of data-sheet peaks: bf16 and fp16 their own columns, float32 the TF32
+    tensor-core peak when `tf32` is on (the table has no plain-fp32 peaks, so
+    float32 without TF32 is unknown). CPUs, unknown GPUs and unlisted dtypes
+    return None: MFU is then not reported.
     """
     if configured is not None:
         return float(configured)
-    if device.type != "cuda" or dtype not in _DTYPE_COLUMN:
+    if device.type != "cuda" or dtype not in _DTYPE_COLUMN or dtype == torch.float32 and not tf32:
         return None
     name = torch.cuda.get_device_name(device)
     for row in _CUDA_PEAKS:

@@ -61,6 +61,8 @@ class StepGuard:
         opt_step = optimizer.step
 
         def guarded_optimizer_step(_optimizer, *args, **kwargs):
+            if self._verdict is None and not self._loss_count:  # not a training step (DeepSpeed's set-up step)
+                return opt_step(*args, **kwargs)
             if self.decide().apply:
                 return opt_step(*args, **kwargs)
             return None

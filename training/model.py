@@ -151,6 +151,7 @@ class Head(nn.Module):
             shard_local(*self.norm.parameters())
         self.register_buffer("padding", vocab_padding(vocab_size, padded_vocab, mcfg.tensor_model_parallel_size),
                              persistent=False)
+        self.has_padding = bool(self.padding.any())  # read once here: per forward it is a host sync on GPUs
 
     def logits(self, h: torch.Tensor, embedding_weight: torch.Tensor | None) -> torch.Tensor:
         """This TP rank's slice of the logits, padded entries at -inf (for the whole sequence)."""
@@ -160,7 +161,7 @@ class Head(nn.Module):
         elif self.output is None:
             h = mtp.copy_to_tensor_model_parallel_region(h)  # the untied ColumnParallelLinear does this itself
         logits = self.output(h)[0] if self.output is not None else F.linear(h, embedding_weight)
-        if self.padding.any():
+        if self.has_padding:
             logits = logits.masked_fill(self.padding, float("-inf"))
         return logits
 

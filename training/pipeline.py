@@ -51,9 +51,10 @@ def rank_coordinates(topology) -> dict[int, dict]:
     return out
 
 
-def check_rank_mapping(topology) -> dict[int, dict]:
+def check_rank_mapping(topology, device: torch.device) -> dict[int, dict]:
     """Raise MappingError unless both libraries give every rank the same (pp, dp, tp) and this rank's TP and DP
-    groups the same members. Collective; returns the coordinates."""
+    groups the same members. Collective (on `device`, the world group's: NCCL takes CUDA tensors only); returns the
+    coordinates."""
     coords = rank_coordinates(topology)
     bad = [f"rank {r}: megatron (pp, dp, tp) = {c['megatron']}, deepspeed = {c['deepspeed']}"
            for r, c in coords.items() if c["megatron"] != c["deepspeed"]]
@@ -64,7 +65,7 @@ def check_rank_mapping(topology) -> dict[int, dict]:
         mg_ranks = sorted(dist.get_process_group_ranks(group))
         if ds_ranks != mg_ranks:
             bad.append(f"rank {rank}: {axis}-parallel group megatron {mg_ranks}, deepspeed {ds_ranks}")
-    flag = torch.tensor([len(bad)])
+    flag = torch.tensor([len(bad)], device=device)
     dist.all_reduce(flag)
     if flag.item():
         raise MappingError("rank mapping differs between megatron-core parallel_state and DeepSpeed's topology: "
@@ -147,12 +148,15 @@ class PipeLoss:
 
     def __init__(self, padding: torch.Tensor):
         self.padding = padding
+        self.has_padding = bool(padding.any())  # read once here, not per micro-batch (a host sync on GPUs)
         self.lm_losses: list[torch.Tensor] = []
 
     def __call__(self, outputs, labels):
         logits, aux = _unpack(outputs)
-        if self.padding.any():
-            logits = logits.masked_fill(self.padding.to(logits.device), float("-inf"))
+        if self.has_padding:
+            if self.padding.device != logits.device:  # moved once: the loss is no module, DeepSpeed does not move it
+                self.padding = self.padding.to(logits.device)
+            logits = logits.masked_fill(self.padding, float("-inf"))
         lm = mtp.vocab_parallel_cross_entropy(logits.float(), labels).mean()
         self.lm_losses.append(lm.detach())
         return lm if aux is None else lm + aux.sum()
@@ -177,7 +181,8 @@ def _meta_param_count(spec: LayerSpec) -> int:
 class GPTPipe(PipelineModule):
     """GPT as a DeepSpeed pipeline: one stage's layers on each pipeline rank, the rest never built."""
 
-    def __init__(self, cfg: Config, vocab_size: int, balance: float | None = 1.0):
+    def __init__(self, cfg: Config, vocab_size: int, device: torch.device, balance: float | None = 1.0):
+        """`device`: this rank's device (the layout's), where the start-up collectives' tensors live."""
         mc, par = cfg.model, cfg.parallel
         tp, pp = par.tp, par.pp
         dp = dist.get_world_size() // (tp * pp)
@@ -200,7 +205,7 @@ class GPTPipe(PipelineModule):
 
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, dist_init_required=False)
         topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
-        coords = check_rank_mapping(topology)
+        coords = check_rank_mapping(topology, device)
         padded = mc.padded_vocab_size(vocab_size)
         loss = PipeLoss(vocab_padding(vocab_size, padded, tp))
         method = "type:^BlockStage$" if par.partition == "uniform" else "parameters"

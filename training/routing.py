@@ -17,7 +17,6 @@ keys and values do (with `kv: all` every token's K and V are projected there too
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import deepspeed
@@ -27,6 +26,7 @@ from torch import nn
 
 from skiptron.parallel import state
 from skiptron.parallel.balance import balance
+from skiptron.parallel.timing import Stopwatch
 
 from .config import SkipConfig
 from .layers import Block, rms_norm
@@ -37,14 +37,26 @@ BALANCE_KEYS = ("imbalance_before", "imbalance_after", "tokens_moved", "bytes_mo
 
 @dataclass
 class RoutingRecord:
-    """What one routed block saw in its last forward (detached, for metrics), plus its aux loss (with grad)."""
+    """What one routed block saw in its last forward (detached, for metrics), plus its aux loss (with grad).
+
+    The rate and the logit quantile stay on the device (0-d tensors): `RoutingMeter.reduce` reads all layers' values
+    back in one transfer per step; `exec_rate` / `logit_quantile` read one back (tests, benchmarks)."""
 
     aux_loss: torch.Tensor
-    exec_rate: float
-    logit_quantile: float
+    rate: torch.Tensor  # executed fraction of this rank's tokens
+    quantile: torch.Tensor  # (1 - target) quantile of the router logits
     active_tokens: int
     computed_tokens: list[int]  # rows of each position-wise computation this rank ran (after balancing)
-    balance: dict = field(default_factory=dict)
+    balance: dict = field(default_factory=dict)  # host-side statistics of the DP exchanges (see `BalanceStats`)
+    exchange_time: Stopwatch | None = field(default=None, repr=False)  # the exchanges' time, read once per step
+
+    @property
+    def exec_rate(self) -> float:
+        return float(self.rate)
+
+    @property
+    def logit_quantile(self) -> float:
+        return float(self.quantile)
 
 
 class Router(nn.Module):
@@ -111,7 +123,8 @@ class RoutedBlock(nn.Module):
         self.skip = skip
         self.balance = balance  # min imbalance that triggers the DP exchange; None: never
         self.record: RoutingRecord | None = None
-        self.exchanges: list[tuple] = []  # this forward's position-wise computations: (rows, BalanceStats, seconds)
+        self.exchanges: list[tuple] = []  # this forward's position-wise computations: (rows, BalanceStats or None)
+        self.exchange_time: Stopwatch | None = None  # this forward's exchanges (a new one each forward)
         # Queries of `kv: all` layers are projected with slices of the fused QKV weight, outside that module's
         # forward: ZeRO-3 must gather it for this block's forward.
         for param in block.attn.projection_parameters() if isinstance(block, Block) else ():
@@ -120,7 +133,8 @@ class RoutedBlock(nn.Module):
     @torch.no_grad()
     def update_controller(self, logit_quantile: float) -> None:
         if self.skip.mode == "threshold":
-            self.router.offset.lerp_(torch.tensor(-logit_quantile), self.skip.controller_rate)
+            offset = self.router.offset
+            offset.lerp_(torch.full_like(offset, -logit_quantile), self.skip.controller_rate)
 
     def decide(self, p: torch.Tensor) -> torch.Tensor:
         if self.skip.mode == "capacity":
@@ -132,26 +146,23 @@ class RoutedBlock(nn.Module):
         are computed on other ranks and their results (and, in the backward, gradients) come back."""
         group = state.dp_group_or_none() if self.balance is not None else None
         if group is None or dist.get_world_size(group) == 1:
-            self.exchanges.append((rows[0].shape[0], None, 0.0))
+            self.exchanges.append((rows[0].shape[0], None))
             return fn(*rows)
-        start = time.perf_counter()
-        work = balance(rows, group, self.balance)
-        exchange_s = time.perf_counter() - start
+        with self.exchange_time.region("exchange"):
+            work = balance(rows, group, self.balance)
         y = fn(*work.tokens)
-        start = time.perf_counter()
-        y = work.restore(y)
-        self.exchanges.append((work.num_tokens, work.stats, exchange_s + time.perf_counter() - start))
+        with self.exchange_time.region("exchange"):
+            y = work.restore(y)
+        self.exchanges.append((work.num_tokens, work.stats))
         return y
 
     def _balance_metrics(self) -> dict:
-        """This forward's exchanges together: the loads are the same for each, the traffic and time add up."""
-        done = [(s, t) for _, s, t in self.exchanges if s is not None]
+        """This forward's exchanges together: the loads are the same for each, the traffic adds up."""
+        done = [s for _, s in self.exchanges if s is not None]
         if not done:
             return {}
-        first = done[0][0]
-        return {"imbalance_before": first.imbalance_before, "imbalance_after": first.imbalance_after,
-                "tokens_moved": sum(s.tokens_moved for s, _ in done), "bytes_moved": sum(s.bytes_moved for s, _ in done),
-                "exchange_ms": 1e3 * sum(t for _, t in done)}
+        return {"imbalance_before": done[0].imbalance_before, "imbalance_after": done[0].imbalance_after,
+                "tokens_moved": sum(s.tokens_moved for s in done), "bytes_moved": sum(s.bytes_moved for s in done)}
 
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
         return self.block.mlp(self.block.mlp_norm(h[None]))[0]
@@ -198,7 +209,7 @@ class RoutedBlock(nn.Module):
         rows = active.flatten().nonzero().squeeze(1)
         gate = p.flatten()[rows].to(x.dtype)[:, None]
         granularity = self.skip.granularity
-        self.exchanges = []
+        self.exchanges, self.exchange_time = [], Stopwatch(x.device)
 
         if not isinstance(self.block, Block):  # SRU++: the whole layer over each sequence's active tokens, packed
             index, valid = pack_positions(active)
@@ -216,10 +227,10 @@ class RoutedBlock(nn.Module):
             else:
                 out = flat.index_add(0, rows, gate * self.tokenwise(self._attn_out_and_mlp, context, flat[rows]))
         self.record = RoutingRecord(
-            aux_loss=(rate - self.skip.target_rate) ** 2, exec_rate=hard.mean().item(),
-            logit_quantile=torch.quantile(logits.detach().flatten(), 1 - self.skip.target_rate).item(),
-            active_tokens=int(rows.numel()), computed_tokens=[n for n, _, _ in self.exchanges],
-            balance=self._balance_metrics())
+            aux_loss=(rate - self.skip.target_rate) ** 2, rate=hard.mean().detach(),
+            quantile=torch.quantile(logits.detach().flatten(), 1 - self.skip.target_rate),
+            active_tokens=int(rows.numel()), computed_tokens=[n for n, _ in self.exchanges],
+            balance=self._balance_metrics(), exchange_time=self.exchange_time)
         return out.view(b, s, d)
 
 
@@ -234,20 +245,28 @@ class RoutingMeter:
             self.records.append(records)
 
     def reduce(self, group) -> tuple[dict[str, float], dict[int, float]]:
-        """(metrics, layer -> (1 - target) quantile of router logits), averaged over micro-batches and DP."""
+        """(metrics, layer -> (1 - target) quantile of router logits), averaged over micro-batches and DP.
+
+        The per-layer values stay on the device until here: one stack, one all-reduce on the layout's device (what
+        NCCL needs) and one read-back per step."""
         if not self.records:
             return {}, {}
         layers = sorted(self.records[0])
         n = len(self.records)
-        rates = [sum(r[i].exec_rate for r in self.records) / n for i in layers]
-        quantiles = [sum(r[i].logit_quantile for r in self.records) / n for i in layers]
-        aux = sum(r[i].aux_loss.item() for r in self.records for i in layers) / n
-        balanced = [r[i].balance for r in self.records for i in layers if r[i].balance]
-        values = quantiles + rates + [aux]
+        device = self.records[0][layers[0]].rate.device
+
+        def per_layer(field: str) -> torch.Tensor:  # [layers], averaged over micro-batches
+            return torch.stack([torch.stack([getattr(r[i], field) for r in self.records]).double().mean()
+                                for i in layers])
+
+        aux = torch.stack([r[i].aux_loss.detach().double() for r in self.records for i in layers]).sum() / n
+        parts = [per_layer("quantile"), per_layer("rate"), aux[None]]
+        balanced = [(r[i].balance, r[i].exchange_time) for r in self.records for i in layers if r[i].balance]
         if balanced:
-            values += [sum(b[k] for b in balanced) / len(balanced)
-                       for k in BALANCE_KEYS]
-        mean = state.all_reduce_mean(torch.tensor(values, dtype=torch.float64), group).tolist()
+            stats = [{**b, "exchange_ms": 1e3 * watch.take().get("exchange", 0.0)} for b, watch in balanced]
+            host = [sum(b[k] for b in stats) / len(stats) for k in BALANCE_KEYS]
+            parts.append(torch.tensor(host, dtype=torch.float64, device=device))
+        mean = state.all_reduce_mean(torch.cat(parts), group).tolist()
         layer_quantiles, mean = dict(zip(layers, mean[:len(layers)])), mean[len(layers):]
         out = {f"skip/rate/L{i}": mean[j] for j, i in enumerate(layers)}
         out["skip/exec_rate"] = sum(mean[:len(layers)]) / len(layers)

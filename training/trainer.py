@@ -14,11 +14,13 @@ import torch
 import torch.distributed as dist
 
 from skiptron.parallel import health, state, watchdog
+from skiptron.parallel.timing import synchronize
 
 from . import checkpoint as ckpt
 from . import faults
 from .config import Config, ConfigError, save_config
-from .engine import build_engine, resolve_precision
+from . import numerics
+from .engine import PRECISION_DTYPES, build_engine, resolve_precision
 from .guard import StepGuard
 from .flops import config_flops_per_token, peak_flops
 from .loader import BlendedStream, TokenLoader, check_sources
@@ -91,6 +93,7 @@ class Trainer:
         world_size = state.launch_world_size()
         cfg.validate_for_launch(world_size)
         vocab, manifest = data_vocab_and_seq(cfg)
+        numerics.configure(cfg.train)  # before any CUDA work: cuBLAS reads its workspace setting when it starts
         device, _ = state.init_world(
             cfg.parallel.backend, cfg.parallel.init_timeout_s, cfg.launch.rendezvous_timeout_s)
         layout = state.init_model_parallel(cfg.parallel.tp, cfg.parallel.pp, device)
@@ -98,7 +101,7 @@ class Trainer:
         if cfg.launch.health_check:
             health.preflight(device, cfg.launch.health_outlier_ratio)
         seed_everything(cfg.train.seed)
-        model = build_model(cfg, vocab)
+        model = build_model(cfg, vocab, layout.device)
         prepare_model(model, cfg, vocab, log=print if layout.is_writer else None)  # finetune.*: base weights, masks
         guard = StepGuard(device, cfg.train.spike_factor, cfg.train.spike_window)
         # The pipeline engine steps inside `train_batch`: it keeps DeepSpeed's own overflow check (counted, below).
@@ -167,8 +170,7 @@ class Trainer:
 
     def _from_last_stage(self, losses: list) -> float:
         """Mean of the last stage's per-micro-batch losses over micro-batches and DP, on every rank."""
-        value = torch.stack(losses).float().mean() if losses else torch.zeros(())
-        value = value.to(self.layout.device)
+        value = torch.stack(losses).float().mean() if losses else torch.zeros((), device=self.layout.device)
         dist.all_reduce(value, group=state.pp_group())  # only the last stage contributes
         return state.all_reduce_mean(value, state.dp_group()).item()
 
@@ -271,14 +273,15 @@ class Trainer:
             """Per-token training FLOPs; routed layers count at their measured execution rates."""
             rates = {int(k.rsplit("/L", 1)[1]): v for k, v in step_metrics.items() if k.startswith("skip/rate/L")}
             return config_flops_per_token(cfg.model, padded_vocab, rates)
-        peak = peak_flops(layout.device, torch.bfloat16 if self.precision == "bf16" else torch.float32,
-                          cfg.logging.peak_tflops * 1e12 if cfg.logging.peak_tflops else None)
+        peak = peak_flops(layout.device, PRECISION_DTYPES[self.precision],
+                          cfg.logging.peak_tflops * 1e12 if cfg.logging.peak_tflops else None, tf32=cfg.train.tf32)
         log = MetricsLogger(cfg.run.dir, is_writer=layout.is_writer, total_steps=cfg.train.max_steps,
                             tensorboard=cfg.logging.tensorboard, print_every=cfg.logging.print_every,
                             start_step=self.progress.step)
         log.log_text(
             f"world {layout.world_size} = tp {layout.tp} x pp {layout.pp} x dp {layout.dp} | zero {cfg.zero.stage} | "
-            f"{self.precision} on {layout.device.type} | params/rank "
+            f"{self.precision} on {layout.device.type}{' (tf32)' if cfg.train.tf32 and layout.device.type == 'cuda' else ''}"
+            f"{' | deterministic' if cfg.train.deterministic else ''} | params/rank "
             f"{sum(p.numel() for p in self.engine.module.parameters()) / 1e6:.2f}M | grad accum {ga}")
         if self.pipelined:
             module = self.engine.module
@@ -336,6 +339,7 @@ class Trainer:
             loss = step_metrics["loss"]
             self.progress.advance(cfg.train.global_batch_size, tokens_per_step)
             self.progress.consumed_by_source = train_data.consumed_by_source(self.progress.consumed_samples)
+            synchronize(layout.device)  # (the step's loss read-back has already waited for the device)
             elapsed = time.perf_counter() - start
             tokens_per_s = tokens_per_step / elapsed
             flops_per_token = model_flops(step_metrics)
@@ -384,12 +388,13 @@ class Trainer:
         return log.summary()
 
 
-def build_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
-    """GPT, or with parallel.pp > 1 the same layer sequence as a DeepSpeed PipelineModule (this stage's layers)."""
+def build_model(cfg: Config, vocab_size: int, device: torch.device) -> torch.nn.Module:
+    """GPT, or with parallel.pp > 1 the same layer sequence as a DeepSpeed PipelineModule (this stage's layers;
+    `device`, the layout's, is where its start-up collectives run)."""
     if cfg.parallel.pp > 1:
         from .pipeline import GPTPipe
 
-        return GPTPipe(cfg, vocab_size, balance=cfg.parallel.token_balance)
+        return GPTPipe(cfg, vocab_size, device, balance=cfg.parallel.token_balance)
     return GPT(cfg.model, vocab_size, cfg.parallel.tp, balance=cfg.parallel.token_balance,
                checkpoint_blocks=cfg.parallel.checkpointed_blocks(cfg.model.num_layers),
                sequence_parallel=cfg.parallel.sequence_parallel)

@@ -1,0 +1,33 @@
+"""skiptron-gpu-check: the CPU rehearsal (`--device cpu --quick`) passes, and failures are named in the exit."""
+import json
+import os
+import subprocess
+import sys
+
+
+def test_gpu_check_cpu_quick_passes(tmp_path):
+    """Every check runs through its real entry point at toy size (trainer, benchmarks, converter, torchrun)."""
+    out = tmp_path / "check"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "skiptron.tools.gpu_check", "--device", "cpu", "--quick",
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert {r["status"] for r in rows.values()} <= {"ok", "skip"}
+    ran = {name for name, r in rows.items() if r["status"] == "ok"}
+    assert {"dense tiny", "routed tiny", "srupp kernel", "resume", "reshard bf16", "hf export", "sdpa",
+            "world dp2 balanced"} <= ran, rows.keys()
+    assert set(rows["routed tiny"]["numbers"]["ratio_vs_dense"]) == {
+        "dense", "routed kv=all", "routed kv=active", "routed threshold kv=all", "routed threshold kv=active"}
+    assert rows["sdpa"]["numbers"]["kernels"]["dense"]  # the dense path always runs an SDPA kernel
+    assert "all checks passed" in done.stdout
+
+
+def test_summary_names_the_failures():
+    from skiptron.tools.gpu_check import Row, summarize
+
+    table, code = summarize([Row("dense 125m", "ok", "fine"), Row("resume", "FAIL", "losses DIFFER"),
+                             Row("pp2", "skip", "one device")])
+    assert code == 1 and table.splitlines()[-1] == "FAILED: resume"
+    assert summarize([Row("sdpa", "ok")])[1] == 0

@@ -1,0 +1,461 @@
+"""`skiptron-gpu-check [--device cuda|cpu] [--quick] [--out DIR]`: one command that proves the GPU paths.
+
+On whatever CUDA devices are visible it runs, through skiptron's own entry points (the trainer, the benchmarks, the
+converter), and prints one table (and writes `<out>/gpu_check.json`):
+
+    world          the trainer on a process group of every visible device (NCCL; one GPU: a world of one)
+    dense 125m     bf16 training, 30 steps: tokens/s, TFLOP/s, MFU, peak memory; 1.3b too when memory allows
+    routed 125m    skiptron-bench-routing compute: threshold and capacity, kv all / active, step time vs dense
+    srupp kernel   skiptron-bench-srupp: the fused kernel (Triton on GPUs) against the reference, outputs and
+                   gradients, and its speed-up
+    resume         deterministic mode: N steps == N/2 + resume from the checkpoint + N/2, bitwise (loss, weights)
+    reshard bf16   that bf16 checkpoint resumed under another ZeRO stage follows the run within bf16 tolerance
+    hf export      skiptron-convert to-hf, loaded by transformers on the device: logits equal skiptron's
+    sdpa           which scaled-dot-product-attention kernel each attention path ran (dense, routed kv all / active)
+    tp2, dp2, pp2  with two or more devices: TP=2, DP=2 with the token balancer, PP=2 (torchrun)
+
+It exits non-zero when any check fails, naming them. `--device cpu --quick` runs the same pieces at toy sizes on
+the CPU (gloo, two processes for the multi-process part), which the test suite does; its numbers say nothing about
+GPUs. A check that cannot run here (too little memory, a single device) is `skip`, with the reason.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+# Toy model of the quick mode (the test suite's size), and the GPU sizes.
+QUICK_MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_len=32",
+               "model.make_vocab_size_divisible_by=64", "train.micro_batch_size=2", "train.global_batch_size=2"]
+COMMON = ["optimizer.warmup_steps=2", "eval.interval=0", "eval.batches=1", "logging.tensorboard=false",
+          "data.num_workers=0", "checkpoint.save_at_end=false", "launch.health_check=false", "logging.print_every=10"]
+ROUTED = ["model.skip.enabled=true", "model.skip.target_rate=0.5"]
+BF16_LOSS_ATOL = 2e-2
+SDPA_KERNELS = {"_scaled_dot_product_flash_attention_for_cpu": "flash (cpu)",
+                "_scaled_dot_product_flash_attention": "flash", "_flash_attention_forward": "flash",
+                "_scaled_dot_product_efficient_attention": "mem-efficient", "_efficient_attention_forward": "mem-efficient",
+                "_scaled_dot_product_cudnn_attention": "cudnn", "_scaled_dot_product_attention_math": "math",
+                "flex_attention": "flex", "flex_attention_backward": "flex"}
+
+
+@dataclass
+class Row:
+    name: str
+    status: str  # ok | FAIL | skip
+    detail: str = ""
+    numbers: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class Plan:
+    """What to run, at which size."""
+
+    device: str
+    quick: bool
+    out: Path
+    devices: int  # visible CUDA devices (cpu: processes of the multi-process part)
+    precision: str
+    dense_config: str
+    dense_overrides: list[str]
+    dense_steps: int
+    small_overrides: list[str]  # the model of the resume / reshard / export / sdpa checks
+    small_steps: int
+
+
+def make_plan(device: str, quick: bool, out: Path) -> Plan:
+    import torch
+
+    if device == "cpu":
+        return Plan("cpu", quick, out, 2, "bf16", "tiny", QUICK_MODEL, 5 if quick else 30, QUICK_MODEL, 6)
+    if not torch.cuda.is_available():
+        raise SystemExit("skiptron-gpu-check: no CUDA device is visible; use --device cpu for the CPU rehearsal")
+    precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    dense = ["train.micro_batch_size=8", "train.global_batch_size=8", "model.vocab_size=32000"]
+    small = ["model.num_layers=4", "model.hidden_size=512", "model.num_heads=8", "model.seq_len=512",
+             "train.micro_batch_size=4", "train.global_batch_size=4", "model.vocab_size=32000"]
+    return Plan("cuda", quick, out, torch.cuda.device_count(), precision, "125m", dense, 10 if quick else 30,
+                small, 10)
+
+
+# -- pieces -------------------------------------------------------------------------------------------------------
+def prepare_data(out: Path, seq_len: int, tokens: int) -> Path:
+    """Byte-tokenized shards of enough standard-library sources for `tokens` training tokens (skiptron-data's own
+    `prepare`); reused when present."""
+    import sysconfig
+
+    from skiptron.training.shards import prepare
+
+    data = out / f"data-s{seq_len}"
+    if (data / "manifest.json").is_file():
+        return data
+    src = out / f"corpus-s{seq_len}"
+    src.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        text = path.read_text(errors="replace")
+        (src / f"{path.name}.txt").write_text(text)
+        total += len(text)
+        if total > 1.3 * tokens:
+            break
+    prepare(data, inputs=[src], tokenizer="bytes", seq_len=seq_len, samples_per_shard=512, val_fraction=0.05)
+    return data
+
+
+def train(config: str, overrides: list[str], run_dir: Path, keep: bool = False):
+    """The trainer in this process (a world of one); returns (metrics records, trainer if `keep` else None)."""
+    from skiptron.training.config import load_config
+    from skiptron.training.metrics import read_metrics
+    from skiptron.training.trainer import Trainer
+
+    cfg = load_config(config, COMMON + list(overrides) + [f"run.dir={run_dir}"])
+    trainer = Trainer.setup(cfg)
+    trainer.run()
+    return read_metrics(run_dir), (trainer if keep else None)
+
+
+def steady(records: list[dict], key: str) -> float | None:
+    """Median of a per-step metric after the first fifth of the steps (warm-up)."""
+    values = [r[key] for r in records[len(records) // 5:] if isinstance(r.get(key), (int, float))]
+    return statistics.median(values) if values else None
+
+
+def release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def check_dense(plan: Plan, data: Path, config: str, overrides: list[str]) -> Row:
+    records, _ = train(config, overrides + [f"data.path={data}", f"train.precision={plan.precision}",
+                                            f"train.max_steps={plan.dense_steps}"], plan.out / f"dense-{config}")
+    losses = [r["loss"] for r in records]
+    numbers = {k: steady(records, k) for k in ("tokens_per_s", "tflops", "mfu", "peak_mem_gb", "step_time_s")}
+    numbers.update(first_loss=losses[0], last_loss=losses[-1])
+    if not all(isinstance(v, float) and math.isfinite(v) for v in losses):
+        return Row(f"dense {config}", "FAIL", f"non-finite loss: {losses}", numbers)
+    mfu = f", MFU {100 * numbers['mfu']:.1f}%" if numbers["mfu"] else ""
+    mem = f", peak {numbers['peak_mem_gb']:.1f} GiB" if numbers["peak_mem_gb"] else ""
+    return Row(f"dense {config}", "ok", f"{plan.precision}, {numbers['tokens_per_s']:.0f} tok/s, "
+               f"{numbers['tflops']:.3g} TFLOP/s{mfu}{mem}", numbers)
+
+
+def check_large(plan: Plan, data: Path) -> Row:
+    import torch
+
+    if plan.device != "cuda":
+        return Row("dense 1.3b", "skip", "GPU only")
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    if total < 60:
+        return Row("dense 1.3b", "skip", f"{total:.0f} GiB on the device; 1.3b wants >= 60 GiB")
+    return check_dense(plan, data, "1.3b", ["train.micro_batch_size=4", "train.global_batch_size=4",
+                                            "model.vocab_size=32000", "parallel.activation_checkpointing=full"])
+
+
+def check_routed(plan: Plan) -> Row:
+    from skiptron.tools import bench_routing
+
+    overrides = plan.dense_overrides + [f"train.precision={plan.precision}"]
+    args = argparse.Namespace(config=plan.dense_config, overrides=overrides, vocab_size=512 if plan.quick else 32000,
+                              warmup=1, rounds=1 if plan.quick else 3, steps=1 if plan.quick else 3,
+                              modes="capacity,threshold")
+    result = bench_routing.compute(args)
+    ratios = result["ratio_vs_dense"]
+    bad = [n for n, r in ratios.items() if not math.isfinite(r)]
+    detail = ", ".join(f"{n.removeprefix('routed ')} {r:.2f}x" for n, r in ratios.items() if n != "dense")
+    return Row(f"routed {plan.dense_config}", "FAIL" if bad else "ok", f"step time vs dense: {detail}", result)
+
+
+def check_srupp(plan: Plan) -> Row:
+    from skiptron.tools import bench_srupp
+
+    shape = dict(seq=64, batch=2, hidden=64) if plan.quick else dict(seq=2048, batch=16, hidden=2048)
+    dtype = "fp32" if plan.device == "cpu" else plan.precision
+    args = argparse.Namespace(device=plan.device, dtype=dtype, repeats=2 if plan.quick else 5, threads=None,
+                              json=True, **shape)
+    result = bench_srupp.run(args)
+    error = max(result["relative_error"].values())
+    tolerance = 1e-4 if dtype == "fp32" else 2e-2
+    status = "ok" if error <= tolerance else "FAIL"
+    return Row("srupp kernel", status, f"{result['fused_impl']} vs reference: rel. error {error:.1e} (<= "
+               f"{tolerance:.0e}), {result['speedup']:.1f}x faster", result)
+
+
+def check_resume_and_reshard(plan: Plan, data: Path) -> list[Row]:
+    """Deterministic bf16 run of N steps with a checkpoint at N/2; a second run resumed from it must equal the first
+    bitwise; a third, under another ZeRO stage (the resharding path), within bf16 tolerance."""
+    import torch
+
+    from skiptron.training import checkpoint as ckpt
+    from skiptron.training.numerics import set_deterministic
+    from skiptron.training.weights import full_state_dict
+
+    n = plan.small_steps
+    base = plan.small_overrides + [f"data.path={data}", f"train.precision={plan.precision}", f"train.max_steps={n}",
+                                   "train.deterministic=true", "checkpoint.keep=0"]
+    records, full = train("tiny", base + [f"checkpoint.interval={n // 2}", "zero.stage=1"], plan.out / "resume-full",
+                          keep=True)
+    weights = full_state_dict(full.engine.module)
+    del full
+    release_memory()
+    half = plan.out / "resume-full" / "checkpoints" / ckpt.step_tag(n // 2)
+    losses = {r["step"]: r["loss"] for r in records}
+    again, resumed = train("tiny", base + ["zero.stage=1", f"resume={half}"], plan.out / "resume-again", keep=True)
+    same_loss = all(losses[r["step"]] == r["loss"] for r in again) and len(again) == n - n // 2
+    same_weights = all(torch.equal(w, weights[k]) for k, w in full_state_dict(resumed.engine.module).items())
+    del resumed
+    release_memory()
+    rows = [Row("resume", "ok" if same_loss and same_weights else "FAIL",
+                f"{n} steps == {n // 2} + resume + {n - n // 2}, deterministic {plan.precision}: "
+                f"losses {'bitwise equal' if same_loss else 'DIFFER'}, weights "
+                f"{'bitwise equal' if same_weights else 'DIFFER'}",
+                {"losses": [losses[s] for s in sorted(losses)], "resumed": [r["loss"] for r in again]})]
+    other, _ = train("tiny", base + ["zero.stage=3", f"resume={half}"], plan.out / "reshard")
+    set_deterministic(False)  # process-wide: the checks after this one run in the default mode
+    gap = max(abs(losses[r["step"]] - r["loss"]) for r in other)
+    rows.append(Row("reshard bf16", "ok" if gap <= BF16_LOSS_ATOL else "FAIL",
+                    f"ZeRO-1 {plan.precision} checkpoint resumed under ZeRO-3: largest loss gap {gap:.1e} "
+                    f"(<= {BF16_LOSS_ATOL})", {"gap": gap}))
+    return rows
+
+
+def _skiptron_logits(checkpoint: Path, tokens, device):
+    """skiptron's own logits (fp32 weights from the checkpoint, TP=1) on `device`."""
+    import torch
+
+    from skiptron.training import checkpoint as ckpt
+    from skiptron.training.config import load_config
+    from skiptron.training.model import GPT
+
+    cfg = load_config(checkpoint / "config.yaml")
+    weights, _, _, extras = ckpt.read_full_state(checkpoint, with_optimizer=False)
+    vocab = ckpt.read_meta(checkpoint)["vocab_size"]
+    model = GPT(cfg.model, vocab, 1)
+    model.load_state_dict({**weights, **extras.get("buffers", {})}, strict=False)
+    with torch.no_grad():
+        return model.to(device).eval().logits(tokens.to(device))[..., :vocab].float()
+
+
+def check_export(plan: Plan) -> Row:
+    import torch
+
+    from skiptron.tools.convert import to_hf
+    from skiptron.training import checkpoint as ckpt
+    from skiptron.training.numerics import set_tf32
+
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return Row("hf export", "skip", "transformers is not installed")
+    checkpoint = ckpt.find_resumable(plan.out / "resume-full" / "checkpoints", log=None)
+    out = to_hf(checkpoint, plan.out / "hf")
+    device = torch.device(plan.device)
+    vocab = ckpt.read_meta(checkpoint)["vocab_size"]
+    tokens = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    set_tf32(False)  # compare in full fp32
+    try:
+        ours = _skiptron_logits(checkpoint, tokens, device)
+        hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device).eval()
+        with torch.no_grad():
+            theirs = hf(tokens.to(device)).logits[..., :vocab].float()
+    finally:
+        set_tf32(True)
+    error = ((ours - theirs).abs().max() / ours.abs().max()).item()
+    return Row("hf export", "ok" if error <= 1e-4 else "FAIL",
+               f"{type(hf).__name__} on {device}: logits rel. error {error:.1e} (<= 1e-4)", {"relative_error": error})
+
+
+def sdpa_kernels_used(fn) -> list[str]:
+    """The scaled-dot-product-attention kernels `fn()` ran, from the profiler's record of aten ops."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    seen = set()
+    for event in prof.events():
+        name = event.name.removeprefix("aten::")
+        if name in SDPA_KERNELS:
+            seen.add(SDPA_KERNELS[name])
+    return sorted(seen)
+
+
+def check_sdpa(plan: Plan) -> Row:
+    import torch
+
+    from skiptron.training import model as model_module
+    from skiptron.training.config import load_config
+
+    device = torch.device(plan.device)
+    dtype = torch.float32 if plan.device == "cpu" else torch.bfloat16
+    paths = {"dense": [], "routed kv=all": ROUTED + ["model.skip.kv=all"],
+             "routed kv=active": ROUTED + ["model.skip.kv=active"]}
+    used = {}
+    for name, extra in paths.items():
+        cfg = load_config("tiny", plan.small_overrides + extra)
+        gpt = model_module.GPT(cfg.model, 512, 1, balance=None).to(device, dtype)
+        tokens = torch.randint(0, 512, (2, cfg.model.seq_len + 1), device=device)
+        used[name] = sdpa_kernels_used(lambda: gpt(tokens).backward())
+    numbers = {"kernels": used}
+    # informational: a path that runs no aten SDPA op (e.g. a compiled flex_attention) shows "other"
+    detail = "; ".join(f"{n}: {'+'.join(k) or 'other'}" for n, k in used.items())
+    try:  # the attention module's own account of the kernel each variant selects, where this tree has one
+        from skiptron.training.attention import attention_backend_report
+    except ImportError:
+        detail += " (no per-variant backend report in this tree)"
+    else:
+        numbers["selected"] = attention_backend_report(device, dtype)
+        detail += " | selected: " + "; ".join(f"{k}: {v}" for k, v in numbers["selected"].items())
+    return Row("sdpa", "ok", detail, numbers)
+
+
+def torchrun(plan: Plan, name: str, nproc: int, overrides: list[str], data: Path, steps: int) -> Row:
+    """`skiptron-train` under torchrun on `nproc` devices (processes); ok when it exits 0 with finite losses."""
+    from skiptron.training.metrics import read_metrics
+
+    run_dir = plan.out / name.replace(" ", "-")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+           str(_free_port()), "-m", "skiptron.tools.train", "--config", plan.dense_config if plan.device == "cuda"
+           else "tiny", *COMMON, *plan.dense_overrides, *overrides, f"data.path={data}", f"run.dir={run_dir}",
+           f"train.precision={plan.precision}", f"train.max_steps={steps}", "resume=none"]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    if done.returncode:
+        return Row(name, "FAIL", f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}",
+                   {"stderr_tail": done.stderr[-3000:]})
+    records = read_metrics(run_dir)
+    losses = [r["loss"] for r in records]
+    if not losses or not all(isinstance(v, float) and math.isfinite(v) for v in losses):
+        return Row(name, "FAIL", f"losses {losses}")
+    extra = {k: steady(records, k) for k in ("tokens_per_s", "skip/imbalance_after", "pipe/bubble") if steady(records, k)}
+    detail = f"{nproc} processes, {steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, " \
+             f"{extra.get('tokens_per_s', 0):.0f} tok/s"
+    if "skip/imbalance_after" in extra:
+        detail += f", imbalance after balancing {extra['skip/imbalance_after']:.3f}"
+    return Row(name, "ok", detail, {"losses": losses, **extra})
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def multi_process_checks(plan: Plan, data: Path) -> list[Row]:
+    steps = 4 if plan.quick else 10
+    balanced = ROUTED + ["model.skip.mode=capacity", "parallel.balance_tokens=true"]
+    per_rank = ["train.micro_batch_size=2", "train.global_batch_size=4"] if plan.device == "cpu" else \
+        ["train.micro_batch_size=8", "train.global_batch_size=16"]
+    if plan.device == "cpu" and plan.quick:  # one multi-process run: the world, DP=2 and the balancer at once
+        return [torchrun(plan, "world dp2 balanced", 2, balanced + per_rank, data, steps),
+                Row("tp2", "skip", "quick mode"), Row("pp2", "skip", "quick mode")]
+    rows = [torchrun(plan, "world", plan.devices, [f"train.global_batch_size={plan.devices * 8}",
+                                                   "launch.health_check=true"], data, steps)
+            if plan.device == "cuda" and plan.devices > 1 else None]
+    if plan.devices < 2:
+        return [Row("tp2", "skip", "one device"), Row("dp2 balanced", "skip", "one device"),
+                Row("pp2", "skip", "one device")]
+    pp_batch = ["train.micro_batch_size=2", "train.global_batch_size=8"]
+    rows += [torchrun(plan, "tp2", 2, ["parallel.tp=2", "zero.stage=2"] + per_rank[:1] +
+                      [per_rank[1].replace("=16", "=8").replace("=4", "=2")], data, steps),
+             torchrun(plan, "dp2 balanced", 2, balanced + per_rank, data, steps),
+             torchrun(plan, "pp2", 2, ["parallel.pp=2"] + pp_batch, data, steps)]
+    return [r for r in rows if r is not None]
+
+
+# -- the command ----------------------------------------------------------------------------------------------------
+def run_checks(plan: Plan) -> list[Row]:
+    import torch
+
+    from skiptron.parallel import state
+
+    plan.out.mkdir(parents=True, exist_ok=True)
+    rows: list[Row] = []
+
+    def attempt(name: str, fn, *args):
+        start = time.perf_counter()
+        try:
+            got = fn(*args)
+        except Exception as err:  # a failed check is a row, not the end of the run
+            got = Row(name, "FAIL", f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+                      {"traceback": traceback.format_exc()[-4000:]})
+        for row in got if isinstance(got, list) else [got]:
+            row.seconds = row.seconds or (0.0 if row.status == "skip" else time.perf_counter() - start)
+            rows.append(row)
+            print(f"[gpu-check] {row.status:4s} {row.name}: {row.detail}", flush=True)
+        release_memory()
+
+    seq = 32 if plan.device == "cpu" else 2048
+    small_seq = 32 if plan.device == "cpu" else 512
+    data = prepare_data(plan.out, seq, 40 * 8 * (seq + 1))
+    small_data = data if small_seq == seq else prepare_data(plan.out, small_seq, 20 * 4 * (small_seq + 1))
+    device, backend = state.init_world("nccl" if plan.device == "cuda" else "gloo")
+    rows.append(Row("world (this process)", "ok", f"{backend} on {device}, {plan.devices} device(s) visible"
+                    + (f": {torch.cuda.get_device_name(0)}" if plan.device == "cuda" else ""),
+                    {"backend": backend, "devices": plan.devices}))
+    attempt(f"dense {plan.dense_config}", check_dense, plan, data, plan.dense_config, plan.dense_overrides)
+    attempt("dense 1.3b", check_large, plan, data)
+    attempt(f"routed {plan.dense_config}", check_routed, plan)
+    attempt("srupp kernel", check_srupp, plan)
+    attempt("resume", check_resume_and_reshard, plan, small_data)
+    attempt("hf export", check_export, plan)
+    attempt("sdpa", check_sdpa, plan)
+    state.shutdown()
+    attempt("multi-process", multi_process_checks, plan, data)
+    return rows
+
+
+def summarize(rows: list[Row]) -> tuple[str, int]:
+    """The table, and the exit code (1 when any check failed; the failures are named under the table)."""
+    width = max(len(r.name) for r in rows)
+    lines = [f"{'check':{width}s}  status  seconds  result", "-" * (width + 60)]
+    lines += [f"{r.name:{width}s}  {r.status:6s}  {r.seconds:7.1f}  {r.detail}" for r in rows]
+    failed = [r.name for r in rows if r.status == "FAIL"]
+    lines.append(f"FAILED: {', '.join(failed)}" if failed else "all checks passed")
+    return "\n".join(lines), int(bool(failed))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="skiptron-gpu-check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when visible, else cpu")
+    p.add_argument("--quick", action="store_true", help="toy sizes and fewer steps (what the test suite runs)")
+    p.add_argument("--out", default="runs/gpu-check", help="work directory; gpu_check.json is written there")
+    args = p.parse_args(argv)
+    if args.device == "cpu":  # before torch or DeepSpeed look for devices
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    from skiptron.training.numerics import DETERMINISTIC_ENV  # imports torch, not DeepSpeed; no CUDA work yet
+
+    # The resume check runs in deterministic mode, whose cuBLAS setting torch reads once, at the first matmul.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", DETERMINISTIC_ENV["CUBLAS_WORKSPACE_CONFIG"])
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    plan = make_plan(device, args.quick, Path(args.out))
+    start = time.perf_counter()
+    rows = run_checks(plan)
+    table, code = summarize(rows)
+    print(table)
+    report = {"device": device, "quick": args.quick, "seconds": time.perf_counter() - start,
+              "torch": torch.__version__, "rows": [asdict(r) for r in rows], "failed": code != 0}
+    (plan.out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+    print(f"wrote {plan.out / 'gpu_check.json'} ({report['seconds']:.0f} s)")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
