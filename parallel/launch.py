@@ -187,6 +187,13 @@ def detect_launcher(env=None) -> str:
     return "single"
 
 
+def output_is_forwarded(env=None) -> bool:
+    """Whether mpirun or srun forwards this rank's output. OpenMPI gives each rank a pseudo-terminal even when the
+    user's own output is a pipe or a file, so "stdout is a terminal" says nothing about where the text ends up."""
+    env = os.environ if env is None else env
+    return any(env.get(k) for k in _MPI_SIZE_KEYS) or bool(env.get("SLURM_STEP_ID") and not env.get("SLURM_PTY_PORT"))
+
+
 def discover(env=None) -> LaunchInfo:
     """This process's place in the launch, from the launcher's environment (collective under MPI: call on all
     ranks, once; `current()` caches it)."""
@@ -280,7 +287,8 @@ def init_process_group(backend: str, timeout_s: float, rendezvous_timeout_s: flo
     import torch.distributed as dist
 
     info = current()
-    print(info.describe(), file=sys.stderr, flush=True)
+    if info.rank == 0 or os.environ.get("SKIPTRON_LOG", "").lower() == "debug":  # see training/verbosity.py
+        print(info.describe(), file=sys.stderr, flush=True)
     info.export()
     store = rendezvous(info, rendezvous_timeout_s)
     dist.init_process_group(backend=backend, store=store, rank=info.rank, world_size=info.world_size,

@@ -8,9 +8,9 @@ BASE = [
 ]
 
 
-def train_run(overrides, data, run_dir, metrics=("loss",)):
-    """Train BASE + overrides on this rank; returns (rank 0: per-step values of `metrics`, else None; whole
-    weights). With one metric the per-step values are a plain list."""
+def train_run(overrides, data, run_dir, metrics=("loss",), finetune=False):
+    """Train BASE + overrides on this rank (`finetune`: with skiptron-finetune's trainer extension); returns (rank 0:
+    per-step values of `metrics`, else None; whole weights). With one metric the per-step values are a plain list."""
     import torch.distributed as dist
 
     from skiptron.training.config import load_config
@@ -19,7 +19,12 @@ def train_run(overrides, data, run_dir, metrics=("loss",)):
     from skiptron.training.weights import full_state_dict
 
     cfg = load_config(None, BASE + [f"data.path={data}", f"run.dir={run_dir}"] + list(overrides))
-    trainer = Trainer.setup(cfg)
+    if finetune:
+        from skiptron.training.masking import Finetuning
+
+        trainer = Trainer.setup(cfg, extension=Finetuning())
+    else:
+        trainer = Trainer.setup(cfg)
     trainer.run()
     weights = full_state_dict(trainer.engine.module)
     dist.barrier()

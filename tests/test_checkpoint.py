@@ -185,6 +185,109 @@ def test_refuses_newer_format_and_other_models(saved_run, tmp_path, tiny_data):
         ckpt.read_meta(path)
 
 
+def test_checkpoint_argument_takes_a_run_dir_the_checkpoints_folder_or_latest(saved_run, tmp_path, capsys):
+    """--checkpoint (and resume=, finetune.base=) name a checkpoint directly, through the `latest` file, by its
+    checkpoints folder or by the run directory; the last two take the newest complete checkpoint."""
+    from skiptron.tools.convert import main as convert
+    from skiptron.training import checkpoint as ckpt
+
+    run = saved_run.parent
+    newest = saved_run / "step00000006"
+    for form in (newest, saved_run / "latest", saved_run, run):
+        assert ckpt.resolve_checkpoint(form) == newest, form
+    assert ckpt.resolve_checkpoint(saved_run / "step00000002") == saved_run / "step00000002"
+    root = _copy(saved_run, tmp_path / "run")
+    (root.parent / "config.yaml").write_text((run / "config.yaml").read_text())
+    victim = root / "step00000006" / "rank00001.pt"
+    victim.write_bytes(victim.read_bytes()[:100])
+    messages = []
+    assert ckpt.resolve_checkpoint(root.parent, log=messages.append) == root / "step00000004"
+    assert str(victim) in messages[0]
+    with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint under .*empty/checkpoints"):
+        ckpt.resolve_checkpoint((tmp_path / "empty" / "checkpoints").mkdir(parents=True) or tmp_path / "empty")
+    with pytest.raises(ckpt.CheckpointError, match="is a file"):
+        ckpt.resolve_checkpoint(run / "config.yaml")
+    # the command line: a run directory where today's tools wanted the step directory
+    assert convert(["consolidate", "--checkpoint", str(run), "--out", str(tmp_path / "from_run.pt")]) == 0
+    assert convert(["consolidate", "--checkpoint", str(newest), "--out", str(tmp_path / "direct.pt")]) == 0
+    a, b = (torch.load(tmp_path / f, weights_only=True) for f in ("from_run.pt", "direct.pt"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert convert(["consolidate", "--checkpoint", str(root / "latest"), "--out", str(tmp_path / "x.pt")]) == 1
+    assert f"{victim} has 100 bytes" in capsys.readouterr().err  # `latest` names step 6, whose file is truncated
+
+
+class _RunsCode:
+    """Pickles as a call of os.system: loading the file with plain torch.load would touch `target`."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.target}",)
+
+
+def _plant(root: Path, name: str, target: Path) -> Path:
+    """Replace step 6's file `name` by a pickle that would run code, with a manifest that agrees (size, sha256)."""
+    import hashlib
+
+    path = root / "step00000006"
+    torch.save({"module": _RunsCode(target), "rng": _RunsCode(target)}, path / name)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"][name] = {"size": (path / name).stat().st_size,
+                               "sha256": hashlib.sha256((path / name).read_bytes()).hexdigest()}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+def _resume_error(overrides, data, run_dir):
+    from skiptron.training import checkpoint as ckpt
+    from skiptron.training.config import load_config
+    from skiptron.training.trainer import Trainer
+
+    try:
+        Trainer.setup(load_config(None, BASE + CKPT + [f"data.path={data}", f"run.dir={run_dir}"] + overrides))
+    except ckpt.UntrustedCheckpointError as err:
+        return str(err)
+    return None
+
+
+def test_a_checkpoint_file_that_would_run_code_is_refused(saved_run, pool2, tiny_data, tmp_path, capsys):
+    """A pickle payload (os.system) in DeepSpeed's model states or in our rank file: skiptron-convert and a resume
+    refuse it by name and nothing runs; --trust-checkpoint is the explicit way to load it anyway."""
+    from skiptron.tools.convert import main as convert
+
+    sentinel = tmp_path / "pwned"
+    models = _plant(_copy(saved_run, tmp_path / "a"), "mp_rank_00_model_states.pt", sentinel)
+    assert convert(["consolidate", "--checkpoint", str(models), "--out", str(tmp_path / "x.pt")]) == 1
+    err = capsys.readouterr().err
+    assert f"{models / 'mp_rank_00_model_states.pt'} holds pickled code references (posix.system)" in err, err
+    assert "--trust-checkpoint" in err and not sentinel.exists()
+    ranks = _plant(_copy(saved_run, tmp_path / "b"), "rank00001.pt", sentinel)
+    for path, name in ((models, "mp_rank_00_model_states.pt"), (ranks, "rank00001.pt")):
+        messages = pool2.run(_resume_error, [f"resume={path}"], tiny_data, tmp_path / "resumed")
+        assert any(m and f"{path / name} holds pickled code references" in m for m in messages), messages
+        assert not sentinel.exists()
+    with pytest.raises(Exception):  # trusted: the payload runs, and the file is no checkpoint at all
+        convert(["consolidate", "--checkpoint", str(models), "--out", str(tmp_path / "x.pt"), "--trust-checkpoint"])
+    assert sentinel.exists()
+
+
+def test_cli_resume_with_another_model_names_the_differing_keys(saved_run, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29719",
+               OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    out = subprocess.run([sys.executable, "-m", "skiptron.tools.train", "--config", "tiny", *BASE,
+                          f"data.path={tiny_data}", f"run.dir={run}", f"resume={saved_run.parent}",
+                          "model.num_layers=3", "model.norm_eps=1e-6", "launch.health_check=false"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    line, = [line for line in out.stderr.splitlines() if "checkpoint error" in line]
+    assert line.startswith(f"skiptron-train: checkpoint error: {saved_run / 'step00000006'} was saved from a "
+                           f"different model; differing keys: "), line
+    assert "model.norm_eps: checkpoint 1e-05, config 1e-06; model.num_layers: checkpoint 2, config 3" in line, line
+
+
 def test_retention(saved_run, tmp_path):
     from skiptron.training import checkpoint as ckpt
 
@@ -267,6 +370,10 @@ def test_sigkill_during_save_keeps_previous_checkpoint(pools, tiny_data, tmp_pat
     # and a real resume from one of them continues
     res = pools(1).run(_train, ["train.max_steps=4", "checkpoint.interval=2"], tiny_data, tmp_path / "manifest")
     assert res[0]["start"] == 2 and res[0]["step"] == 4
+    # one history: the killed attempt's steps 3-4 (past the checkpoint it resumed from) were superseded
+    steps = [json.loads(line)["step"] for line in (tmp_path / "manifest" / "metrics.jsonl").read_text().splitlines()]
+    superseded = (tmp_path / "manifest" / "metrics-superseded.jsonl").read_text().splitlines()
+    assert steps == [1, 2, 3, 4] and [json.loads(line)["step"] for line in superseded] == [3, 4]
 
 
 def test_disk_full_during_save_names_the_file_and_keeps_previous_checkpoint(tiny_data, tmp_path):

@@ -167,7 +167,8 @@ def _finetune_saved(data, run_dir, base, layout):
     from skiptron.training import checkpoint as ckpt
 
     losses, weights = train_run(["model.embedding_rank=16", f"finetune.base={base}", "train.max_steps=4",
-                                 "checkpoint.save_at_end=true", "launch.health_check=false"] + layout, data, run_dir)
+                                 "checkpoint.save_at_end=true", "launch.health_check=false"] + layout, data, run_dir,
+                                finetune=True)
     dist.barrier()
     path = ckpt.find_resumable(run_dir / "checkpoints", log=None)
     meta = ckpt.read_meta(path)

@@ -79,7 +79,8 @@ def _finetune_and_reload(data, run_dir, base_dir):
     """Base checkpoint -> mask finetuning (3 steps) -> task file; then base + task file in a fresh model (and merged
     into plain weights) give the finetuned logits exactly."""
     from skiptron.training import checkpoint as ckpt
-    from skiptron.training.masking import load_task_file, merge_task, prepare_model, read_task_file, save_task_file
+    from skiptron.training.masking import (Finetuning, load_task_file, merge_task, prepare_model, read_task_file,
+                                           save_task_file)
     from skiptron.training.model import GPT
     from skiptron.training.trainer import Trainer, seed_everything
     from skiptron.tools.finetune import build_model
@@ -95,7 +96,7 @@ def _finetune_and_reload(data, run_dir, base_dir):
     ckpt.write_weights_checkpoint(base_dir, cfg0, base_weights, V)
     cfg = _cfg(MASK + [f"data.path={data}", f"run.dir={run_dir}", f"finetune.base={base_dir}", "train.max_steps=3",
                        "finetune.train_head=true", "optimizer.lr=1e-2"])
-    trainer = Trainer.setup(cfg)
+    trainer = Trainer.setup(cfg, extension=Finetuning())
     trainer.run()
     model = trainer.engine.module
     path = save_task_file(model, run_dir / "task.safetensors", cfg)
@@ -132,8 +133,8 @@ def test_task_file_round_trip_is_exact(pools, tiny_data, tmp_path):
 def test_mask_tp2_equals_tp1_and_zero3(pool2, tiny_data, tmp_path):
     """Mask finetuning with TP=2 follows DP=2 (TP=1, ZeRO-3) step for step: same losses, same scores."""
     ov = MASK + ["train.max_steps=4", "optimizer.lr=1e-2"]
-    tp1 = pool2.run(train_run, ov + ["parallel.tp=1", "zero.stage=3"], tiny_data, tmp_path / "tp1")
-    tp2 = pool2.run(train_run, ov + ["parallel.tp=2", "zero.stage=1"], tiny_data, tmp_path / "tp2")
+    tp1 = pool2.run(train_run, ov + ["parallel.tp=1", "zero.stage=3"], tiny_data, tmp_path / "tp1", finetune=True)
+    tp2 = pool2.run(train_run, ov + ["parallel.tp=2", "zero.stage=1"], tiny_data, tmp_path / "tp2", finetune=True)
     torch.testing.assert_close(torch.tensor(tp2[0][0]), torch.tensor(tp1[0][0]), atol=1e-5, rtol=0)
     a, b = tp1[0][1], tp2[0][1]
     assert a.keys() == b.keys() and any(k.endswith("mask_scores") for k in a)
@@ -149,13 +150,13 @@ def _mask_finetune_tp2(data, run_dir, base, tokens):
     import torch.distributed as dist
 
     from skiptron.parallel.tensor_parallel import gather_tp
-    from skiptron.training.masking import save_task_file
+    from skiptron.training.masking import Finetuning, save_task_file
     from skiptron.training.metrics import read_metrics
     from skiptron.training.trainer import Trainer
 
     cfg = _cfg(MASK + [f"data.path={data}", f"run.dir={run_dir}", f"finetune.base={base}", "model.tie_embeddings=false",
                        "train.max_steps=8", "finetune.train_head=true", "optimizer.lr=1e-2"], tp=2)
-    trainer = Trainer.setup(cfg)
+    trainer = Trainer.setup(cfg, extension=Finetuning())
     trainer.run()
     model = trainer.engine.module
     path = save_task_file(model, run_dir / "task.safetensors", cfg, is_writer=dist.get_rank() == 0)

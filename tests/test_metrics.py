@@ -198,6 +198,39 @@ def test_logger_appends_on_resume(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path)][-2:] == [5, 6]
 
 
+def test_resume_from_an_earlier_checkpoint_keeps_one_history(tmp_path):
+    """A run logged steps 1-60, its checkpoint is from step 40: the resumed run's steps 41-60 replace the first
+    attempt's in metrics.jsonl (which move to metrics-superseded.jsonl) and in TensorBoard."""
+    first = MetricsLogger(tmp_path, is_writer=True, total_steps=60)
+    for step in range(1, 61):
+        first.log(step, {"loss": 1.0})
+    first.close()
+    resumed = MetricsLogger(tmp_path, is_writer=True, total_steps=60, start_step=40)
+    for step in range(41, 61):
+        resumed.log(step, {"loss": 2.0})
+    resumed.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 61))
+    assert [r["loss"] for r in lines] == [1.0] * 40 + [2.0] * 20
+    superseded = [json.loads(line) for line in (tmp_path / "metrics-superseded.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in superseded] == list(range(41, 61)) and {r["loss"] for r in superseded} == {1.0}
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    events = acc.Scalars("loss")
+    assert [e.step for e in events] == list(range(1, 61))
+    assert [e.value for e in events] == [1.0] * 40 + [2.0] * 20
+
+
+def test_read_metrics_keeps_the_last_timeline_of_an_old_file(tmp_path):
+    """A metrics.jsonl written before resumes truncated it (steps 41-60 twice) reads as one history."""
+    rows = [{"step": s, "loss": 1.0} for s in range(1, 61)] + [{"step": s, "loss": 2.0} for s in range(41, 61)]
+    rows.insert(5, {"step": 5, "val_loss": 3.0})  # two rows of one step are not a restart
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == list(range(1, 6)) + [5] + list(range(6, 61))
+    assert [r["loss"] for r in records if r["step"] > 40] == [2.0] * 20
+
+
 def test_non_writer_writes_nothing(tmp_path, capsys):
     run_dir = tmp_path / "run"
     logger = MetricsLogger(run_dir, is_writer=False, total_steps=10)

@@ -74,3 +74,9 @@ def test_cli_run_under_torchrun(tiny_data, tmp_path):
     assert last < first - 1.0, (first, last)
     assert (run / "config.yaml").is_file() and (run / "curves.png").is_file()
     assert "curves" in out.stdout
+    # a pipe gets plain lines; no third-party noise by default; rank 1 is silent (tests/test_cli.py: --verbose)
+    from test_cli import NOISE
+
+    assert "\x1b" not in out.stdout and "step 40/40 | loss" in out.stdout
+    assert not [n for n in NOISE if n in out.stdout + out.stderr], (out.stdout + out.stderr)[-3000:]
+    assert "[launch] rank 0/2" in out.stderr and "[launch] rank 1/2" not in out.stderr

@@ -23,6 +23,7 @@ from skiptron.training.engine import build_engine
 from skiptron.training.flops import config_flops_per_token
 from skiptron.training.model import GPT
 from skiptron.training.trainer import Trainer, seed_everything
+from skiptron.training import verbosity
 
 
 class PlainBlock(nn.Module):
@@ -97,16 +98,21 @@ def alternate_timings(systems: dict, device: torch.device, warmup: int, rounds: 
     return times
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="skiptron-bench", description=__doc__)
-    p.add_argument("--config", default="tiny")
-    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--config", default="tiny", help="YAML file or preset name (tiny, 125m, 350m, 1.3b, 6.7b)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the model and its random tokens (default: %(default)s)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per round and system")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before each round (default: %(default)s)")
     p.add_argument("--json", help="also write the results to this file")
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
+    p.add_argument("overrides", nargs="*", help="dotted.key=value config overrides, e.g. parallel.tp=2")
+    verbosity.add_argument(p)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     cfg = load_config(args.config, args.overrides)
     device, _ = state.init_world(cfg.parallel.backend)

@@ -30,6 +30,7 @@ from skiptron.training.config import load_config
 from skiptron.training.engine import build_engine
 from skiptron.training.model import GPT
 from skiptron.training.trainer import Trainer, seed_everything
+from skiptron.training import verbosity
 
 
 def _size(path: Path) -> int:
@@ -106,18 +107,23 @@ def run(args) -> dict:
     return result
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="skiptron-bench-checkpoint", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="tiny")
-    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--config", default="tiny", help="YAML file or preset name (tiny, 125m, 350m, 1.3b, 6.7b)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the model (default: %(default)s)")
     p.add_argument("--sequences", type=int, help="time steps of this many sequences and scale to the global batch")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="save/load rounds (default: %(default)s)")
     p.add_argument("--cold", action="store_true", help="drop the page cache before each load (Linux, root)")
     p.add_argument("--dir", help="where to write the checkpoints (default: a new temporary directory)")
     p.add_argument("--json", help="also write the results to this file")
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_intermixed_args(argv)
+    p.add_argument("overrides", nargs="*", help="dotted.key=value config overrides, e.g. parallel.tp=2")
+    verbosity.add_argument(p)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
     result = run(args)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from skiptron.training import verbosity
 from skiptron.training.loader import BlendedStream, TokenLoader, _RankBatches, as_sources, num_samples, read_manifest
 from skiptron.training.shards import (FORMAT, FORMAT_VERSION, MANIFEST, ShardWriter, TOKENIZER_FILE, UNIGRAM_FILE,
                                       token_dtype, write_json_atomic)
@@ -149,18 +150,25 @@ def bench_corpus(name: str, data: Path, args) -> dict:
             "bytes": total, "first_batch_s": ttfb, "bytes_per_rank": reads, "loader_samples_per_s": rate}
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="skiptron-bench-data", description=__doc__)
     p.add_argument("--data", default="data/stdlib", help="prepared directory (default: the quickstart's corpus)")
-    p.add_argument("--synthetic-shards", type=int, default=256)
-    p.add_argument("--synthetic-samples-per-shard", type=int, default=256)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--synthetic-shards", type=int, default=256, help="shards of the synthetic corpus (default: %(default)s)")
+    p.add_argument("--synthetic-samples-per-shard", type=int, default=256,
+                   help="samples per synthetic shard (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per synthetic sample (default: %(default)s)")
     p.add_argument("--micro-batch", type=int, default=8, help="the tiny preset's micro-batch")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--loader-batches", type=int, default=200)
-    p.add_argument("--train-steps", type=int, default=5)
-    p.add_argument("--json")
-    args = p.parse_args(argv)
+    p.add_argument("--repeats", type=int, default=5, help="repeats of each time-to-first-batch (default: %(default)s)")
+    p.add_argument("--loader-batches", type=int, default=200,
+                   help="micro-batches read for the loader throughput (default: %(default)s)")
+    p.add_argument("--train-steps", type=int, default=5, help="timed tiny train steps (default: %(default)s)")
+    p.add_argument("--json", help="also write the results to this file")
+    verbosity.add_argument(p)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     results = {}
     if Path(args.data, MANIFEST).is_file():
         results["embedded"] = bench_corpus("embedded corpus", Path(args.data), args)

@@ -93,7 +93,7 @@ def run(args) -> dict:
     return result
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="skiptron-bench-faults", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny")
@@ -103,7 +103,11 @@ def main(argv=None) -> int:
     p.add_argument("--dir", help="the run directory (default: a new temporary directory)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("overrides", nargs="*")
-    args = p.parse_intermixed_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
     result = run(args)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

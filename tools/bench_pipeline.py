@@ -25,6 +25,8 @@ import statistics
 import sys
 import time
 
+from skiptron.training import verbosity
+
 PER_STAGE = ("peak_mib", "added_mib", "params_m")
 
 
@@ -122,21 +124,27 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="skiptron-bench-pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="tiny")
-    p.add_argument("--pp", type=int, nargs="+", default=[2, 4])
-    p.add_argument("--micro-batches", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--micro-batch-size", type=int, default=2)
-    p.add_argument("--vocab-size", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--config", default="tiny", help="YAML file or preset name (tiny, 125m, 350m, 1.3b, 6.7b)")
+    p.add_argument("--pp", type=int, nargs="+", default=[2, 4], help="pipeline sizes to measure (default: %(default)s)")
+    p.add_argument("--micro-batches", type=int, nargs="+", default=[1, 2, 4, 8],
+                   help="micro-batches per step to measure (default: %(default)s)")
+    p.add_argument("--micro-batch-size", type=int, default=2, help="sequences per micro-batch (default: %(default)s)")
+    p.add_argument("--vocab-size", type=int, default=1024, help="vocabulary of the model (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per measurement (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--timeout", type=int, default=900, help="seconds one (p, m) measurement may take")
     p.add_argument("--json", help="also write the results to this file")
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_intermixed_args(argv)
+    p.add_argument("overrides", nargs="*", help="dotted.key=value config overrides, e.g. parallel.tp=2")
+    verbosity.add_argument(p)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
     import torch
 
     if not torch.cuda.is_available():

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from skiptron.training.config import load_config
+from skiptron.training import verbosity
 from skiptron.training.metrics import read_metrics
 
 
@@ -91,21 +92,26 @@ def _data_vocab(data: str) -> int:
     return json.loads((Path(data) / "manifest.json").read_text())["vocab_size"]
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="skiptron-bench-quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="tiny")
+    p.add_argument("--config", default="tiny", help="YAML file or preset name (tiny, 125m, 350m, 1.3b, 6.7b)")
     p.add_argument("--data", required=True, help="prepared data directory")
     p.add_argument("--variant", type=_variant, action="append", required=True, help='NAME="key=value ..."')
     p.add_argument("--budget-s", type=float, default=240, help="training time per variant, at the measured step time")
     p.add_argument("--rounds", type=int, default=2, help="alternating timing rounds")
     p.add_argument("--timing-steps", type=int, default=8, help="steps per timing run (the first 2 are not counted)")
-    p.add_argument("--eval-batches", type=int, default=32)
+    p.add_argument("--eval-batches", type=int, default=32, help="validation micro-batches per run (default: %(default)s)")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (DP)")
     p.add_argument("--dir", help="where the runs go (default: a new temporary directory)")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("overrides", nargs="*", help="common config overrides")
-    args = p.parse_intermixed_args(argv)
+    verbosity.add_argument(p)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
     rows = run(args)
     if args.json:
         import json

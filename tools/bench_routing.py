@@ -26,6 +26,7 @@ from skiptron.training.config import load_config
 from skiptron.training.engine import build_engine
 from skiptron.training.model import GPT
 from skiptron.training.trainer import Trainer, seed_everything
+from skiptron.training import verbosity
 
 ROUTED = ["model.skip.enabled=true", "model.skip.mode=capacity", "model.skip.target_rate=0.5",
           "model.skip.granularity=layer"]
@@ -131,21 +132,27 @@ def balance_bench(args) -> dict:
     return result
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="skiptron-bench-routing", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["compute", "balance"])
-    p.add_argument("--config", default="tiny")
-    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("mode", choices=["compute", "balance"],
+                   help="compute: routed vs dense step time in one process; balance: the DP token balancer")
+    p.add_argument("--config", default="tiny", help="YAML file or preset name (tiny, 125m, 350m, 1.3b, 6.7b)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the model (default: %(default)s)")
     p.add_argument("--granularity", default="mlp", choices=["layer", "mlp"], help="balance mode")
     p.add_argument("--modes", default="capacity", help="compute mode: routing modes to time, comma-separated "
                                                        "(capacity, threshold)")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per round (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before each round (default: %(default)s)")
     p.add_argument("--json", help="also write the results to this file (rank 0)")
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_intermixed_args(argv)
+    p.add_argument("overrides", nargs="*", help="dotted.key=value config overrides, e.g. parallel.tp=2")
+    verbosity.add_argument(p)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
     result = compute(args) if args.mode == "compute" else balance_bench(args)
     if args.json and (not dist.is_initialized() or dist.get_rank() == 0):
         with open(args.json, "w") as f:

@@ -14,6 +14,7 @@ import statistics
 import torch
 
 from skiptron.parallel.timing import synchronized_seconds
+from skiptron.training import verbosity
 from skiptron.training.kernels import available_impl, reference_recurrence, sru_recurrence
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -52,18 +53,23 @@ def parity(inputs) -> dict[str, float]:
             for k, ref in results["reference"].items()}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="skiptron-bench-srupp", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--seq", type=int, default=512, help="sequence length (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per batch (default: %(default)s)")
+    p.add_argument("--hidden", type=int, default=512, help="hidden units of the recurrence (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="(default: %(default)s)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each implementation (after one warm-up)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU); default: torch's")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    return p.parse_args(argv)
+    verbosity.add_argument(p)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -148,11 +148,11 @@ def reconstruction_metrics(emb: torch.Tensor, recon: torch.Tensor) -> dict:
 
 
 def sweep(checkpoint, data, ks, steps: int = 600, batches: int = 16, magnitude_weight: float = MAGNITUDE_WEIGHT,
-          log=print):
+          log=print, trust: bool = False):
     from skiptron.tools.finetune import build_model, checkpoint_weights, single_process_groups, val_loss
     from skiptron.training.loader import read_manifest
 
-    cfg, vocab, weights = checkpoint_weights(checkpoint)
+    cfg, vocab, weights = checkpoint_weights(checkpoint, trust=trust)
     cfg.model.seq_len = read_manifest(data)["seq_len"]
     emb = embedding_matrix(weights, vocab)
     d = emb.shape[1]
@@ -188,25 +188,30 @@ def table(rows) -> str:
 
 
 def write_compressed(checkpoint, out, k: int, method: str, steps: int = 600,
-                     magnitude_weight: float = MAGNITUDE_WEIGHT) -> Path:
+                     magnitude_weight: float = MAGNITUDE_WEIGHT, trust: bool = False) -> Path:
     """A weights-only checkpoint of the model with the factorized embedding (model.embedding_rank = k)."""
     from skiptron.tools.finetune import checkpoint_weights
     from skiptron.training import checkpoint as ckpt
 
-    cfg, vocab, weights = checkpoint_weights(checkpoint)
+    checkpoint = ckpt.resolve_checkpoint(checkpoint)
+    cfg, vocab, weights = checkpoint_weights(checkpoint, trust=trust)
     if not 1 <= k <= cfg.model.hidden_size:
         raise ValueError(f"--ks: k = {k} must be between 1 and the hidden size {cfg.model.hidden_size}")
     kw = {"steps": steps, "magnitude_weight": magnitude_weight} if method == "ae" else {}
     codes, decoder = compress(embedding_matrix(weights, vocab), k, method, **kw)
     small_cfg, small = factorized(cfg, weights, vocab, codes, decoder)
-    tok = Path(checkpoint) / "tokenizer.json"
+    tok = checkpoint / "tokenizer.json"
     return ckpt.write_weights_checkpoint(out, small_cfg, small, vocab, tok if tok.is_file() else None)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from skiptron.tools.convert import CHECKPOINT_HELP
+    from skiptron.tools.train import add_trust_argument
+    from skiptron.training import verbosity
+
     p = argparse.ArgumentParser(prog="skiptron-compress", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--data", help="prepared data directory whose val split measures the loss (sweep)")
     p.add_argument("--ks", default="16,32,64,128", help="comma-separated code sizes k")
     p.add_argument("--method", choices=("ae", "svd"), default="ae", help="with --out")
@@ -216,14 +221,32 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, default=16, help="validation micro-batches (of 8)")
     p.add_argument("--out", help="write one compressed checkpoint (first k of --ks) here instead of sweeping")
     p.add_argument("--json", help="also write the sweep rows here")
+    add_trust_argument(p)
+    verbosity.add_argument(p)
+    return p
+
+
+def main(argv=None) -> int:
+    from skiptron.training import checkpoint as ckpt
+    from skiptron.training import verbosity
+
+    p = build_parser()
     args = p.parse_args(argv)
+    verbosity.configure(args.verbose or None)
     ks = [int(k) for k in args.ks.split(",")]
-    if args.out:
-        print(write_compressed(args.checkpoint, args.out, ks[0], args.method, args.steps, args.magnitude_weight))
-        return 0
-    if not args.data:
+    if not args.out and not args.data:
         p.error("--data is needed for the sweep")
-    rows = sweep(args.checkpoint, args.data, ks, args.steps, args.batches, args.magnitude_weight)
+    try:
+        checkpoint = ckpt.resolve_checkpoint(args.checkpoint)
+        if args.out:
+            print(write_compressed(checkpoint, args.out, ks[0], args.method, args.steps, args.magnitude_weight,
+                                   args.trust_checkpoint))
+            return 0
+        rows = sweep(checkpoint, args.data, ks, args.steps, args.batches, args.magnitude_weight,
+                     trust=args.trust_checkpoint)
+    except ckpt.CheckpointError as err:
+        print(f"skiptron-compress: {err}", file=sys.stderr)
+        return 1
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     print(table(rows))

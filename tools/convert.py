@@ -200,7 +200,7 @@ def _check_state(path: Path, hf_cfg, state: dict[str, torch.Tensor]) -> None:
         raise SystemExit(f"skiptron-convert: {path}: the weights do not fit the exported model: " + "; ".join(problems))
 
 
-def to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+def to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, trust: bool = False) -> Path:
     """A checkpoint (any layout) -> a Hugging Face directory (safetensors, config, generation config, tokenizer):
     Llama/Mistral/Qwen2ForCausalLM when `hf_family` names one, else SkiptronForCausalLM with its modeling code (trust_remote_code)."""
     _require("transformers")
@@ -209,7 +209,7 @@ def to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
 
     from skiptron.training import hf
 
-    path, out = Path(checkpoint), Path(out)
+    path, out = ckpt.resolve_checkpoint(checkpoint), Path(out)
     ckpt.verify(path)
     meta = ckpt.read_meta(path)
     cfg = load_config(path / "config.yaml")
@@ -220,7 +220,7 @@ def to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
             f"skiptron-convert: {path}: model.skip.mode=capacity: a routing decision is a top-k over the whole "
             f"data-parallel batch (skiptron decides so at evaluation too), not a function of the token, so no "
             f"standalone model reproduces it; only threshold-mode routing exports")
-    weights, _, _, extras = ckpt.read_full_state(path, meta=meta, with_optimizer=False)
+    weights, _, _, extras = ckpt.read_full_state(path, meta=meta, with_optimizer=False, trust=trust)
     masked = sorted(k for k in weights if k.endswith(".mask_scores"))
     if masked:
         raise SystemExit(f"skiptron-convert: {path}: a mask-finetuning checkpoint ({masked[0]}, ...); merge the masks "
@@ -342,10 +342,11 @@ def from_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tp: int = 1, pp: 
     return ckpt.write_weights_checkpoint(out, cfg, weights, vocab, tokenizer if tokenizer.is_file() else None)
 
 
-def consolidate(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+def consolidate(checkpoint: str | os.PathLike, out: str | os.PathLike, trust: bool = False) -> Path:
     """ZeRO and TP shards -> one fp32 state dict of whole tensors, skiptron names (like DeepSpeed's zero_to_fp32)."""
+    checkpoint = ckpt.resolve_checkpoint(checkpoint)
     ckpt.verify(checkpoint)
-    weights, _, _, _ = ckpt.read_full_state(checkpoint, with_optimizer=False)
+    weights, _, _, _ = ckpt.read_full_state(checkpoint, with_optimizer=False, trust=trust)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     torch.save(weights, out)
     return Path(out)
@@ -371,38 +372,55 @@ def evaluate(hf_dir: str | os.PathLike, tasks: list[str], include_path: str | No
     return {"results": results["results"], "configs": {k: str(v) for k, v in results.get("configs", {}).items()}}
 
 
-def main(argv=None) -> int:
+CHECKPOINT_HELP = "a checkpoint, run or checkpoints directory, or a `latest` file (its newest complete checkpoint)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from skiptron.tools.train import add_trust_argument
+    from skiptron.training import verbosity
+
     p = argparse.ArgumentParser(prog="skiptron-convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("to-hf", help="checkpoint -> Hugging Face directory (Llama, or skiptron's modeling code)")
-    a.add_argument("--checkpoint", required=True)
-    a.add_argument("--out", required=True)
+    a.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    a.add_argument("--out", required=True, help="the Hugging Face model directory to write")
+    add_trust_argument(a)
     b = sub.add_parser("from-hf", help="Hugging Face Llama / Mistral / Qwen2 directory -> skiptron checkpoint")
-    b.add_argument("--hf", required=True)
-    b.add_argument("--out", required=True)
-    b.add_argument("--tp", type=int, default=1)
-    b.add_argument("--pp", type=int, default=1)
+    b.add_argument("--hf", required=True, help="a Hugging Face model directory (config.json + weights)")
+    b.add_argument("--out", required=True, help="the weights-only skiptron checkpoint directory to write")
+    b.add_argument("--tp", type=int, default=1, help="check that the model splits over this TP size")
+    b.add_argument("--pp", type=int, default=1, help="check that the model splits over this PP size")
     b.add_argument("--vocab-multiple", type=int, default=128, help="model.make_vocab_size_divisible_by")
     b.add_argument("--seq-len", type=int, help="model.seq_len of the written config (default: max_position_embeddings)")
     c = sub.add_parser("consolidate", help="checkpoint -> one fp32 state dict file")
-    c.add_argument("--checkpoint", required=True)
-    c.add_argument("--out", required=True)
+    c.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    c.add_argument("--out", required=True, help="the state dict file to write (torch.save of whole tensors)")
+    add_trust_argument(c)
     e = sub.add_parser("eval", help="run lm-eval on a converted (to-hf) model directory")
-    e.add_argument("--hf", required=True)
+    e.add_argument("--hf", required=True, help="a model directory written by to-hf")
     e.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     e.add_argument("--include-path", help="a directory of task YAML files (tasks on local data)")
-    e.add_argument("--batch-size", type=int, default=1)
-    e.add_argument("--limit", type=int)
+    e.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (default: %(default)s)")
+    e.add_argument("--limit", type=int, help="evaluate at most this many documents per task")
     e.add_argument("--out", help="write the results as JSON here")
-    args = p.parse_args(argv)
+    for parser in (a, b, c, e):
+        verbosity.add_argument(parser)
+    return p
+
+
+def main(argv=None) -> int:
+    from skiptron.training import verbosity
+
+    args = build_parser().parse_args(argv)
+    verbosity.configure(args.verbose or None)
     try:
         if args.cmd == "to-hf":
-            print(to_hf(args.checkpoint, args.out))
+            print(to_hf(args.checkpoint, args.out, args.trust_checkpoint))
         elif args.cmd == "from-hf":
             print(from_hf(args.hf, args.out, args.tp, args.pp, args.vocab_multiple, args.seq_len))
         elif args.cmd == "consolidate":
-            print(consolidate(args.checkpoint, args.out))
+            print(consolidate(args.checkpoint, args.out, args.trust_checkpoint))
         else:
             res = evaluate(args.hf, args.tasks.split(","), args.include_path, args.batch_size, args.limit)
             text = json.dumps(res["results"], indent=1, default=str)

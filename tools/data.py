@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from skiptron.training import verbosity
 from skiptron.training.loader import SampleStream, read_manifest
 from skiptron.training.megatron_data import import_megatron
 from skiptron.training.merge import merge
@@ -141,37 +142,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", action="append", help=".txt/.jsonl file or directory (repeatable); default: the Python stdlib")
     p.add_argument("--tokenizer", default="bpe", help="bytes, bpe, or a path to a tokenizer.json")
     p.add_argument("--vocab-size", type=int, default=8192, help="bpe vocabulary size")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--val-fraction", type=float, default=0.01)
-    p.add_argument("--samples-per-shard", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sample (+1 for the labels; default: %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (default: %(default)s)")
+    p.add_argument("--samples-per-shard", type=int, default=1024, help="samples per tar shard (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the train/val split and the packing order (default: %(default)s)")
     p.add_argument("--text-field", default="text", help="JSON field holding the text in .jsonl inputs")
     p.add_argument("--workers", type=int, default=1, help="processes that tokenize disjoint parts of the input")
     p.set_defaults(func=_prepare)
+    verbosity.add_argument(p)
 
     p = sub.add_parser("merge", help="join prepared directories of the same tokenizer and seq_len into one")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("dirs", nargs="+", help="prepared directories, in order")
     p.set_defaults(func=_merge)
+    verbosity.add_argument(p)
 
     p = sub.add_parser("import-megatron", help="use a Megatron-LM .bin/.idx token dataset in place as a data dir")
     p.add_argument("--prefix", required=True, help="dataset path without .bin/.idx")
     p.add_argument("--out", required=True, help="directory for manifest.json and tokenizer.json")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json the dataset was tokenized with")
-    p.add_argument("--seq-len", type=int, required=True)
+    p.add_argument("--seq-len", type=int, required=True, help="tokens per sample the rows are cut into (+1 for the labels)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="the last rows of the token stream")
     p.add_argument("--samples-per-shard", type=int, default=1024, help="rows per virtual shard (shuffle unit)")
     p.set_defaults(func=_import_megatron)
+    verbosity.add_argument(p)
 
     p = sub.add_parser("verify", help="read every shard whole and report damage")
-    p.add_argument("dir")
+    p.add_argument("dir", help="a prepared data directory")
     p.add_argument("--quarantine", action="store_true", help="rename damaged shards to *.corrupt")
     p.set_defaults(func=_verify)
+    verbosity.add_argument(p)
 
     p = sub.add_parser("inspect", help="print a prepared directory's manifest summary and first sample")
-    p.add_argument("dir")
-    p.add_argument("--split", default="train", choices=SPLITS)
+    p.add_argument("dir", help="a prepared data directory")
+    p.add_argument("--split", default="train", choices=SPLITS, help="split whose first sample is shown")
     p.set_defaults(func=_inspect)
+    verbosity.add_argument(p)
     return parser
 
 

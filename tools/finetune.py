@@ -80,33 +80,35 @@ def val_loss(model, data: str | os.PathLike, batches: int = 16, micro_batch: int
     return total / max(n, 1)
 
 
-def checkpoint_weights(checkpoint: str | os.PathLike, task: str | os.PathLike | None = None):
-    """(model config, vocab size, whole weights) of a checkpoint, with a task file merged in when given."""
+def checkpoint_weights(checkpoint: str | os.PathLike, task: str | os.PathLike | None = None, trust: bool = False):
+    """(model config, vocab size, whole weights) of a checkpoint (any form `--checkpoint` takes), with a task file
+    merged in when given; `trust`: load pickles that reference code (--trust-checkpoint)."""
     from skiptron.training import checkpoint as ckpt
     from skiptron.training.config import load_config
     from skiptron.training.masking import merge_task, read_base_weights, read_task_file
 
-    path = Path(checkpoint)
+    path = ckpt.resolve_checkpoint(checkpoint)
     meta = ckpt.read_meta(path)
     cfg = load_config(path / "config.yaml")
-    weights = read_base_weights(path)
+    weights = read_base_weights(path, trust)
     weights = {k: v for k, v in weights.items() if not k.endswith(".mask_scores")}
     if task:
         weights = merge_task(weights, read_task_file(task)[0])
     return cfg, meta["vocab_size"], weights
 
 
-def merge(base: str | os.PathLike, task: str | os.PathLike, out: str | os.PathLike) -> Path:
+def merge(base: str | os.PathLike, task: str | os.PathLike, out: str | os.PathLike, trust: bool = False) -> Path:
     from skiptron.training import checkpoint as ckpt
 
-    cfg, vocab, weights = checkpoint_weights(base, task)
+    base = ckpt.resolve_checkpoint(base)
+    cfg, vocab, weights = checkpoint_weights(base, task, trust)
     cfg.finetune.method, cfg.finetune.base = "full", None
-    tok = Path(base) / "tokenizer.json"
+    tok = base / "tokenizer.json"
     return ckpt.write_weights_checkpoint(out, cfg, weights, vocab, tok if tok.is_file() else None)
 
 
-def evaluate(checkpoint, data, task=None, batches: int = 16, micro_batch: int = 8, seq_len: int | None = None) -> dict:
-    cfg, vocab, weights = checkpoint_weights(checkpoint, task)
+def evaluate(checkpoint, data, task=None, batches: int = 16, micro_batch: int = 8, trust: bool = False) -> dict:
+    cfg, vocab, weights = checkpoint_weights(checkpoint, task, trust)
     from skiptron.training.loader import read_manifest
 
     cfg.model.seq_len = read_manifest(data)["seq_len"]
@@ -115,27 +117,27 @@ def evaluate(checkpoint, data, task=None, batches: int = 16, micro_batch: int = 
     return {"val_loss": loss, "val_ppl": math.exp(loss)}
 
 
-def train(argv: list[str]) -> int:
-    """One rank of a finetuning run: skiptron-train's loop, then the task file (method=mask)."""
+def train(args) -> int:
+    """One rank of a finetuning run: the trainer with the finetuning extension, then the task file (method=mask)."""
     import torch.distributed as dist
 
     from skiptron.parallel import state
-    from skiptron.training.config import ConfigError, load_config
-    from skiptron.training.masking import save_task_file
+    from skiptron.tools.train import config_from_args
+    from skiptron.training import checkpoint as ckpt
+    from skiptron.training.config import ConfigError
+    from skiptron.training.masking import Finetuning, save_task_file
     from skiptron.training.trainer import Trainer
 
-    p = argparse.ArgumentParser(prog="skiptron-finetune train")
-    p.add_argument("--config", required=True)
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = config_from_args(args)
         if not cfg.finetune.base and cfg.resume == "none":
             raise ConfigError("finetune.base: no pretrained checkpoint to finetune")
-        trainer = Trainer.setup(cfg)
-    except ConfigError as err:
-        print(f"skiptron-finetune: config error: {err}", file=sys.stderr)
-        return 2
+        trainer = Trainer.setup(cfg, extension=Finetuning())
+    except (ConfigError, ckpt.CheckpointError) as err:
+        kind = "config" if isinstance(err, ConfigError) else "checkpoint"
+        print(f"skiptron-finetune: {kind} error: {err}", file=sys.stderr)
+        state.shutdown()
+        return 2 if kind == "config" else 1
     try:
         summary = trainer.run()
         if cfg.finetune.method == "mask":
@@ -147,37 +149,59 @@ def train(argv: list[str]) -> int:
     finally:
         state.shutdown()
     if trainer.stopped_by:
-        from skiptron.training import checkpoint as ckpt
-
         raise ckpt.Preempted(trainer.stopped_by, trainer.last_saved_step)
     if int(os.environ.get("RANK", "0")) == 0 and summary.get("best_val_loss") is not None:
         print(f"best validation loss {summary['best_val_loss']:.4f}")
     return 0
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "train":
-        return train(argv[1:])
+def build_parser() -> argparse.ArgumentParser:
+    from skiptron.tools.train import add_trust_argument
+    from skiptron.training import verbosity
+
     p = argparse.ArgumentParser(prog="skiptron-finetune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("train", help="finetune (one rank under torchrun); see above")
+    t = sub.add_parser("train", help="finetune (one rank under torchrun); see above")
+    t.add_argument("--config", required=True, help="YAML file or preset name of the run (with finetune.* keys)")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. finetune.base=CKPT finetune.method=mask")
+    add_trust_argument(t)
+    verbosity.add_argument(t)
     m = sub.add_parser("merge", help="base checkpoint + task file -> weights-only checkpoint")
-    m.add_argument("--base", required=True)
-    m.add_argument("--task", required=True)
-    m.add_argument("--out", required=True)
+    m.add_argument("--base", required=True, help="the base checkpoint: a checkpoint, run or checkpoints directory, "
+                                                 "or a `latest` file")
+    m.add_argument("--task", required=True, help="the task file (task.safetensors) of a mask finetuning run")
+    m.add_argument("--out", required=True, help="directory of the merged weights-only checkpoint")
+    add_trust_argument(m)
+    verbosity.add_argument(m)
     e = sub.add_parser("eval", help="validation loss of a checkpoint (+ task file)")
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--task")
-    e.add_argument("--data", required=True)
-    e.add_argument("--batches", type=int, default=16)
-    e.add_argument("--micro-batch", type=int, default=8)
-    args = p.parse_args(argv)
-    if args.cmd == "merge":
-        print(merge(args.base, args.task, args.out))
-    else:
-        print(json.dumps(evaluate(args.checkpoint, args.data, args.task, args.batches, args.micro_batch)))
+    e.add_argument("--checkpoint", required=True, help="a checkpoint, run or checkpoints directory, or a `latest` file")
+    e.add_argument("--task", help="a task file to apply to the checkpoint first")
+    e.add_argument("--data", required=True, help="prepared data directory whose val split is measured")
+    e.add_argument("--batches", type=int, default=16, help="validation micro-batches (default: %(default)s)")
+    e.add_argument("--micro-batch", type=int, default=8, help="sequences per micro-batch (default: %(default)s)")
+    add_trust_argument(e)
+    verbosity.add_argument(e)
+    return p
+
+
+def main(argv=None) -> int:
+    from skiptron.training import checkpoint as ckpt
+    from skiptron.training import verbosity
+
+    args = build_parser().parse_args(argv)
+    verbosity.configure(args.verbose or None)
+    if args.cmd == "train":
+        return train(args)
+    try:
+        if args.cmd == "merge":
+            print(merge(args.base, args.task, args.out, args.trust_checkpoint))
+        else:
+            print(json.dumps(evaluate(args.checkpoint, args.data, args.task, args.batches, args.micro_batch,
+                                      args.trust_checkpoint)))
+    except ckpt.CheckpointError as err:
+        print(f"skiptron-finetune: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -428,13 +428,20 @@ def summarize(rows: list[Row]) -> tuple[str, int]:
     return "\n".join(lines), int(bool(failed))
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from skiptron.training import verbosity
+
     p = argparse.ArgumentParser(prog="skiptron-gpu-check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when visible, else cpu")
     p.add_argument("--quick", action="store_true", help="toy sizes and fewer steps (what the test suite runs)")
     p.add_argument("--out", default="runs/gpu-check", help="work directory; gpu_check.json is written there")
-    args = p.parse_args(argv)
+    verbosity.add_argument(p)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.device == "cpu":  # before torch or DeepSpeed look for devices
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         os.environ["DS_ACCELERATOR"] = "cpu"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from skiptron.training import verbosity
 from skiptron.training.metrics import read_metrics
 
 DEFAULT_METRICS = ("loss", "val_loss", "lr", "tokens_per_s", "mfu")
@@ -83,9 +84,9 @@ def plot_rate_heatmap(run_dir: str | Path, out: str | Path) -> Path:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="skiptron-plot", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (each with a metrics.jsonl)")
     parser.add_argument("--out", help="PNG path (default: <first RUN_DIR>/curves.png)")
     parser.add_argument(
         "--metrics",
@@ -94,6 +95,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--rate-heatmap", action="store_true",
                         help="instead: execution rate per routed layer over steps (first RUN_DIR)")
+    verbosity.add_argument(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     name = "rates.png" if args.rate_heatmap else "curves.png"
     out = args.out or Path(args.run_dirs[0]) / name

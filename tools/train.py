@@ -6,22 +6,44 @@ import os
 import sys
 from pathlib import Path
 
-from skiptron.tools.plot import plot_runs
+from skiptron.training import verbosity
 from skiptron.training.config import ConfigError, load_config
-from skiptron.training.loader import read_manifest
+
+TRUST_OVERRIDE = "checkpoint.trust_pickle=true"
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="skiptron-train", description=__doc__)
     p.add_argument("--config", required=True, help="YAML file or preset name (tiny, 125m, 350m, 1.3b, 6.7b)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. parallel.tp=2 train.max_steps=50")
-    return p.parse_args(argv)
+    add_trust_argument(p)
+    verbosity.add_argument(p)
+    return p
+
+
+def add_trust_argument(parser: argparse.ArgumentParser) -> None:
+    """`--trust-checkpoint`: the command-line form of checkpoint.trust_pickle (see training/checkpoint.py)."""
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load checkpoint files whose pickles reference code (refused by default: loading them "
+                             "could run anything); same as checkpoint.trust_pickle=true")
+
+
+def config_from_args(args):
+    """The run's config from --config, the overrides and --trust-checkpoint; ConfigError names the problem."""
+    overrides = list(args.overrides) + ([TRUST_OVERRIDE] if args.trust_checkpoint else [])
+    return load_config(args.config, overrides)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
+    verbosity.configure(args.verbose or None)
+    from skiptron.training.checkpoint import CheckpointError
+
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = config_from_args(args)
+        if cfg.finetune.method != "full" or cfg.finetune.base:
+            raise ConfigError("finetune: skiptron-train pretrains; finetune.method / finetune.base are read by "
+                              "`skiptron-finetune train` (same arguments)")
     except ConfigError as err:
         print(f"skiptron-train: config error: {err}", file=sys.stderr)
         return 2
@@ -37,7 +59,13 @@ def main(argv=None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"skiptron-train: {err}", file=sys.stderr)
         return 3 if isinstance(err, RunDirBusy) else 1
+    except CheckpointError as err:
+        print(f"skiptron-train: checkpoint error: {err}", file=sys.stderr)
+        return 1
     if int(os.environ.get("RANK", "0")) == 0:
+        from skiptron.tools.plot import plot_runs
+        from skiptron.training.loader import read_manifest
+
         run = Path(cfg.run.dir)
         sources = cfg.data.sources()
         entropy = read_manifest(sources[0].path).get("unigram_entropy") if len(sources) == 1 else None

@@ -29,6 +29,10 @@ Resharding reads the whole model state on every rank (CPU memory: ~12 bytes per 
 
 The data position is the number of consumed samples of the loader's global stream (see `training/loader.py`), so it
 survives a change of DP size.
+
+Every file is read as data (`load_file`: `torch.load(weights_only=True)` with a short allowlist, DeepSpeed's own reads
+included); a pickle that would call anything else is refused unless `checkpoint.trust_pickle`. `resolve_checkpoint`
+turns what a user names (a checkpoint, `latest`, the checkpoints folder, a run directory) into one checkpoint.
 """
 from __future__ import annotations
 
@@ -69,6 +73,14 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file or key."""
 
 
+class UntrustedCheckpointError(CheckpointError):
+    """A checkpoint file holding pickled objects that loading would have to run as code."""
+
+
+TRUST_HINT = ("load it only if you trust where it came from: --trust-checkpoint on the command line, "
+              "checkpoint.trust_pickle=true in the config")
+
+
 @dataclass
 class Progress:
     """Where training stands: what a resume needs besides weights and optimizer."""
@@ -90,6 +102,65 @@ def step_tag(step: int) -> str:
 
 def _rank_file(rank: int) -> str:
     return f"rank{rank:05d}.pt"
+
+
+# -- reading files: data, not code ----------------------------------------------------------------------------
+def _safe_globals() -> list:
+    """What skiptron's and DeepSpeed's checkpoint files hold besides tensors and plain containers, the only classes
+    `torch.load(weights_only=True)` may rebuild from them: numpy's RNG state in the rank files, and DeepSpeed
+    0.19.8's ZeRO fragment addresses, stage enum and loss scalers in its optimizer files (checked on the files of
+    ZeRO 0-3 in fp32 and bf16, PP, routed models)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+            fragment_address, ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+
+def load_file(path: str | os.PathLike, map_location="cpu", trust: bool = False):
+    """One checkpoint file (ours or DeepSpeed's) read as data: `torch.load(weights_only=True)` with `_safe_globals`.
+    A file whose pickle names anything else (which unpickling would call: a payload can run any code) is refused
+    with UntrustedCheckpointError naming it, unless `trust` (checkpoint.trust_pickle / --trust-checkpoint)."""
+    if trust:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    allowed = _safe_globals()
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        foreign = _foreign_globals(path, allowed)
+        if foreign:
+            raise UntrustedCheckpointError(
+                f"{path} holds pickled code references ({', '.join(foreign)}) that loading would call, so it is not "
+                f"loaded; {TRUST_HINT}") from None
+        raise CheckpointError(f"cannot read {path}: {err}") from err  # truncated or foreign file
+
+
+def _foreign_globals(path, allowed: list) -> list[str]:
+    """The callables a torch.save file's pickle names beyond `allowed` (read without unpickling it)."""
+    known = {f"{g.__module__}.{g.__qualname__}" for g in allowed}
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip-format torch file: nothing to say beyond the load error
+        return []
+    return sorted(set(names) - known)
+
+
+def _read_through_load_file(engine, trust: bool) -> None:
+    """DeepSpeed 0.19.8's TorchCheckpointEngine.load calls torch.load(weights_only=False), and every file
+    `engine.load_checkpoint` reads (model states, ZeRO optimizer states, a pipeline's per-layer files) goes through
+    `engine.checkpoint_engine.load(path, map_location)`: route those reads through `load_file`."""
+    reader = engine.checkpoint_engine
+
+    def load(path, map_location=None):
+        return load_file(path, map_location=map_location, trust=trust)
+
+    reader.load = load
 
 
 # -- small filesystem helpers ---------------------------------------------------------------------------------
@@ -255,6 +326,56 @@ def resumable(root: str | os.PathLike, collective: bool = False, log=print) -> l
         raise CheckpointError(f"no usable checkpoint under {root} (pass resume=none to start over): "
                               + " | ".join(broken))
     return healthy + marked
+
+
+def resolve_checkpoint(path: str | os.PathLike, collective: bool = False, log=None) -> Path:
+    """The checkpoint directory a user means by `path`, in any of the forms a command-line `--checkpoint` (and
+    `resume=`, `finetune.base=`) takes: a checkpoint directory; the `latest` file of a checkpoints folder (the
+    checkpoint it names); a checkpoints folder (its newest complete checkpoint); a run directory (the newest complete
+    checkpoint under its `checkpoints/`, or under the `checkpoint.dir` its config.yaml names). Choosing the newest
+    complete one verifies the candidates; a directory named directly is only located: its reader verifies it.
+    Raises CheckpointError saying what was looked at and what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if path.is_file():
+        if path.name != LATEST:
+            raise CheckpointError(f"{path} is a file; give a checkpoint directory, a run directory, its checkpoints "
+                                  f"folder or the folder's `{LATEST}` file")
+        target = path.parent / path.read_text().strip()
+        if not target.is_dir():
+            raise CheckpointError(f"{path} names {target}, which does not exist")
+        return target
+    if (path / MANIFEST).exists() or (path / META).exists():
+        return path
+    root = path if list_checkpoints(path) or (path / LATEST).is_file() else _run_checkpoint_dir(path)
+    skipped: list[str] = []
+
+    def note(message: str) -> None:
+        skipped.append(message)
+        if log:
+            log(message)
+
+    found = find_resumable(root, collective, log=note)
+    if found is None:
+        what = f": {'; '.join(skipped)}" if skipped else " (no step######## directories there)"
+        raise CheckpointError(f"no complete checkpoint under {root}{what}")
+    return found
+
+
+def _run_checkpoint_dir(run_dir: Path) -> Path:
+    """Where a run directory keeps its checkpoints: `checkpoint.dir` of its config.yaml, else `checkpoints/`."""
+    import yaml
+
+    config = run_dir / "config.yaml"
+    if config.is_file():
+        try:
+            configured = (yaml.safe_load(config.read_text()) or {}).get("checkpoint", {}).get("dir")
+        except (yaml.YAMLError, AttributeError):
+            configured = None
+        if configured:
+            return Path(configured)
+    return run_dir / "checkpoints"
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -468,15 +589,12 @@ def resume_candidates(cfg, log=print) -> list[Path]:
         return []
     if choice == "auto":
         return resumable(cfg.checkpoint_dir, collective=True, log=log)
-    path = Path(choice)
-    if not path.exists():
-        raise CheckpointError(f"resume: {path} does not exist")
-    if not (path / MANIFEST).exists() and not (path / META).exists():  # a checkpoint root: take its newest
-        found = resumable(path, collective=True, log=log)
-        if not found:
-            raise CheckpointError(f"resume: no complete checkpoint under {path}")
-        return found
-    problems = _problems(path, collective=True)
+    try:
+        path = resolve_checkpoint(choice, collective=True, log=log)
+    except CheckpointError as err:
+        raise CheckpointError(f"resume: {err}") from None
+    named = path == Path(choice) or Path(choice).name == LATEST  # not chosen (and verified) among several
+    problems = _problems(path, collective=True) if named else []
     if problems:
         raise CheckpointError(f"resume: {path} is not usable: {'; '.join(problems)}")
     return [path]
@@ -510,12 +628,14 @@ def load(engine, cfg, layout, path: Path, vocab_size: int, extra: dict | None = 
     """Restore weights, optimizer, scheduler, RNG, `extra` and the progress from `path`. Collective."""
     meta = read_meta(path)
     check_compatible(path, meta, cfg, vocab_size)
+    trust = cfg.checkpoint.trust_pickle
     if meta.get("kind") == "weights":  # from `skiptron-convert from-hf` and other tools: weights, a fresh optimizer
-        weights = _load_weights_file(path)
+        weights = _load_weights_file(path, trust)
         apply_full_state(engine, weights, None, 0)
         _apply_buffers(engine, weights)
         return Progress()
     if same_layout(meta, cfg, layout, engine):
+        _read_through_load_file(engine, trust)
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if load_path is None:
@@ -525,7 +645,7 @@ def load(engine, cfg, layout, path: Path, vocab_size: int, extra: dict | None = 
         if layout.is_writer and log:
             log(f"resharding {path}: saved with tp={s['tp']} pp={s['pp']} dp={s['dp']} zero={s['zero_stage']} "
                 f"{s['precision']}, loading with tp={layout.tp} pp={layout.pp} dp={layout.dp} zero={cfg.zero.stage}")
-        weights, moments, opt_step, extras = read_full_state(path, meta=meta)
+        weights, moments, opt_step, extras = read_full_state(path, meta=meta, trust=trust)
         apply_full_state(engine, weights, moments, opt_step)
         scheduler = engine.lr_scheduler
         scheduler.load_state_dict(extras["lr_scheduler"])
@@ -536,7 +656,7 @@ def load(engine, cfg, layout, path: Path, vocab_size: int, extra: dict | None = 
         engine.skipped_steps = extras["skipped_steps"]
         engine.micro_steps = engine.global_steps * engine.gradient_accumulation_steps()
         _apply_buffers(engine, extras["buffers"])
-    _load_rank_state(path, meta, layout, extra or {})
+    _load_rank_state(path, meta, layout, extra or {}, trust)
     return Progress(meta["step"], meta["consumed_samples"], meta["consumed_tokens"], meta.get("consumed_by_source", {}))
 
 
@@ -548,19 +668,19 @@ def _apply_buffers(engine, values: dict[str, torch.Tensor]) -> None:
             buffer.copy_(values[to_gpt(local_name)])
 
 
-def _load_rank_state(path: Path, meta: dict, layout, extra: dict) -> None:
+def _load_rank_state(path: Path, meta: dict, layout, extra: dict, trust: bool = False) -> None:
     """RNG streams and `extra` objects: this rank's own file when the world size is unchanged, else rank 0's.
 
     An `extra` object that can merge the states of a different layout defines `load_resharded_state(states)`,
     which gets every saved rank's state (e.g. router statistics)."""
     same_world = meta["layout"]["world_size"] == layout.world_size
-    own = torch.load(path / _rank_file(layout.rank if same_world else 0), weights_only=False)
+    own = _load(path / _rank_file(layout.rank if same_world else 0), trust)
     set_rng_state(own["rng"])
     for name, obj in extra.items():
         if name not in own["extra"]:
             warnings.warn(f"{path}: no saved state for {name!r}; it starts fresh")
         elif not same_world and hasattr(obj, "load_resharded_state"):
-            states = [torch.load(path / _rank_file(r), weights_only=False)["extra"][name]
+            states = [_load(path / _rank_file(r), trust)["extra"][name]
                       for r in range(meta["layout"]["world_size"])]
             obj.load_resharded_state(states)
         else:
@@ -568,13 +688,10 @@ def _load_rank_state(path: Path, meta: dict, layout, extra: dict) -> None:
 
 
 # -- resharding: DeepSpeed's shards <-> whole tensors ------------------------------------------------------------
-def _load(path: Path):
+def _load(path: Path, trust: bool = False):
     if not path.is_file():
         raise CheckpointError(f"{path} is missing from the checkpoint")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated or foreign file
-        raise CheckpointError(f"cannot read {path}: {err}") from err
+    return load_file(path, trust=trust)
 
 
 def _model_file(path: Path, stage: int, mp_rank: int) -> Path:
@@ -619,32 +736,33 @@ def _gpt_names(module: torch.nn.Module):
     return module.gpt_name if isinstance(module, PipelineModule) else (lambda name: name)
 
 
-def _stage_module_state(path: Path, pipe: dict, stage: int, tp_rank: int) -> dict[str, torch.Tensor]:
+def _stage_module_state(path: Path, pipe: dict, stage: int, tp_rank: int, trust: bool = False) -> dict[str, torch.Tensor]:
     """A pipeline stage's weights and buffers (this TP rank's shards) under GPT's names, from DeepSpeed's per-layer
     files `layer_<index>-model_<tp rank>-model_states.pt`."""
     out = {}
     for idx in range(pipe["parts"][stage], pipe["parts"][stage + 1]):
         name = pipe["layers"][idx]
         if name is not None:  # None: the tied output layer, whose weight is the embedding's (first stage)
-            state = _load(path / f"layer_{idx:02d}-model_{tp_rank:02d}-model_states.pt")
+            state = _load(path / f"layer_{idx:02d}-model_{tp_rank:02d}-model_states.pt", trust)
             out.update({f"{name}.{k.removeprefix('layer.')}": v for k, v in state.items()})
     return out
 
 
-def _read_tp_rank(path: Path, meta: dict, tp_rank: int, with_optimizer: bool, pp_rank: int = 0):
+def _read_tp_rank(path: Path, meta: dict, tp_rank: int, with_optimizer: bool, pp_rank: int = 0,
+                  trust: bool = False):
     """One (pipeline stage, TP rank)'s tensors {GPT name: {"param", "exp_avg", "exp_avg_sq"}}, ZeRO partitions
     joined over DP, and its model-states file with `module` holding its weights and buffers under GPT's names."""
     lay = meta["layout"]
     stage, dp = lay["zero_stage"], lay["dp"]
     pipe = meta.get("pipeline")
     mp_rank = pp_rank * lay["tp"] + tp_rank
-    model = _load(_model_file(path, stage, mp_rank))
+    model = _load(_model_file(path, stage, mp_rank), trust)
     if pipe:
         from .pipeline import gpt_name
 
         def rename(name):
             return gpt_name(name, pipe["layers"])
-        model["module"] = _stage_module_state(path, pipe, pp_rank, tp_rank)
+        model["module"] = _stage_module_state(path, pipe, pp_rank, tp_rank, trust)
         groups = pipe["optimizer_groups"][pp_rank]
     else:
         def rename(name):
@@ -670,7 +788,7 @@ def _read_tp_rank(path: Path, meta: dict, tp_rank: int, with_optimizer: bool, pp
     pieces = {n: {k: [] for k in keys} for n, _ in shapes}
     opt_step = 0
     for d in range(dp):
-        osd = _load(_optim_file(path, d, mp_rank, lay["precision"]))["optimizer_state_dict"]
+        osd = _load(_optim_file(path, d, mp_rank, lay["precision"]), trust)["optimizer_state_dict"]
         if stage == 3:
             state = osd["optimizer_state_dict"]["state"]
             flat = {"param": torch.cat(osd["fp32_flat_groups"])}
@@ -703,7 +821,8 @@ def _opt_step(state: dict) -> int:
     return 0
 
 
-def read_full_state(path: str | os.PathLike, meta: dict | None = None, with_optimizer: bool = True):
+def read_full_state(path: str | os.PathLike, meta: dict | None = None, with_optimizer: bool = True,
+                    trust: bool = False):
     """Whole (TP=1, unpartitioned) fp32 weights and Adam moments from a checkpoint of any layout.
 
     Returns (weights {name: tensor}, moments {name: {exp_avg, exp_avg_sq}} or None, optimizer step, extras) where
@@ -711,13 +830,13 @@ def read_full_state(path: str | os.PathLike, meta: dict | None = None, with_opti
     path = Path(path)
     meta = meta or read_meta(path)
     if meta.get("kind") == "weights":
-        return _load_weights_file(path), None, 0, {}
+        return _load_weights_file(path, trust), None, 0, {}
     tp, pp = meta["layout"]["tp"], meta["layout"].get("pp", 1)
     per_rank, opt_step, stage_models = [], 0, [None] * pp  # stage_models: TP rank 0's model-states files
     for t in range(tp):
         local = {}
         for s in reversed(range(pp)):  # the first stage's copy of a tied embedding is the one kept
-            part, model, opt_step = _read_tp_rank(path, meta, t, with_optimizer, s)
+            part, model, opt_step = _read_tp_rank(path, meta, t, with_optimizer, s, trust)
             local.update(part)
             if t == 0:
                 stage_models[s] = model
@@ -843,8 +962,8 @@ def _optimizer_state_of(base, master: torch.Tensor, key: str) -> torch.Tensor:
 WEIGHTS_FILE = "model.pt"
 
 
-def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    return _load(path / WEIGHTS_FILE)
+def _load_weights_file(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
+    return _load(path / WEIGHTS_FILE, trust)
 
 
 def write_weights_checkpoint(out: str | os.PathLike, cfg, weights: dict[str, torch.Tensor], vocab_size: int,

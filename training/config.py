@@ -299,6 +299,9 @@ class RunConfig(Section):
 
 class LoggingConfig(Section):
     print_every: int = Field(10, ge=1)
+    progress: Literal["auto", "plain"] = Field(
+        "auto", description="auto: a live bar on a terminal, plain lines every print_every steps otherwise and "
+                            "under mpirun/srun (whose ranks' terminals are the launcher's pipes); plain: always lines")
     tensorboard: bool = True
     peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU; default: known GPUs only")
 
@@ -311,6 +314,9 @@ class CheckpointConfig(Section):
     keep_every: int = Field(0, ge=0, description="also keep every checkpoint whose step is a multiple of M, 0 = none")
     check_finite: bool = Field(
         True, description="refuse to save (and, at resume, to load) non-finite weights or optimizer state")
+    trust_pickle: bool = Field(
+        False, description="load checkpoint files whose pickles reference code (not only tensors and the known "
+                           "records); off: such a file is refused, since loading it could run anything")
 
 
 class LaunchConfig(Section):
@@ -473,7 +479,26 @@ def _parse_override(item: str) -> tuple[list[str], object]:
     if "=" not in item:
         raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{item}': not a YAML value ({_yaml_problem(err)}); quote it") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """What PyYAML says is wrong, without its multi-line context."""
+    return " ".join(str(part) for part in (getattr(err, "context", None), getattr(err, "problem", None)) if part) \
+        or str(err).splitlines()[0]
+
+
+def _read_yaml(file: Path):
+    """A YAML file's tree; a syntax error becomes one ConfigError line `FILE:LINE:COLUMN: ...` (1-based)."""
+    try:
+        return yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(file)
+        raise ConfigError(f"{where}: YAML syntax error: {_yaml_problem(err)}") from None
 
 
 def _set_dotted(tree: dict, path: list[str], value) -> None:
@@ -522,7 +547,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     tree: dict = {}
     if path is not None:
         file = resolve_config_path(path)
-        tree = yaml.safe_load(file.read_text()) or {}
+        tree = _read_yaml(file) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{file}: the top level must be a mapping of sections")
     for item in overrides:

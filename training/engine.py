@@ -11,6 +11,7 @@ from skiptron.parallel.timing import Stopwatch
 
 from .config import Config
 from .model import no_weight_decay
+from .verbosity import third_party_stdout
 
 try:
     from apex.optimizers import FusedAdam as _ApexFusedAdam
@@ -138,14 +139,15 @@ def build_engine(cfg: Config, model: torch.nn.Module, layout: Layout, guard=None
         # needs a gradient; routed models also carry their aux loss, so they send whole activations.
         partitioned = not getattr(model, "carry_aux", False)
         ds_config["pipeline"] = {"pipe_partitioned": partitioned, "grad_partitioned": partitioned}
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        mpu=None if pipelined else MegatronMpu(),
-        config=ds_config,
-        dist_init_required=False,
-    )
+    with third_party_stdout():  # DeepSpeed's CPU comm op announces itself on every rank
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            mpu=None if pipelined else MegatronMpu(),
+            config=ds_config,
+            dist_init_required=False,
+        )
     _undo_fp16_optimizer_init_step(engine)
     if pipelined:
         engine.pipe_timer = PipeTimer(engine, layout.device)

@@ -17,8 +17,10 @@ any trained head tensors into one safetensors file; `merge_task` applies it to a
 (W * M), and `load_task_file` loads it into a mask-mode model, either of which reproduces the finetuned model
 exactly.
 
-Hooks: the trainer calls `prepare_model(model, cfg)` right after building the model (before DeepSpeed): it loads
-`finetune.base` (when set) and, for `finetune.method=mask`, freezes the weights and adds the scores.
+How it reaches the training loop: `Finetuning` is the trainer's extension (`Trainer.setup(cfg, extension=...)`,
+which `skiptron-finetune train` passes; pretraining passes none). Right after the model is built, before DeepSpeed
+wraps it, its `prepare_model` loads `finetune.base` (when set) and, for `finetune.method=mask`, freezes the weights
+and adds the scores.
 """
 from __future__ import annotations
 
@@ -163,14 +165,14 @@ def apply_mask_finetuning(model: nn.Module, ft, num_layers: int) -> dict[str, nn
 
 
 # -- base weights -----------------------------------------------------------------------------------------------
-def read_base_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Whole fp32 weights of a checkpoint of any layout (a training or weights-only checkpoint), with its persistent
-    buffers (routing controllers) under their names."""
+def read_base_weights(path: str | os.PathLike, trust: bool = False) -> dict[str, torch.Tensor]:
+    """Whole fp32 weights of a checkpoint of any layout (a training or weights-only checkpoint; any form
+    `checkpoint.resolve_checkpoint` takes), with its persistent buffers (routing controllers) under their names."""
     from . import checkpoint as ckpt
 
-    path = Path(path)
+    path = ckpt.resolve_checkpoint(path)
     ckpt.verify(path)
-    weights, _, _, extras = ckpt.read_full_state(path, with_optimizer=False)
+    weights, _, _, extras = ckpt.read_full_state(path, with_optimizer=False, trust=trust)
     weights = {**weights, **extras.get("buffers", {})}
     return {k: v.detach() for k, v in weights.items()}  # ZeRO's flat fp32 groups are saved as leaf tensors with grad
 
@@ -193,16 +195,20 @@ def load_whole_weights(model: nn.Module, weights: dict[str, torch.Tensor], stric
 def check_base_compatible(path: str | os.PathLike, cfg, vocab_size: int) -> None:
     from . import checkpoint as ckpt
 
-    ckpt.check_compatible(Path(path), ckpt.read_meta(path), cfg, vocab_size)
+    path = ckpt.resolve_checkpoint(path)
+    ckpt.check_compatible(path, ckpt.read_meta(path), cfg, vocab_size)
 
 
 def prepare_model(model: nn.Module, cfg, vocab_size: int | None = None, log=None) -> nn.Module:
-    """The trainer's hook after building the model: load `finetune.base`, then set up `finetune.method`."""
+    """Load `finetune.base` into a freshly built model, then set up `finetune.method`."""
+    from . import checkpoint as ckpt
+
     ft = cfg.finetune
     if ft.base:
+        base = ckpt.resolve_checkpoint(ft.base)
         if vocab_size is not None:
-            check_base_compatible(ft.base, cfg, vocab_size)
-        load_whole_weights(model, read_base_weights(ft.base))
+            check_base_compatible(base, cfg, vocab_size)
+        load_whole_weights(model, read_base_weights(base, trust=cfg.checkpoint.trust_pickle))
         if log:
             log(f"finetune: base weights from {ft.base}")
     if ft.method == "mask":
@@ -213,6 +219,13 @@ def prepare_model(model: nn.Module, cfg, vocab_size: int | None = None, log=None
             log(f"finetune: mask over {len(layers)} matrices ({n_scores} scores on this rank), "
                 f"{trainable} trainable parameters on this rank")
     return model
+
+
+class Finetuning:
+    """The trainer extension (see `trainer.TrainerExtension`) that turns a training run into a finetuning run."""
+
+    def prepare_model(self, model: nn.Module, cfg, vocab_size: int, log=None) -> None:
+        prepare_model(model, cfg, vocab_size, log=log)
 
 
 # -- the task file ----------------------------------------------------------------------------------------------

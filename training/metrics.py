@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from rich.progress import (
 )
 
 METRICS_FILE = "metrics.jsonl"
+SUPERSEDED_FILE = "metrics-superseded.jsonl"
 
 
 def read_metrics(path_or_run_dir: str | Path) -> list[dict[str, Any]]:
@@ -46,7 +48,47 @@ def read_metrics(path_or_run_dir: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             if i != len(lines) - 1:
                 raise
-    return records
+    return current_timeline(records)
+
+
+def current_timeline(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Drop the rows a restart superseded: a row whose step is before the previous row's starts over from there (a
+    resume from an earlier checkpoint), so the earlier rows of that step or later go (several rows of one step are
+    kept). Files written before the logger truncated on resume hold such repeats."""
+    out: list[dict[str, Any]] = []
+    for record in records:
+        step = record.get("step")
+        if out and isinstance(step, int) and step < out[-1].get("step", step):
+            while out and out[-1].get("step", step) >= step:
+                out.pop()
+        out.append(record)
+    return out
+
+
+def supersede_history(run_dir: str | Path, start_step: int) -> int:
+    """Before a run continues from `start_step`, move the rows of later steps (logged by an earlier attempt past
+    the checkpoint it resumes from) out of metrics.jsonl into metrics-superseded.jsonl, so the history holds each
+    step once and nothing is thrown away. Returns the number of rows moved."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return 0
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    keep, moved = [], []
+    for line in lines:
+        try:
+            step = json.loads(line).get("step")
+        except json.JSONDecodeError:  # a torn last line of a crashed write
+            moved.append(line)
+            continue
+        (keep if step is not None and step <= start_step else moved).append(line)
+    if not moved:
+        return 0
+    with open(path.with_name(SUPERSEDED_FILE), "a", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in moved))
+    tmp = path.with_name(f".tmp-{METRICS_FILE}")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)
+    return len(moved)
 
 
 def _number(value: Any) -> Any:
@@ -105,8 +147,10 @@ class MetricsLogger:
 
     On a terminal, rank 0 shows a live rich progress bar; otherwise (CI, log
     files) it prints a plain line every `print_every` steps. Resumed runs pass
-    `start_step` so the bar and the ETA start from there and TensorBoard drops
-    the stale events past it. Non-writer ranks do nothing.
+    `start_step` so the bar and the ETA start from there, and the history keeps
+    one row per step: rows past it move out of metrics.jsonl
+    (`supersede_history`) and TensorBoard purges its events past it. Non-writer
+    ranks do nothing.
     """
 
     def __init__(
@@ -133,14 +177,14 @@ class MetricsLogger:
         if not is_writer:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        superseded = supersede_history(self.run_dir, start_step)
         self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(
-                log_dir=str(self.run_dir / "tensorboard"), purge_step=start_step or None
-            )
+            # readers drop the events of steps >= purge_step written before this one: those past the checkpoint
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=start_step + 1)
         self._console = Console()
         self._live = progress and self._console.is_terminal
         # The Progress also runs hidden (disable=True): its task yields the ETA
@@ -162,6 +206,9 @@ class MetricsLogger:
             "train", total=total_steps, completed=start_step, stats=""
         )
         self._progress.start()
+        if superseded:
+            self.log_text(f"{METRICS_FILE}: {superseded} rows past step {start_step} (an earlier attempt beyond the "
+                          f"checkpoint) moved to {SUPERSEDED_FILE}")
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Record `metrics` (name -> number) for `step`; keys may be namespaced, `skip/...`."""

@@ -8,12 +8,13 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from skiptron.parallel import health, state, watchdog
+from skiptron.parallel import health, launch, state, watchdog
 from skiptron.parallel.timing import synchronize
 
 from . import checkpoint as ckpt
@@ -24,7 +25,6 @@ from .engine import PRECISION_DTYPES, build_engine, resolve_precision
 from .guard import StepGuard
 from .flops import config_flops_per_token, peak_flops
 from .loader import BlendedStream, TokenLoader, check_sources
-from .masking import prepare_model
 from .metrics import MetricsLogger
 from .model import GPT
 from .routing import RoutingMeter
@@ -37,6 +37,14 @@ EXIT_STATUS_FILE_ENV = "SKIPTRON_EXIT_STATUS_FILE"
 
 class TrainingDiverged(RuntimeError):
     """`train.max_nonfinite_steps` consecutive steps were skipped (non-finite, spiking, or overflowing)."""
+
+
+class TrainerExtension(Protocol):
+    """The trainer's one extension point, for runs that are more than pretraining (skiptron-finetune passes
+    `masking.Finetuning`): it may change the freshly built model before DeepSpeed wraps it."""
+
+    def prepare_model(self, model: torch.nn.Module, cfg: Config, vocab_size: int, log) -> None:
+        """Load weights into `model`, freeze some, add parameters; `log` prints on rank 0 (None elsewhere)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -89,7 +97,7 @@ class Trainer:
             self.guard = StepGuard(self.layout.device)
 
     @classmethod
-    def setup(cls, cfg: Config) -> "Trainer":
+    def setup(cls, cfg: Config, extension: TrainerExtension | None = None) -> "Trainer":
         world_size = state.launch_world_size()
         cfg.validate_for_launch(world_size)
         vocab, manifest = data_vocab_and_seq(cfg)
@@ -102,7 +110,8 @@ class Trainer:
             health.preflight(device, cfg.launch.health_outlier_ratio)
         seed_everything(cfg.train.seed)
         model = build_model(cfg, vocab, layout.device)
-        prepare_model(model, cfg, vocab, log=print if layout.is_writer else None)  # finetune.*: base weights, masks
+        if extension is not None:
+            extension.prepare_model(model, cfg, vocab, log=print if layout.is_writer else None)
         guard = StepGuard(device, cfg.train.spike_factor, cfg.train.spike_window)
         # The pipeline engine steps inside `train_batch`: it keeps DeepSpeed's own overflow check (counted, below).
         gated = cfg.parallel.pp == 1
@@ -277,7 +286,8 @@ class Trainer:
                           cfg.logging.peak_tflops * 1e12 if cfg.logging.peak_tflops else None, tf32=cfg.train.tf32)
         log = MetricsLogger(cfg.run.dir, is_writer=layout.is_writer, total_steps=cfg.train.max_steps,
                             tensorboard=cfg.logging.tensorboard, print_every=cfg.logging.print_every,
-                            start_step=self.progress.step)
+                            start_step=self.progress.step,
+                            progress=cfg.logging.progress == "auto" and not launch.output_is_forwarded())
         log.log_text(
             f"world {layout.world_size} = tp {layout.tp} x pp {layout.pp} x dp {layout.dp} | zero {cfg.zero.stage} | "
             f"{self.precision} on {layout.device.type}{' (tf32)' if cfg.train.tf32 and layout.device.type == 'cuda' else ''}"
@@ -452,12 +462,12 @@ def _preempted_before() -> bool:
     return bool(path) and Path(path).is_file() and Path(path).read_text().strip() == str(ckpt.EXIT_PREEMPTED)
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, extension: TrainerExtension | None = None) -> dict:
     """Train one run in this process (one rank of the launcher's world) and tear the groups down."""
     if _preempted_before():
         raise ckpt.Preempted(0, -1)
-    trainer = Trainer.setup(cfg)
     try:
+        trainer = Trainer.setup(cfg, extension)
         summary = trainer.run()
         dist.barrier()
     finally:
