@@ -47,6 +47,7 @@ setup(
             "skiptron-bench-routing=skiptron.tools.bench_routing:main",
             "skiptron-bench-pipeline=skiptron.tools.bench_pipeline:main",
             "skiptron-bench-checkpoint=skiptron.tools.bench_checkpoint:main",
+            "skiptron-bench-faults=skiptron.tools.bench_faults:main",
             "skiptron-bench-quality=skiptron.tools.bench_quality:main",
             "skiptron-bench-data=skiptron.tools.bench_data:main",
             "skiptron-convert=skiptron.tools.convert:main",

@@ -250,7 +250,9 @@ def rendezvous(info: LaunchInfo, timeout_s: float):
             raise LaunchError(_missing_message(store, prefix, info, timeout_s))
         time.sleep(0.2)
         arrived = store.add(f"{prefix}/count", 0)
-    return store
+    # The process group's own keys under this attempt's prefix: torchrun's agent store outlives a restart, and gloo
+    # would otherwise connect to the dead workers' addresses left there by the previous attempt.
+    return dist.PrefixStore(f"{prefix}/pg", store)
 
 
 def _missing_message(store, prefix: str, info: LaunchInfo, timeout_s: float) -> str:

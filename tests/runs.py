@@ -53,3 +53,11 @@ def signal_at_step(trainer, stop_at: int) -> None:
         return out
 
     trainer.train_step = train_step
+
+
+def train_preset(preset, overrides, data, run_dir) -> None:
+    """What `skiptron-train --config PRESET overrides...` trains, on this rank of a pool (a reference run)."""
+    from skiptron.training.config import load_config
+    from skiptron.training.trainer import Trainer
+
+    Trainer.setup(load_config(preset, list(overrides) + [f"data.path={data}", f"run.dir={run_dir}"])).run()

@@ -4,6 +4,7 @@ ranks. The SLURM tests start a real 2-node cluster (launch/local_cluster.sh) and
 cannot run (not root and no SLURM installed); tests/run.sh installs what they need on CI."""
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -75,7 +76,8 @@ def test_submit_fills_sbatch_options_from_the_config_and_rejects_bad_layouts():
     cmd = submit.sbatch_command("tiny", ["launch.slurm.nodes=2", 'launch.slurm.time="2:00:00"'], ["--qos=x"])
     assert cmd[:6] == ["sbatch", "--nodes=2", "--ntasks-per-node=1", "--job-name=tiny",
                        "--output=runs/tiny/slurm-%j.out", "--time=2:00:00"]
-    assert cmd[6:9] == ["--qos=x", str(ROOT / "launch/slurm/train.sbatch"), "--config"]
+    assert cmd[6:10] == ["--export=ALL,SKIPTRON_MAX_REQUEUES=3", "--qos=x", str(ROOT / "launch/slurm/train.sbatch"),
+                         "--config"]
     from skiptron.training.config import ConfigError
 
     with pytest.raises(ConfigError, match="data-parallel size \\(3\\)"):  # 3 ranks cannot split a batch of 16
@@ -200,6 +202,21 @@ def _sbatch(env, *args) -> str:
     return out.stdout.strip().split(";")[0]
 
 
+def _start_requeued_when_ready(env, job: str):
+    """An `on_pending` for `_wait_job`: a requeued job waits for its revoked credential to expire (cred_expire, 20 s
+    on the local cluster) and then for the scheduler's next pass; once the credential has expired, skip the second
+    wait. Starting it sooner makes slurmd refuse it ("Job credential revoked") and the job fails."""
+    requeued_at = []
+
+    def start_now(state):
+        if state.get("Restarts") == "1":
+            requeued_at.append(time.monotonic())
+            if time.monotonic() - requeued_at[0] > 22:
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env)
+
+    return start_now
+
+
 def test_sbatch_two_nodes_matches_torchrun(slurm, tiny_data, tmp_path, reference):
     """`sbatch -N 2 --ntasks-per-node=1 launch/slurm/train.sbatch --config tiny ...` on the real local cluster: one
     rank per node, rendezvous at node1's address with the job-id port, same losses as torchrun."""
@@ -241,18 +258,7 @@ def test_sbatch_preempted_job_saves_requeues_and_resumes_to_the_same_result(slur
         time.sleep(0.1)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True)
 
-    requeued_at = []
-
-    def start_now(state):
-        """A requeued job waits for its revoked credential to expire (cred_expire, 20 s on the local cluster) and
-        then for the scheduler's next pass; once the credential has expired, skip the second wait. Starting it
-        sooner makes slurmd refuse it ("Job credential revoked") and the job fails."""
-        if state.get("Restarts") == "1":
-            requeued_at.append(time.monotonic())
-            if time.monotonic() - requeued_at[0] > 22:
-                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env)
-
-    state = _wait_job(env, job, on_pending=start_now)
+    state = _wait_job(env, job, on_pending=_start_requeued_when_ready(env, job))
     batch_log = (tmp_path / "job.out").read_text()
     rank0 = (tmp_path / "logs" / "rank-0.log").read_text()
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", batch_log + rank0[-3000:]
@@ -263,3 +269,31 @@ def test_sbatch_preempted_job_saves_requeues_and_resumes_to_the_same_result(slur
     assert mine.keys() == theirs.keys()
     for name in mine:
         torch.testing.assert_close(mine[name], theirs[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_sbatch_failed_job_requeues_itself_and_resumes_to_the_same_weights(slurm, tiny_data, tmp_path, pool2):
+    """Rank 1 (node2) is SIGKILLed at step 12 of a 2-node job: the watchdog ends rank 0 naming it, the batch script
+    requeues the job as a failure restart (not only on exit 75), the restart resumes from the step-10 checkpoint,
+    and the job completes with the weights, bitwise, of an uninterrupted run."""
+    from runs import train_preset
+
+    steps = ["train.max_steps=24", "checkpoint.interval=5", "checkpoint.save_at_end=true", "logging.print_every=1",
+             "launch.collective_timeout_s=15"]
+    run = tmp_path / "run"
+    env = dict(slurm, SKIPTRON_LOG_DIR=str(tmp_path / "logs"),
+               SKIPTRON_FAULTS=f"kill:step=12:rank=1:once={tmp_path}/fired")
+    job = _sbatch(env, "-N", "2", "--ntasks-per-node=1", f"--output={tmp_path}/job.out",
+                  "launch/slurm/train.sbatch", *_args(tiny_data, run, *steps))
+    pool2.run(train_preset, "tiny", BASE + steps, tiny_data, tmp_path / "ref")
+    state = _wait_job(env, job, timeout_s=900, on_pending=_start_requeued_when_ready(env, job))
+    batch_log = (tmp_path / "job.out").read_text()
+    rank0 = (tmp_path / "logs" / "rank-0.log").read_text()
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", batch_log + rank0[-3000:]
+    assert re.search(r"training failed \(exit \d+\): requeueing job", batch_log), batch_log  # srun: 137 or 76
+    assert "(failure restart 1 of 3)" in batch_log
+    assert "[watchdog] rank 1 on node2" in rank0 and "died at step 12" in rank0, rank0[-3000:]
+    assert "resumed from" in rank0 and "step00000010: step 10" in rank0
+    mine, ref = _final_weights(run), _final_weights(tmp_path / "ref")
+    assert mine.keys() == ref.keys()
+    for name in ref:
+        assert ref[name] is None and mine[name] is None or torch.equal(mine[name], ref[name]), name

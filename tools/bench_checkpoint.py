@@ -1,8 +1,8 @@
 """`skiptron-bench-checkpoint --config tiny|125m|...`: what checkpointing costs.
 
 One process, random tokens, the configured model, optimizer and ZeRO stage: times a train step, then a full save
-(DeepSpeed shards + RNG/extra state + manifest with checksums, fsynced, published atomically) and a load of it into
-the same engine, and reports the checkpoint's size and the fraction of training time spent saving at the configured
+(finiteness check of weights and optimizer state, DeepSpeed shards + RNG/extra state + manifest with checksums,
+fsynced, published atomically), the finiteness check alone, and a load of it into the same engine, and reports the checkpoint's size and the fraction of training time spent saving at the configured
 `checkpoint.interval`: save / (interval x step + save).
 
 `--sequences N` times steps of N sequences instead of the configured global batch (a 125m step of 256 x 2048 tokens
@@ -70,9 +70,12 @@ def run(args) -> dict:
                                                  1, args.rounds, 1)["step"])
     full_step_s = step_s * global_batch / sequences
 
-    saves, loads, path = [], [], None
+    saves, checks, loads, path = [], [], [], None
     for i in range(args.rounds):
         trainer.progress.step = i + 1
+        start = time.perf_counter()
+        ckpt.nonfinite_state(engine)  # the finiteness check every save runs first (checkpoint.check_finite)
+        checks.append(time.perf_counter() - start)
         start = time.perf_counter()
         path = ckpt.save(engine, cfg, layout, trainer.progress, args.vocab_size, trainer.extra_state)
         saves.append(time.perf_counter() - start)
@@ -81,17 +84,19 @@ def run(args) -> dict:
         start = time.perf_counter()
         ckpt.load(engine, cfg, layout, path, args.vocab_size, trainer.extra_state, log=None)
         loads.append(time.perf_counter() - start)
-    save_s, load_s = statistics.median(saves), statistics.median(loads)
+    save_s, load_s, check_s = statistics.median(saves), statistics.median(loads), statistics.median(checks)
     size = _size(path)
     params = sum(p.numel() for p in engine.module.parameters())
     fraction = save_s / (interval * full_step_s + save_s) if interval else None
     result = {"config": args.config, "overrides": args.overrides, "params": params, "zero_stage": cfg.zero.stage,
               "checkpoint_bytes": size, "save_s": save_s, "load_s": load_s, "step_s": full_step_s,
               "step_measured_on_sequences": sequences, "cold_load": args.cold, "interval": interval, "save_fraction": fraction,
-              "save_mb_per_s": size / save_s / 1e6}
+              "save_mb_per_s": size / save_s / 1e6, "finite_check_s": check_s}
     print(f"{args.config}: {params / 1e6:.1f} M parameters, ZeRO-{cfg.zero.stage}, {precision}")
     print(f"checkpoint {size / 1e6:.1f} MB | save {save_s:.2f} s ({size / save_s / 1e6:.0f} MB/s) | "
           f"load {load_s:.2f} s ({'cold' if args.cold else 'warm'} page cache)")
+    print(f"finiteness check (checkpoint.check_finite, part of the save): {check_s:.3f} s = "
+          f"{100 * check_s / save_s:.1f}% of the save; without it a save takes {save_s - check_s:.2f} s")
     estimate = f" (estimated from {sequences} sequences)" if args.sequences else ""
     print(f"train step {full_step_s:.2f} s{estimate}")
     if fraction is not None:

@@ -47,13 +47,18 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"skiptron-train: config error: {err}", file=sys.stderr)
         return 2
-    from skiptron.training.trainer import train
+    from skiptron.training.runlock import RunDirBusy
+    from skiptron.training.trainer import TrainingDiverged, train
 
     try:
         summary = train(cfg)
     except ConfigError as err:
         print(f"skiptron-train: config error: {err}", file=sys.stderr)
         return 2
+    except (RunDirBusy, TrainingDiverged) as err:  # the same on every rank: rank 0 says it
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"skiptron-train: {err}", file=sys.stderr)
+        return 3 if isinstance(err, RunDirBusy) else 1
     except CheckpointError as err:
         print(f"skiptron-train: checkpoint error: {err}", file=sys.stderr)
         return 1

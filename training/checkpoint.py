@@ -196,6 +196,8 @@ def _writing(path: Path):
     and remove the torn file: the save stops before anything is published, so the previous checkpoint stays `latest`."""
     try:
         yield
+    except dist.DistError:  # a collective failed (a peer rank died): not a write problem, the caller names it
+        raise
     except (OSError, RuntimeError) as err:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         path.unlink(missing_ok=True)
@@ -300,13 +302,30 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
 
 def find_resumable(root: str | os.PathLike, collective: bool = False, log=print) -> Path | None:
     """The newest checkpoint under `root` that verifies; the broken ones are reported by name and skipped."""
+    return next(iter(resumable(root, collective, log)), None)
+
+
+def resumable(root: str | os.PathLike, collective: bool = False, log=print) -> list[Path]:
+    """Every checkpoint under `root` that verifies, in the order resume tries them: newest first, but ones saved
+    during a streak of skipped steps (trainer.json `health.skipped_streak` > 0) after all the others. Names what it
+    skips or defers; raises CheckpointError listing every checkpoint and why when some exist and none verifies."""
+    healthy, marked, broken = [], [], []
     for path in list_checkpoints(root):
         problems = _problems(path, collective)
-        if not problems:
-            return path
-        if log:
-            log(f"checkpoint {path} is not usable, trying the previous one: {'; '.join(problems)}")
-    return None
+        if problems:
+            broken.append(f"{path}: {'; '.join(problems)}")
+            if log:
+                log(f"checkpoint {path} is not usable, trying the previous one: {'; '.join(problems)}")
+            continue
+        streak = read_meta(path).get("health", {}).get("skipped_streak", 0)
+        (marked if streak else healthy).append(path)
+        if streak and log:
+            log(f"checkpoint {path} was saved after {streak} consecutive skipped (non-finite or overflowing) steps; "
+                f"preferring an older one")
+    if broken and not healthy and not marked:
+        raise CheckpointError(f"no usable checkpoint under {root} (pass resume=none to start over): "
+                              + " | ".join(broken))
+    return healthy + marked
 
 
 def resolve_checkpoint(path: str | os.PathLike, collective: bool = False, log=None) -> Path:
@@ -440,9 +459,39 @@ def model_meta(engine, tp: int, vocab_size: int) -> dict:
                          "optimizer_groups": [stage_groups for _, stage_groups in stages]}}
 
 
+def nonfinite_state(engine) -> list[str]:
+    """Names of the non-finite tensors among every rank's weights, fp32 master weights and optimizer state (the
+    same list on every rank; collective)."""
+    module_params = [(n, p) for n, p in engine.module.named_parameters() if p.numel()]
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    optimizer_tensors = [(f"optimizer group {g} tensor {i}", p) for g, group in enumerate(base.param_groups)
+                         for i, p in enumerate(group["params"])]
+    optimizer_tensors += [(f"optimizer {key} of group {g} tensor {i}", v)
+                          for g, group in enumerate(base.param_groups) for i, p in enumerate(group["params"])
+                          for key, v in base.state.get(p, {}).items() if torch.is_tensor(v) and v.numel() > 1]
+    tensors = module_params + optimizer_tensors
+    # One read pass: a NaN or inf anywhere makes the tensor's sum non-finite (no boolean copy of every tensor); only
+    # then is each tensor checked exactly (a finite sum that overflowed is not a non-finite value)
+    sums = torch.stack([t.detach().sum(dtype=torch.float32) for _, t in tensors]) if tensors else torch.zeros(1)
+    suspect = not bool(torch.isfinite(sums).all())
+    rank, _ = _rank_world()
+    mine = [f"{name} (rank {rank})" for name, t in tensors if not torch.isfinite(t.detach()).all()] if suspect else []
+    return [name for part in _gather(mine) for name in part]
+
+
 def save(engine, cfg, layout, progress: Progress, vocab_size: int, extra: dict | None = None,
-         tokenizer: str | os.PathLike | None = None) -> Path:
-    """Save a checkpoint of `progress.step` atomically, update `latest`, apply retention. Collective."""
+         tokenizer: str | os.PathLike | None = None, health: dict | None = None) -> Path:
+    """Save a checkpoint of `progress.step` atomically, update `latest`, apply retention. Collective. Refuses
+    (CheckpointError, nothing written) when a weight or optimizer tensor is non-finite (`checkpoint.check_finite`).
+    `health` (the trainer's skipped-step counters) goes into trainer.json, so resume can avoid a diverging one."""
+    from . import faults
+
+    if cfg.checkpoint.check_finite:
+        bad = nonfinite_state(engine)
+        if bad:
+            raise CheckpointError(f"not saving step {progress.step}: non-finite values in {', '.join(bad[:8])}"
+                                  f"{f' and {len(bad) - 8} more' if len(bad) > 8 else ''}; the previous "
+                                  f"checkpoint stays `latest`")
     root = cfg.checkpoint_dir
     tag = step_tag(progress.step)
     tmp, final = root / f"{TMP_PREFIX}{tag}", root / tag
@@ -457,9 +506,10 @@ def save(engine, cfg, layout, progress: Progress, vocab_size: int, extra: dict |
     with _writing(tmp / _rank_file(layout.rank)):
         _torch_save({"rng": rng_state(), "extra": {k: v.state_dict() for k, v in (extra or {}).items()}},
                     tmp / _rank_file(layout.rank))
+    faults.fire("save", progress.step, layout.rank)
     meta = {
         "format": FORMAT, "version": FORMAT_VERSION, "kind": "training", **asdict(progress),
-        "time": time.time(), "vocab_size": vocab_size,
+        "time": time.time(), "vocab_size": vocab_size, "health": health or {},
         "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "world_size": layout.world_size,
                    "zero_stage": cfg.zero.stage, "precision": _precision(engine)},
         **model_meta(engine, layout.tp, vocab_size),
@@ -475,8 +525,9 @@ def save(engine, cfg, layout, progress: Progress, vocab_size: int, extra: dict |
             with _writing(tmp / "tokenizer.json"):
                 shutil.copyfile(tokenizer, tmp / "tokenizer.json")
     _barrier()
+    sums = _checksums(tmp, _listing(tmp))  # collective: outside `_writing`, a dead peer is not a disk problem
     with _writing(tmp / MANIFEST):
-        _write_manifest(tmp, _checksums(tmp, _listing(tmp)), layout.is_writer)
+        _write_manifest(tmp, sums, layout.is_writer)
     if layout.is_writer:
         _publish(tmp, final)
         _update_latest(root, tag)
@@ -530,13 +581,14 @@ def apply_retention(root: Path, keep: int, keep_every: int = 0) -> list[Path]:
 
 
 # -- resume -----------------------------------------------------------------------------------------------------
-def resolve_resume(cfg, log=print) -> Path | None:
-    """The checkpoint to resume from for `cfg.resume` (auto / none / a path). Collective (verification)."""
+def resume_candidates(cfg, log=print) -> list[Path]:
+    """The checkpoints resume tries for `cfg.resume`, in order (see `resumable`): none for `none` or an empty
+    checkpoint directory, one for an explicit checkpoint directory. Collective (verification)."""
     choice = str(cfg.resume)
     if choice == "none":
-        return None
+        return []
     if choice == "auto":
-        return find_resumable(cfg.checkpoint_dir, collective=True, log=log)
+        return resumable(cfg.checkpoint_dir, collective=True, log=log)
     try:
         path = resolve_checkpoint(choice, collective=True, log=log)
     except CheckpointError as err:
@@ -545,7 +597,7 @@ def resolve_resume(cfg, log=print) -> Path | None:
     problems = _problems(path, collective=True) if named else []
     if problems:
         raise CheckpointError(f"resume: {path} is not usable: {'; '.join(problems)}")
-    return path
+    return [path]
 
 
 def check_compatible(path: Path, meta: dict, cfg, vocab_size: int) -> None:

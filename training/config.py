@@ -253,7 +253,13 @@ class TrainConfig(Section):
     deterministic: bool = Field(
         False, description="deterministic kernels and collectives (torch.use_deterministic_algorithms, cuBLAS "
                            "workspace, cuDNN, NCCL ring/simple): bitwise-reproducible steps on GPUs, at some speed cost")
-    max_nonfinite_steps: int = Field(3, ge=1)
+    max_nonfinite_steps: int = Field(
+        3, ge=1, description="stop (non-zero exit) after this many consecutive skipped steps: non-finite loss or "
+                             "gradients, spikes, or DeepSpeed's own overflow skips")
+    spike_factor: float | None = Field(
+        None, gt=1, description="skip the update of a step whose loss exceeds this multiple of the mean loss of the "
+                                "last train.spike_window accepted steps; None = no spike guard")
+    spike_window: int = Field(100, ge=1, description="accepted steps in the spike guard's running mean")
 
 
 class DataConfig(Section):
@@ -306,6 +312,8 @@ class CheckpointConfig(Section):
     save_at_end: bool = True
     keep: int = Field(3, ge=0, description="keep the newest K checkpoints, 0 = keep all")
     keep_every: int = Field(0, ge=0, description="also keep every checkpoint whose step is a multiple of M, 0 = none")
+    check_finite: bool = Field(
+        True, description="refuse to save (and, at resume, to load) non-finite weights or optimizer state")
     trust_pickle: bool = Field(
         False, description="load checkpoint files whose pickles reference code (not only tensors and the known "
                            "records); off: such a file is refused, since loading it could run anything")
@@ -316,6 +324,13 @@ class LaunchConfig(Section):
 
     rendezvous_timeout_s: int = Field(
         300, ge=1, description="wait for the master and all ranks this long, then fail naming the missing ranks")
+    collective_timeout_s: int = Field(
+        120, ge=1, description="a rank that died or made no progress for this long ends the job, naming it (the "
+                               "watchdog, parallel/watchdog.py; separate from the start-up parallel.init_timeout_s)")
+    watchdog: bool = Field(True, description="run the heartbeat watchdog (multi-process runs)")
+    max_restarts: int = Field(
+        3, ge=0, description="launch/slurm/submit.py: requeues of a job that failed (not counting time-limit "
+                             "requeues); give torchrun --max-restarts yourself")
     health_check: bool = Field(True, description="time matmuls and collectives on every rank before training")
     health_outlier_ratio: float = Field(
         0.7, gt=0, le=1, description="a rank below this fraction of the median throughput is named as an outlier")

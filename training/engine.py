@@ -60,6 +60,22 @@ def lr_lambda(cfg: Config):
     return factor
 
 
+class HoldableLambdaLR(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR whose `step()` does nothing while `may_advance()` is False (a step the StepGuard rejected), as
+    DeepSpeed's engine does not step the schedule for a step its own overflow check skipped."""
+
+    def __init__(self, optimizer, lr_lambda, may_advance=None):
+        self._may_advance = may_advance
+        super().__init__(optimizer, lr_lambda)
+
+    def step(self, *args, **kwargs):
+        if self._may_advance is None or self._may_advance():
+            super().step(*args, **kwargs)
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in super().state_dict().items() if k != "_may_advance"}
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -104,15 +120,18 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
     }
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, layout: Layout):
+def build_engine(cfg: Config, model: torch.nn.Module, layout: Layout, guard=None):
     """Wrap the model in a DeepSpeed engine; returns (engine, precision). A `PipelineModule` gets DeepSpeed's
     pipeline engine (1F1B, `train_batch`), which takes its groups from the module's topology (checked against
-    megatron-core's when the module was built) instead of an `mpu`."""
+    megatron-core's when the module was built) instead of an `mpu`. With a `guard` (training/guard.py), a step it
+    rejects changes neither the weights, the optimizer state nor the LR schedule."""
     from deepspeed.pipe import PipelineModule
 
     precision = resolve_precision(cfg, layout.device)
     optimizer = make_optimizer(cfg, model, layout.device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    if guard is not None:
+        guard.gate(optimizer)  # before the scheduler, which wraps `optimizer.step` to count its calls
+    scheduler = HoldableLambdaLR(optimizer, lr_lambda(cfg), guard.schedule_may_advance if guard else None)
     ds_config = deepspeed_config(cfg, layout.world_size, precision)
     pipelined = isinstance(model, PipelineModule)
     if pipelined:

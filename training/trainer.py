@@ -1,7 +1,9 @@
 """The training loop: set up groups, model, engine and data; step; validate; log; save."""
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -12,22 +14,29 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from skiptron.parallel import health, launch, state
+from skiptron.parallel import health, launch, state, watchdog
 from skiptron.parallel.timing import synchronize
 
 from . import checkpoint as ckpt
+from . import faults
 from .config import Config, ConfigError, save_config
 from . import numerics
-from .engine import PRECISION_DTYPES, build_engine
+from .engine import PRECISION_DTYPES, build_engine, resolve_precision
+from .guard import StepGuard
 from .flops import config_flops_per_token, peak_flops
 from .loader import BlendedStream, TokenLoader, check_sources
 from .metrics import MetricsLogger
 from .model import GPT
 from .routing import RoutingMeter
+from .runlock import RunDirBusy, RunLock
+
+# launch/torchrun.sh points this at a file; a rank that stops for a signal writes EXIT_PREEMPTED there, so the
+# script exits with it (torchrun itself only knows "failed"), and restarted workers do not train again.
+EXIT_STATUS_FILE_ENV = "SKIPTRON_EXIT_STATUS_FILE"
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class TrainingDiverged(RuntimeError):
+    """`train.max_nonfinite_steps` consecutive steps were skipped (non-finite, spiking, or overflowing)."""
 
 
 class TrainerExtension(Protocol):
@@ -80,6 +89,12 @@ class Trainer:
     extra_state: dict = field(default_factory=dict)
     last_saved_step: int = -1
     stopped_by: int | None = None  # the signal that stopped the run, if any
+    guard: StepGuard | None = None  # decides whether each step's update applies (training/guard.py)
+    lock: RunLock | None = None  # rank 0: the run directory's writer lock
+
+    def __post_init__(self):
+        if self.guard is None:  # built without `setup` (benchmarks): count steps, gate nothing
+            self.guard = StepGuard(self.layout.device)
 
     @classmethod
     def setup(cls, cfg: Config, extension: TrainerExtension | None = None) -> "Trainer":
@@ -90,16 +105,23 @@ class Trainer:
         device, _ = state.init_world(
             cfg.parallel.backend, cfg.parallel.init_timeout_s, cfg.launch.rendezvous_timeout_s)
         layout = state.init_model_parallel(cfg.parallel.tp, cfg.parallel.pp, device)
+        lock = lock_run_dir(cfg, layout)
         if cfg.launch.health_check:
             health.preflight(device, cfg.launch.health_outlier_ratio)
         seed_everything(cfg.train.seed)
         model = build_model(cfg, vocab, layout.device)
         if extension is not None:
             extension.prepare_model(model, cfg, vocab, log=print if layout.is_writer else None)
-        engine, precision = build_engine(cfg, model, layout)
+        guard = StepGuard(device, cfg.train.spike_factor, cfg.train.spike_window)
+        # The pipeline engine steps inside `train_batch`: it keeps DeepSpeed's own overflow check (counted, below).
+        gated = cfg.parallel.pp == 1
+        if gated and resolve_precision(cfg, device) != "fp16":  # fp16: DeepSpeed's loss scaler owns overflows
+            guard.watch(model)
+        engine, precision = build_engine(cfg, model, layout, guard if gated else None)
         if layout.is_writer:
             save_config(cfg, Path(cfg.run.dir) / "config.yaml")
-        trainer = cls(cfg, layout, engine, precision, vocab, manifest)
+        trainer = cls(cfg, layout, engine, precision, vocab, manifest, guard=guard, lock=lock)
+        trainer.extra_state["step_guard"] = guard
         trainer.resume()
         return trainer
 
@@ -117,15 +139,22 @@ class Trainer:
 
     def train_step(self, batches) -> dict[str, float]:
         """One optimizer step over `grad_accum` micro-batches. Returns the LM loss averaged over micro-batches and
-        DP (`loss`) and, for routed models, the routing metrics."""
+        DP (`loss`) and, for routed models, the routing metrics. The guard decides before the optimizer step
+        whether the update applies (same verdict on every rank)."""
         if self.pipelined:
             return self._pipe_train_step(batches)
+        batches = list(batches)
         total = torch.zeros((), dtype=torch.float32, device=self.layout.device)
         routing = RoutingMeter()
         n = 0
-        for tokens in batches:
+        step = self.progress.step + 1
+        for i, tokens in enumerate(batches):
             loss = self.engine(tokens.to(self.layout.device, non_blocking=True))
+            loss = faults.poison_loss(loss, self.engine.module, step, self.layout.rank)
+            self.guard.observe_loss(loss)
             self.engine.backward(loss)
+            if i == len(batches) - 1:
+                self.guard.decide()  # collective, on every rank before the boundary's optimizer step
             self.engine.step()
             total += self.engine.module.last_lm_loss.float()
             routing.add(self.engine.module.routing_records())
@@ -201,23 +230,37 @@ class Trainer:
         return state.all_reduce_mean(total / self.cfg.eval.batches, state.dp_group()).item()
 
     def save(self) -> Path:
-        """Checkpoint the current step (atomic, see training/checkpoint.py). Collective."""
+        """Checkpoint the current step (atomic, see training/checkpoint.py). Collective. A checkpoint saved while
+        steps are being skipped is marked (`health` in trainer.json) so resume does not prefer it silently."""
         tokenizer = Path(self.cfg.data.sources()[0].path) / self.manifest.get("tokenizer", "tokenizer.json")
+        health = {"skipped_streak": self.guard.streak, "skipped_total": self.guard.totals["total"]}
         path = ckpt.save(self.engine, self.cfg, self.layout, self.progress, self.vocab_size, self.extra_state,
-                         tokenizer=tokenizer)
+                         tokenizer=tokenizer, health=health)
         self.last_saved_step = self.progress.step
         return path
 
     def resume(self) -> None:
-        """Continue from `cfg.resume` (auto / none / path): weights, optimizer, scheduler, RNG, data position."""
+        """Continue from `cfg.resume` (auto / none / path): weights, optimizer, scheduler, RNG, data position. A
+        checkpoint whose loaded weights or optimizer state are non-finite is refused; `resume=auto` then falls back
+        to the previous one, naming what it refused."""
         log = print if self.layout.is_writer else None
-        path = ckpt.resolve_resume(self.cfg, log=log)
-        if path is not None:
-            self.progress = ckpt.load(self.engine, self.cfg, self.layout, path, self.vocab_size, self.extra_state,
-                                      log=log)
+        refused = []
+        for path in ckpt.resume_candidates(self.cfg, log=log):
+            progress = ckpt.load(self.engine, self.cfg, self.layout, path, self.vocab_size, self.extra_state,
+                                 log=log)
+            bad = ckpt.nonfinite_state(self.engine) if self.cfg.checkpoint.check_finite else []
+            if bad:
+                refused.append(f"{path}: non-finite {', '.join(bad[:5])}")
+                if log:
+                    log(f"checkpoint {path} holds non-finite values ({', '.join(bad[:5])}); trying the previous one")
+                continue
+            self.progress = progress
             self.last_saved_step = self.progress.step
             if log:
                 log(f"resumed from {path}: step {self.progress.step}, {self.progress.consumed_samples} samples")
+            return
+        if refused:
+            raise ckpt.CheckpointError("no usable checkpoint: " + "; ".join(refused))
 
     def _check_data_position(self, train_data: TokenLoader) -> None:
         """A resumed run's per-source sample counts must be where this blend puts them (else the blend changed)."""
@@ -262,14 +305,45 @@ class Trainer:
             corrupt += data.stats["corrupt_shards"]
             for name, reason in data.stats["corrupt"].items():
                 log.log_text(f"data: skipping unusable {split} shard {name}: {reason}")
+        dog = watchdog.start(cfg.launch.collective_timeout_s, self.progress.step) if cfg.launch.watchdog else None
+        try:
+            summary = self._loop(log, train_data, corrupt, dog, ga, tokens_per_step, model_flops, peak)
+        except Exception as err:
+            if dog is not None and watchdog.is_communication_error(err):
+                dog.communication_failed(err)  # the watchdog names the dead or stalled rank and ends the process
+            if dog is not None:
+                dog.stop(clean=False)  # this rank is failing: peers see its heartbeat stop and name it
+            raise
+        finally:
+            if dog is not None:
+                dog.stop()
+            if self.lock is not None:
+                self.lock.release()
+        return summary
+
+    def _loop(self, log, train_data, corrupt, dog, ga, tokens_per_step, model_flops, peak) -> dict:
+        cfg, layout = self.cfg, self.layout
         batches = iter(train_data)
         signals = ckpt.StopSignals(layout.device).install()
         nonfinite = 0
+        # fp16: DeepSpeed's loss scaler skips overflowing steps while it lowers the scale from 2^16 (at most 16 in
+        # a row); those do not count towards train.max_nonfinite_steps
+        max_skipped = cfg.train.max_nonfinite_steps + (16 if self.precision == "fp16" else 0)
         if layout.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        for step in range(self.progress.step + 1, cfg.train.max_steps + 1):
+        first = self.progress.step + 1
+        for step in range(first, cfg.train.max_steps + 1):
             start = time.perf_counter()
-            step_metrics = self.train_step(next(batches) for _ in range(ga))
+            if dog:
+                dog.progress(step, "data loading")
+            faults.fire("step", step, layout.rank)
+            micro_batches = [next(batches) for _ in range(ga)]
+            if dog:
+                dog.progress(step, "forward/backward")
+            step_metrics = self.train_step(micro_batches)
+            step_metrics.update(self.guard.finish_step(self.engine.was_step_applied()))
+            if dog and step == first:
+                dog.stall_checks(True)
             if self.pipelined:
                 step_metrics.update(self.stage_metrics())
             loss = step_metrics["loss"]
@@ -294,25 +368,32 @@ class Trainer:
             if layout.device.type == "cuda":
                 metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
             if cfg.eval.interval and step % cfg.eval.interval == 0 or step == cfg.train.max_steps:
+                if dog:
+                    dog.progress(step, "validation")
                 metrics.update(self.validation_metrics())
             log.log(step, metrics)
             nonfinite = 0 if math.isfinite(loss) else nonfinite + 1
-            if nonfinite >= cfg.train.max_nonfinite_steps:
+            if max(nonfinite, self.guard.streak) >= max_skipped:
                 log.close()
-                raise NonFiniteLossError(
-                    f"loss was non-finite for {nonfinite} consecutive steps (last at step {step}); "
-                    f"stopping (train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}). Lower optimizer.lr, "
-                    f"raise optimizer.warmup_steps or check the data.")
+                signals.restore()
+                raise TrainingDiverged(
+                    f"training diverged: {max(nonfinite, self.guard.streak)} consecutive steps were skipped or had a "
+                    f"non-finite loss (last at step {step}; skipped so far: {self.guard.reason()}); stopping "
+                    f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}). Lower optimizer.lr, raise "
+                    f"optimizer.warmup_steps or check the data; the newest checkpoint saved before the streak is "
+                    f"the one to resume from.")
             stop = signals.requested()  # agreed across ranks at the step boundary
             if stop or cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
-                self.save()
+                with dog.paused("checkpoint save") if dog else contextlib.nullcontext():
+                    self.save()
             if stop:
                 self.stopped_by = stop
                 log.log_text(f"stopped by signal {stop} after step {step}; checkpoint saved")
                 break
         signals.restore()
         if cfg.checkpoint.save_at_end and not self.stopped_by and self.last_saved_step != self.progress.step:
-            self.save()
+            with dog.paused("checkpoint save") if dog else contextlib.nullcontext():
+                self.save()
         log.close()
         return log.summary()
 
@@ -356,8 +437,35 @@ def _as_float(value) -> float:
     return float(value.item() if torch.is_tensor(value) else value)
 
 
+def lock_run_dir(cfg: Config, layout: state.Layout) -> RunLock | None:
+    """Rank 0 takes the run directory's writer lock; every rank raises RunDirBusy if another live job holds it.
+    Collective."""
+    lock, refusal = None, [None]
+    if layout.is_writer:
+        lock = RunLock(cfg.run.dir)
+        try:
+            note = lock.acquire()
+            if note:
+                print(f"[run] {cfg.run.dir}: {note}", flush=True)
+        except RunDirBusy as err:
+            refusal = [str(err)]
+    if layout.world_size > 1:
+        dist.broadcast_object_list(refusal, src=0)
+    if refusal[0]:
+        raise RunDirBusy(refusal[0])
+    return lock
+
+
+def _preempted_before() -> bool:
+    """The launcher was asked to stop and a rank already saved for it: a restarted worker must not train on."""
+    path = os.environ.get(EXIT_STATUS_FILE_ENV)
+    return bool(path) and Path(path).is_file() and Path(path).read_text().strip() == str(ckpt.EXIT_PREEMPTED)
+
+
 def train(cfg: Config, extension: TrainerExtension | None = None) -> dict:
     """Train one run in this process (one rank of the launcher's world) and tear the groups down."""
+    if _preempted_before():
+        raise ckpt.Preempted(0, -1)
     try:
         trainer = Trainer.setup(cfg, extension)
         summary = trainer.run()
@@ -365,5 +473,7 @@ def train(cfg: Config, extension: TrainerExtension | None = None) -> dict:
     finally:
         state.shutdown()
     if trainer.stopped_by:  # saved at a step boundary; exit with ckpt.EXIT_PREEMPTED so the job can be requeued
+        if os.environ.get(EXIT_STATUS_FILE_ENV):
+            Path(os.environ[EXIT_STATUS_FILE_ENV]).write_text(str(ckpt.EXIT_PREEMPTED))
         raise ckpt.Preempted(trainer.stopped_by, trainer.last_saved_step)
     return summary

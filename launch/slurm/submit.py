@@ -26,7 +26,8 @@ def sbatch_command(config: str, overrides: list[str], extra: list[str]) -> list[
     options = {"nodes": 1, "ntasks-per-node": 1, "job-name": Path(cfg.run.dir).name,
                "output": str(Path(cfg.run.dir) / "slurm-%j.out"), **cfg.launch.slurm}
     cfg.validate_for_launch(int(options["nodes"]) * int(options["ntasks-per-node"]), need_data=False)
-    return ["sbatch", *(f"--{key}={value}" for key, value in options.items()), *extra, str(SBATCH),
+    requeues = f"--export=ALL,SKIPTRON_MAX_REQUEUES={cfg.launch.max_restarts}"  # failure requeues, train.sbatch
+    return ["sbatch", *(f"--{key}={value}" for key, value in options.items()), requeues, *extra, str(SBATCH),
             "--config", config, *overrides]
 
 
