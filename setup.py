@@ -14,7 +14,7 @@ setup(
     name="skiptron",
     version="0.1.0",
     description="Distributed LLM pretraining with learned, load-balanced per-token layer skipping",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
     package_data={"skiptron.configs": ["*.yaml"], "skiptron.training.kernels": ["*.cpp"]},

@@ -240,6 +240,20 @@ def _gather(obj, group=None) -> list:
     return out
 
 
+def _agreed(read) -> None:
+    """Run this rank's part of a load; if any rank's part failed, every rank raises that error (a rank-local refusal
+    must not leave the other ranks waiting in the next collective). Collective."""
+    try:
+        read()
+        failure = None
+    except CheckpointError as err:
+        failure = (type(err) is UntrustedCheckpointError, str(err))
+    failures = [f for f in _gather(failure) if f is not None]
+    if failures:
+        untrusted, message = failures[0]
+        raise (UntrustedCheckpointError if untrusted else CheckpointError)(message)
+
+
 def _rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
@@ -656,7 +670,7 @@ def load(engine, cfg, layout, path: Path, vocab_size: int, extra: dict | None = 
         engine.skipped_steps = extras["skipped_steps"]
         engine.micro_steps = engine.global_steps * engine.gradient_accumulation_steps()
         _apply_buffers(engine, extras["buffers"])
-    _load_rank_state(path, meta, layout, extra or {}, trust)
+    _agreed(lambda: _load_rank_state(path, meta, layout, extra or {}, trust))
     return Progress(meta["step"], meta["consumed_samples"], meta["consumed_tokens"], meta.get("consumed_by_source", {}))
 
 
