@@ -96,13 +96,13 @@ def run(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="skiptron-bench-faults", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="tiny")
+    p.add_argument("--config", default="tiny", help="a preset name or YAML file (default: tiny)")
     p.add_argument("--data", required=True, help="a prepared data directory (skiptron-data prepare)")
-    p.add_argument("--kill-step", type=int, default=4)
+    p.add_argument("--kill-step", type=int, default=4, help="the step at which one rank is SIGKILLed (default: 4)")
     p.add_argument("--timeout", type=int, default=120, help="launch.collective_timeout_s")
     p.add_argument("--dir", help="the run directory (default: a new temporary directory)")
     p.add_argument("--json", help="also write the results to this file")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("overrides", nargs="*", help="config overrides, dotted.key=value")
     return p
 
 
