@@ -23,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 
+from skiptron.training import verbosity
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -103,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", help="the run directory (default: a new temporary directory)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("overrides", nargs="*", help="config overrides, dotted.key=value")
+    verbosity.add_argument(p)
     return p
 
 
