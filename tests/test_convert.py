@@ -193,7 +193,10 @@ def _logits_from_resumed(data, ckpt_dir, tokens, overrides):
     from skiptron.training.config import load_config
     from skiptron.training.trainer import Trainer
 
-    cfg = load_config(None, BASE + [f"data.path={data}", f"resume={ckpt_dir}"] + overrides)
+    import tempfile
+
+    run_dir = tempfile.mkdtemp(prefix="resumed-")  # a run directory of its own: each setup holds its run.lock
+    cfg = load_config(None, BASE + [f"data.path={data}", f"resume={ckpt_dir}", f"run.dir={run_dir}"] + overrides)
     trainer = Trainer.setup(cfg)
     with torch.no_grad():
         return gather_tp(trainer.engine.module.logits(tokens), dim=-1)[..., :trainer.vocab_size]
