@@ -2,7 +2,7 @@
 
     skiptron-convert to-hf --checkpoint DIR --out DIR           sharded checkpoint -> Hugging Face model directory
     skiptron-convert from-hf --hf DIR --out DIR [--tp N --pp N]  Llama / Mistral / Qwen2 -> skiptron (weights-only)
-    skiptron-convert consolidate --checkpoint DIR --out FILE     ZeRO/TP shards -> one fp32 state dict (torch.save)
+    skiptron-convert consolidate --checkpoint DIR --out DIR|FILE ZeRO/TP shards -> whole fp32 tensors (safetensors dir or .pt)
     skiptron-convert eval --hf DIR --tasks T[,T] [--include-path DIR] [--out FILE]   lm-eval on a converted model
 
 A skiptron dense block is exactly a Llama decoder layer (pre-norm RMSNorm, rotate-half rotary incl. llama3 scaling,
@@ -18,18 +18,20 @@ from_pretrained(dir, trust_remote_code=True)` loads it.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from skiptron.training import checkpoint as ckpt
 from skiptron.training.config import ConfigError, build_config, load_config
+from skiptron.training.safetensors_io import DEFAULT_MAX_SHARD_SIZE, TensorSpec, write_set
 
-SAFETENSORS = "model.safetensors"
 HF_CODE = ("configuration_skiptron.py", "modeling_skiptron.py")
 AUTO_MAP = {"AutoConfig": "configuration_skiptron.SkiptronConfig",
             "AutoModelForCausalLM": "modeling_skiptron.SkiptronForCausalLM"}
@@ -43,58 +45,71 @@ def _layer_map(i: int) -> dict[str, str]:
             f"blocks.{i}.mlp.down.weight": f"model.layers.{i}.mlp.down_proj.weight"}
 
 
-def _qkv(weights: dict[str, torch.Tensor], model_cfg, i: int, kind: str) -> tuple[torch.Tensor, ...]:
-    """Block i's whole q, k and v weights (kind "weight") or biases ("bias"), from the fused `qkv` (multi-head) or
-    the `q` and `kv` projections (grouped-query)."""
-    if model_cfg.kv_heads == model_cfg.num_heads:
-        return weights[f"blocks.{i}.attn.qkv.{kind}"].chunk(3, dim=0)
-    return (weights[f"blocks.{i}.attn.q.{kind}"], *weights[f"blocks.{i}.attn.kv.{kind}"].chunk(2, dim=0))
-
-
-def _fused_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, model_cfg, i: int, kind: str) -> dict:
-    """The inverse of `_qkv`."""
-    if model_cfg.kv_heads == model_cfg.num_heads:
-        return {f"blocks.{i}.attn.qkv.{kind}": torch.cat([q, k, v])}
-    return {f"blocks.{i}.attn.q.{kind}": q, f"blocks.{i}.attn.kv.{kind}": torch.cat([k, v])}
+def hf_tensors(name: str, t: torch.Tensor, model_cfg, vocab_size: int) -> list[tuple[str, torch.Tensor]]:
+    """One whole skiptron parameter -> its Llama/Mistral/Qwen2 tensors (fused QKV / gate-up split, vocabulary
+    padding dropped). Works on meta tensors too, which is how an export plans its files before reading weights."""
+    if name == "embedding.tokens.weight":
+        return [("model.embed_tokens.weight", t[:vocab_size])]
+    if name == "head.norm.weight":
+        return [("model.norm.weight", t)]
+    if name == "head.output.weight":
+        return [("lm_head.weight", t[:vocab_size])]
+    block, i, rest = name.split(".", 2)
+    if block != "blocks" or not i.isdigit():
+        raise KeyError(f"{name}: not a parameter of a Llama-shaped model")
+    renamed = _layer_map(int(i))
+    if name in renamed:
+        return [(renamed[name], t)]
+    prefix = f"model.layers.{i}"
+    part, kind = rest.rsplit(".", 1)
+    if part == "attn.qkv":
+        return [(f"{prefix}.self_attn.{n}_proj.{kind}", x) for n, x in zip("qkv", t.chunk(3, dim=0))]
+    if part == "attn.q":
+        return [(f"{prefix}.self_attn.q_proj.{kind}", t)]
+    if part == "attn.kv":
+        return [(f"{prefix}.self_attn.{n}_proj.{kind}", x) for n, x in zip("kv", t.chunk(2, dim=0))]
+    if part == "mlp.gate_up":
+        return [(f"{prefix}.mlp.{n}_proj.weight", x) for n, x in zip(("gate", "up"), t.chunk(2, dim=0))]
+    raise KeyError(f"{name}: not a parameter of a Llama-shaped model")
 
 
 def to_hf_state(weights: dict[str, torch.Tensor], model_cfg, vocab_size: int) -> dict[str, torch.Tensor]:
-    """skiptron whole weights -> Llama/Mistral/Qwen2 names; fused QKV / gate-up split, vocabulary padding dropped."""
-    out = {"model.embed_tokens.weight": weights["embedding.tokens.weight"][:vocab_size],
-           "model.norm.weight": weights["head.norm.weight"]}
-    if not model_cfg.tie_embeddings:
-        out["lm_head.weight"] = weights["head.output.weight"][:vocab_size]
-    for i in range(model_cfg.num_layers):
-        for src, dst in _layer_map(i).items():
-            out[dst] = weights[src]
-        kinds = ("weight", "bias") if model_cfg.qkv_bias else ("weight",)
-        for kind in kinds:
-            out.update({f"model.layers.{i}.self_attn.{n}_proj.{kind}": t
-                        for n, t in zip("qkv", _qkv(weights, model_cfg, i, kind))})
-        gate, up = weights[f"blocks.{i}.mlp.gate_up.weight"].chunk(2, dim=0)
-        out[f"model.layers.{i}.mlp.gate_proj.weight"], out[f"model.layers.{i}.mlp.up_proj.weight"] = gate, up
-    return {k: v.float().contiguous() for k, v in out.items()}
+    """skiptron whole weights -> Llama/Mistral/Qwen2 names (`hf_tensors` of every parameter), fp32."""
+    return {k: v.float().contiguous() for name, t in weights.items()
+            for k, v in hf_tensors(name, t, model_cfg, vocab_size)}
 
 
-def from_hf_state(hf: dict[str, torch.Tensor], model_cfg, padded_vocab: int) -> dict[str, torch.Tensor]:
-    """Llama/Mistral/Qwen2 names -> skiptron whole weights (the inverse of `to_hf_state`), vocabulary padded with
-    zeros."""
+def skiptron_tensors(get, model_cfg, padded_vocab: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Llama/Mistral/Qwen2 tensors, read one at a time through `get(hf_name)`, -> skiptron whole fp32 weights one
+    parameter at a time (the inverse of `hf_tensors`), vocabulary padded with zeros."""
 
     def pad(t):
         return torch.cat([t, t.new_zeros(padded_vocab - t.shape[0], t.shape[1])]) if t.shape[0] < padded_vocab else t
 
-    out = {"embedding.tokens.weight": pad(hf["model.embed_tokens.weight"]), "head.norm.weight": hf["model.norm.weight"]}
+    def out(name, t):
+        return name, t.float().contiguous()
+
+    yield out("embedding.tokens.weight", pad(get("model.embed_tokens.weight")))
+    yield out("head.norm.weight", get("model.norm.weight"))
     if not model_cfg.tie_embeddings:
-        out["head.output.weight"] = pad(hf["lm_head.weight"])
+        yield out("head.output.weight", pad(get("lm_head.weight")))
     for i in range(model_cfg.num_layers):
         for src, dst in _layer_map(i).items():
-            out[src] = hf[dst]
+            yield out(src, get(dst))
         for kind in ("weight", "bias") if model_cfg.qkv_bias else ("weight",):
-            out.update(_fused_qkv(*(hf[f"model.layers.{i}.self_attn.{n}_proj.{kind}"] for n in "qkv"), model_cfg, i,
-                                  kind))
-        out[f"blocks.{i}.mlp.gate_up.weight"] = torch.cat(
-            [hf[f"model.layers.{i}.mlp.{n}_proj.weight"] for n in ("gate", "up")])
-    return {k: v.float().contiguous() for k, v in out.items()}
+            q, k, v = (get(f"model.layers.{i}.self_attn.{n}_proj.{kind}") for n in "qkv")
+            if model_cfg.kv_heads == model_cfg.num_heads:
+                yield out(f"blocks.{i}.attn.qkv.{kind}", torch.cat([q, k, v]))
+            else:
+                yield out(f"blocks.{i}.attn.q.{kind}", q)
+                yield out(f"blocks.{i}.attn.kv.{kind}", torch.cat([k, v]))
+        yield out(f"blocks.{i}.mlp.gate_up.weight",
+                  torch.cat([get(f"model.layers.{i}.mlp.{n}_proj.weight") for n in ("gate", "up")]))
+
+
+def from_hf_state(hf: dict[str, torch.Tensor], model_cfg, padded_vocab: int) -> dict[str, torch.Tensor]:
+    """Llama/Mistral/Qwen2 names -> skiptron whole weights, from a whole HF state dict (`skiptron_tensors`)."""
+    return dict(skiptron_tensors(hf.__getitem__, model_cfg, padded_vocab))
 
 
 def _require(module: str):
@@ -164,34 +179,35 @@ def _skiptron_config(m, vocab: int, eot_id: int | None):
         auto_map=AUTO_MAP)
 
 
-def skiptron_hf_state(weights: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], model_cfg,
-                      vocab_size: int) -> dict[str, torch.Tensor]:
-    """skiptron whole weights plus the routers' controller offsets -> SkiptronForCausalLM's state dict (skiptron's
-    names; a bare factor parameter `embedding.codes` becomes `embedding.codes.weight`), vocabulary padding dropped.
-    A routed layer without a saved offset (weights-only checkpoints keep no buffers) gets 0, as skiptron itself
-    gives it when loading that checkpoint."""
+def skiptron_hf_tensors(name: str, t: torch.Tensor, vocab_size: int) -> list[tuple[str, torch.Tensor]]:
+    """One whole skiptron parameter -> SkiptronForCausalLM's tensor (skiptron's names; a bare factor parameter
+    `embedding.codes` becomes `embedding.codes.weight`), vocabulary padding dropped."""
+    if name in ("embedding.codes", "embedding.decoder"):
+        name += ".weight"
+    return [(name, t[:vocab_size] if name in VOCAB_ROWS else t)]
+
+
+def router_offsets(buffers: dict[str, torch.Tensor], model_cfg) -> dict[str, torch.Tensor]:
+    """The routers' controller offsets SkiptronForCausalLM holds. A routed layer without a saved offset
+    (weights-only checkpoints keep no buffers) gets 0, as skiptron itself gives it when loading that checkpoint."""
     out = {}
-    for name, t in weights.items():
-        if name in ("embedding.codes", "embedding.decoder"):
-            name += ".weight"
-        out[name] = t[:vocab_size] if name in VOCAB_ROWS else t
     for i in model_cfg.skip.routed_layers(model_cfg.num_layers):
         key = f"blocks.{i}.router.offset"
         if key not in buffers:
             print(f"skiptron-convert: warning: no {key} in the checkpoint; using 0 (as skiptron does when it loads "
                   f"this checkpoint)", file=sys.stderr)
-        out[key] = buffers.get(key, torch.zeros(())).reshape(())
-    return {k: v.float().contiguous() for k, v in out.items()}
+        out[key] = buffers.get(key, torch.zeros(())).reshape(()).float()
+    return out
 
 
-def _check_state(path: Path, hf_cfg, state: dict[str, torch.Tensor]) -> None:
+def _check_state(path: Path, hf_cfg, specs: list[TensorSpec]) -> None:
     """The exported tensors are exactly SkiptronForCausalLM's, in name and shape (else the export would load with
     missing or freshly initialized weights)."""
     from skiptron.training.hf.modeling_skiptron import SkiptronForCausalLM
 
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in SkiptronForCausalLM(hf_cfg).state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
+    got = {spec.name: spec.shape for spec in specs}
     problems = [f"missing {k}" for k in sorted(expected.keys() - got.keys())]
     problems += [f"unexpected {k}" for k in sorted(got.keys() - expected.keys())]
     problems += [f"{k}: shape {got[k]}, expected {expected[k]}" for k in sorted(expected.keys() & got.keys())
@@ -200,11 +216,30 @@ def _check_state(path: Path, hf_cfg, state: dict[str, torch.Tensor]) -> None:
         raise SystemExit(f"skiptron-convert: {path}: the weights do not fit the exported model: " + "; ".join(problems))
 
 
-def to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, trust: bool = False) -> Path:
+def _whole_params(path: Path, meta: dict, trust: bool) -> tuple[Iterator[tuple[str, torch.Tensor]], dict]:
+    """(the checkpoint's whole fp32 parameters as (name, tensor) pairs, its persistent buffers)."""
+    weights, _, _, extras = ckpt.read_full_state(path, meta=meta, with_optimizer=False, trust=trust)
+
+    def each():
+        for name in list(weights):
+            yield name, weights.pop(name)  # handed on and dropped here: the writer frees it once written
+
+    return each(), extras.get("buffers", {})
+
+
+def _export_specs(params: dict, convert) -> list[TensorSpec]:
+    """The exported tensors' names, shapes and dtypes, from the checkpoint's parameter shapes (meta tensors)."""
+    return [TensorSpec.of(k, v.float()) for name, entry in params.items()
+            for k, v in convert(name, torch.empty(entry["shape"], device="meta"))]
+
+
+def to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, trust: bool = False,
+          max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """A checkpoint (any layout) -> a Hugging Face directory (safetensors, config, generation config, tokenizer):
-    Llama/Mistral/Qwen2ForCausalLM when `hf_family` names one, else SkiptronForCausalLM with its modeling code (trust_remote_code)."""
+    Llama/Mistral/Qwen2ForCausalLM when `hf_family` names one, else SkiptronForCausalLM with its modeling code
+    (trust_remote_code). The weights stream into the safetensors files one parameter at a time, sharded with an
+    index (as transformers writes them) when larger than `max_shard_size`."""
     _require("transformers")
-    from safetensors.torch import save_file
     from transformers import GenerationConfig
 
     from skiptron.training import hf
@@ -220,8 +255,7 @@ def to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, trust: bool = F
             f"skiptron-convert: {path}: model.skip.mode=capacity: a routing decision is a top-k over the whole "
             f"data-parallel batch (skiptron decides so at evaluation too), not a function of the token, so no "
             f"standalone model reproduces it; only threshold-mode routing exports")
-    weights, _, _, extras = ckpt.read_full_state(path, meta=meta, with_optimizer=False, trust=trust)
-    masked = sorted(k for k in weights if k.endswith(".mask_scores"))
+    masked = sorted(k for k in meta["params"] if k.endswith(".mask_scores"))
     if masked:
         raise SystemExit(f"skiptron-convert: {path}: a mask-finetuning checkpoint ({masked[0]}, ...); merge the masks "
                          f"first (skiptron-finetune merge --base CKPT --task FILE --out DIR) and export DIR")
@@ -229,19 +263,33 @@ def to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, trust: bool = F
     family = hf_family(m)
     native = family is not None
     if native:
-        hf_cfg, state = _native_config(m, family, vocab, eot_id), to_hf_state(weights, m, vocab)
+        hf_cfg = _native_config(m, family, vocab, eot_id)
+
+        def convert(name, t):
+            return hf_tensors(name, t, m, vocab)
     else:
         hf_cfg = _skiptron_config(m, vocab, eot_id)
-        state = skiptron_hf_state(weights, extras.get("buffers", {}), m, vocab)
-        _check_state(path, hf_cfg, state)
+
+        def convert(name, t):
+            return skiptron_hf_tensors(name, t, vocab)
+    specs = _export_specs(meta["params"], convert)
+    offsets = {}
+    if not native:
+        offsets = {f"blocks.{i}.router.offset": None for i in m.skip.routed_layers(m.num_layers)}
+        specs += [TensorSpec(k, (), torch.float32) for k in offsets]
+        _check_state(path, hf_cfg, specs)
+    params, buffers = _whole_params(path, meta, trust)
+    if offsets:
+        offsets = router_offsets(buffers, m)
+    tensors = ((k, v.float().contiguous()) for name, t in params for k, v in convert(name, t))
     out.mkdir(parents=True, exist_ok=True)
+    write_set(out, specs, itertools.chain(tensors, offsets.items()), max_shard_size, metadata={"format": "pt"})
     hf_cfg.save_pretrained(out)
     if not native:
         for name in HF_CODE:
             shutil.copyfile(Path(hf.__file__).parent / name, out / name)
     # The Skiptron model keeps no KV cache: generation re-runs the sequence (see modeling_skiptron.py).
     GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id, use_cache=native).save_pretrained(out)
-    save_file(state, str(out / SAFETENSORS), metadata={"format": "pt"})
     if eot is not None:
         from transformers import PreTrainedTokenizerFast
 
@@ -251,18 +299,38 @@ def to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, trust: bool = F
     return out
 
 
-def _read_hf(hf_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    config = json.loads((hf_dir / "config.json").read_text())
-    files = sorted(hf_dir.glob("*.safetensors"))
-    if files:
-        from safetensors.torch import load_file
+class HFWeights:
+    """The tensors of a Hugging Face model directory, each read on its own when asked for: safetensors files
+    (sharded with an index or not) through `safe_open`, which reads only that tensor's bytes, or a
+    `pytorch_model.bin` memory-mapped. Never the whole state dict at once."""
 
-        state = {k: v for f in files for k, v in load_file(str(f)).items()}
-    elif (hf_dir / "pytorch_model.bin").is_file():
-        state = torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise SystemExit(f"skiptron-convert: no *.safetensors or pytorch_model.bin in {hf_dir}")
-    return config, state
+    def __init__(self, hf_dir: Path):
+        from skiptron.training.safetensors_io import safetensors_files
+
+        self.hf_dir = hf_dir
+        self._where = safetensors_files(hf_dir)
+        self._open: dict[Path, object] = {}
+        self._bin = None
+        if not self._where:
+            binary = hf_dir / "pytorch_model.bin"
+            if not binary.is_file():
+                raise SystemExit(f"skiptron-convert: no *.safetensors or pytorch_model.bin in {hf_dir}")
+            self._bin = torch.load(binary, map_location="cpu", weights_only=True, mmap=True)
+
+    def keys(self) -> set[str]:
+        return set(self._bin) if self._bin is not None else set(self._where)
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if self._bin is not None:
+            return self._bin[name]
+        if name not in self._where:
+            raise SystemExit(f"skiptron-convert: {self.hf_dir}: no tensor {name}")
+        path = self._where[name]
+        if path not in self._open:
+            from safetensors import safe_open
+
+            self._open[path] = safe_open(str(path), framework="pt")
+        return self._open[path].get_tensor(name)
 
 
 def _hf_rope(c: dict, problems: list[str]) -> dict:
@@ -303,7 +371,8 @@ def from_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tp: int = 1, pp: 
     max_position_embeddings) is the training sequence length of the written config."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     hf_dir = Path(hf_dir)
-    c, state = _read_hf(hf_dir)
+    c = json.loads((hf_dir / "config.json").read_text())
+    hf = HFWeights(hf_dir)
     family = c.get("model_type")
     problems = []
     if family not in HF_CLASSES:
@@ -325,7 +394,7 @@ def from_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tp: int = 1, pp: 
     if problems:
         raise SystemExit(f"skiptron-convert: {hf_dir / 'config.json'}: " + "; ".join(problems))
     vocab = c["vocab_size"]
-    tied = c.get("tie_word_embeddings", False) or "lm_head.weight" not in state
+    tied = c.get("tie_word_embeddings", False) or "lm_head.weight" not in hf.keys()
     try:
         cfg = build_config({
             "model": {"num_layers": c["num_hidden_layers"], "hidden_size": hidden, "num_heads": heads,
@@ -337,19 +406,31 @@ def from_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tp: int = 1, pp: 
             "parallel": {"tp": tp, "pp": pp}})
     except ConfigError as err:
         raise SystemExit(f"skiptron-convert: {hf_dir} cannot be used with --tp {tp} --pp {pp}: {err}") from err
-    weights = from_hf_state(state, cfg.model, cfg.model.padded_vocab_size(vocab))
+    weights = dict(skiptron_tensors(hf, cfg.model, cfg.model.padded_vocab_size(vocab)))
     tokenizer = hf_dir / "tokenizer.json"
     return ckpt.write_weights_checkpoint(out, cfg, weights, vocab, tokenizer if tokenizer.is_file() else None)
 
 
-def consolidate(checkpoint: str | os.PathLike, out: str | os.PathLike, trust: bool = False) -> Path:
-    """ZeRO and TP shards -> one fp32 state dict of whole tensors, skiptron names (like DeepSpeed's zero_to_fp32)."""
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+def consolidate(checkpoint: str | os.PathLike, out: str | os.PathLike, trust: bool = False,
+                max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """ZeRO and TP shards -> whole fp32 tensors under skiptron's names (like DeepSpeed's zero_to_fp32): `out` a
+    directory: safetensors files streamed one parameter at a time (sharded with an index past `max_shard_size`);
+    `out` a .pt/.pth/.bin file: one torch.save state dict (which holds the whole model in memory to write it)."""
     checkpoint = ckpt.resolve_checkpoint(checkpoint)
     ckpt.verify(checkpoint)
-    weights, _, _, _ = ckpt.read_full_state(checkpoint, with_optimizer=False, trust=trust)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(weights, out)
-    return Path(out)
+    meta = ckpt.read_meta(checkpoint)
+    out = Path(out)
+    params, _ = _whole_params(checkpoint, meta, trust)
+    if out.suffix in TORCH_SUFFIXES:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(dict(params), out)
+        return out
+    write_set(out, _export_specs(meta["params"], lambda name, t: [(name, t)]),
+              ((name, t.float().contiguous()) for name, t in params), max_shard_size, metadata={"format": "pt"})
+    return out
 
 
 def evaluate(hf_dir: str | os.PathLike, tasks: list[str], include_path: str | None = None, batch_size: int = 1,
@@ -385,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("to-hf", help="checkpoint -> Hugging Face directory (Llama, or skiptron's modeling code)")
     a.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     a.add_argument("--out", required=True, help="the Hugging Face model directory to write")
+    a.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+                   help="largest safetensors file before the weights are split into shards with an index, e.g. "
+                        "5GB or 500MB (default: %(default)s, as transformers)")
     add_trust_argument(a)
     b = sub.add_parser("from-hf", help="Hugging Face Llama / Mistral / Qwen2 directory -> skiptron checkpoint")
     b.add_argument("--hf", required=True, help="a Hugging Face model directory (config.json + weights)")
@@ -393,9 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--pp", type=int, default=1, help="check that the model splits over this PP size")
     b.add_argument("--vocab-multiple", type=int, default=128, help="model.make_vocab_size_divisible_by")
     b.add_argument("--seq-len", type=int, help="model.seq_len of the written config (default: max_position_embeddings)")
-    c = sub.add_parser("consolidate", help="checkpoint -> one fp32 state dict file")
+    c = sub.add_parser("consolidate", help="checkpoint -> whole fp32 tensors (safetensors directory or one file)")
     c.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-    c.add_argument("--out", required=True, help="the state dict file to write (torch.save of whole tensors)")
+    c.add_argument("--out", required=True, help="a directory (safetensors, streamed one tensor at a time) or a "
+                                                ".pt/.pth/.bin file (torch.save of the whole state dict)")
+    c.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+                   help="largest safetensors file of a directory output before it is sharded (default: %(default)s)")
     add_trust_argument(c)
     e = sub.add_parser("eval", help="run lm-eval on a converted (to-hf) model directory")
     e.add_argument("--hf", required=True, help="a model directory written by to-hf")
@@ -416,11 +503,11 @@ def main(argv=None) -> int:
     verbosity.configure(args.verbose or None)
     try:
         if args.cmd == "to-hf":
-            print(to_hf(args.checkpoint, args.out, args.trust_checkpoint))
+            print(to_hf(args.checkpoint, args.out, args.trust_checkpoint, args.max_shard_size))
         elif args.cmd == "from-hf":
             print(from_hf(args.hf, args.out, args.tp, args.pp, args.vocab_multiple, args.seq_len))
         elif args.cmd == "consolidate":
-            print(consolidate(args.checkpoint, args.out, args.trust_checkpoint))
+            print(consolidate(args.checkpoint, args.out, args.trust_checkpoint, args.max_shard_size))
         else:
             res = evaluate(args.hf, args.tasks.split(","), args.include_path, args.batch_size, args.limit)
             text = json.dumps(res["results"], indent=1, default=str)

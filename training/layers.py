@@ -48,7 +48,33 @@ def megatron_config(tp: int) -> ModelParallelConfig:
 
 
 def normal_init(std: float):
-    return lambda w: nn.init.normal_(w, mean=0.0, std=std)
+    """N(0, std) drawn in fp32 on the CPU from torch's CPU generator, whatever the device and dtype of `w` (under
+    `deepspeed.zero.Init` megatron's whole weight is made on the target device in the training precision): every
+    device, precision and layout starts from the same numbers, those of an fp32 TP=1 build."""
+
+    def init(w: torch.Tensor) -> torch.Tensor:
+        if w.device.type == "cpu" and w.dtype == torch.float32:
+            return nn.init.normal_(w, mean=0.0, std=std)
+        with torch.no_grad():
+            return w.copy_(torch.normal(0.0, std, size=tuple(w.shape), device="cpu"))
+
+    return init
+
+
+class NormalLinear(nn.Linear):
+    """An nn.Linear initialized N(0, std), bias zero, inside its own constructor: under `deepspeed.zero.Init` a
+    module's parameters are partitioned as soon as its constructor returns, so a parent could not re-initialize
+    them afterwards. nn.Linear's own draws still happen first, so torch's RNG advances as it always did."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, std: float):
+        self.std = std
+        super().__init__(in_features, out_features, bias=bias)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        normal_init(self.std)(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
 
 class SequenceParallelRowLinear(mtp.RowParallelLinear):

@@ -29,7 +29,7 @@ from skiptron.parallel.balance import balance
 from skiptron.parallel.timing import Stopwatch
 
 from .config import SkipConfig
-from .layers import Block, rms_norm
+from .layers import Block, NormalLinear, rms_norm
 
 
 BALANCE_KEYS = ("imbalance_before", "imbalance_after", "tokens_moved", "bytes_moved", "exchange_ms")
@@ -71,9 +71,7 @@ class Router(nn.Module):
     def __init__(self, hidden: int, eps: float, init_std: float):
         super().__init__()
         self.norm = rms_norm(hidden, eps)
-        self.proj = nn.Linear(hidden, 1)
-        nn.init.normal_(self.proj.weight, std=init_std)
-        nn.init.zeros_(self.proj.bias)
+        self.proj = NormalLinear(hidden, 1, bias=True, std=init_std)
         self.register_buffer("offset", torch.zeros(()))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

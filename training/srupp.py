@@ -46,7 +46,7 @@ from torch import nn
 from skiptron.parallel.tensor_parallel import gather_tp
 from .config import ModelConfig
 from .kernels import sru_recurrence
-from .layers import normal_init, rms_norm
+from .layers import NormalLinear, normal_init, rms_norm
 
 
 def _local_units(t: torch.Tensor) -> torch.Tensor:
@@ -98,8 +98,7 @@ class ProjectedAttention(nn.Module):
     def __init__(self, proj: int, heads: int, init_std: float):
         super().__init__()
         self.heads, self.head_dim = heads, proj // heads
-        self.kv = nn.Linear(proj, 2 * proj, bias=False)
-        normal_init(init_std)(self.kv.weight)
+        self.kv = NormalLinear(proj, 2 * proj, bias=False, std=init_std)
 
     def _split(self, t: torch.Tensor) -> torch.Tensor:
         b, n, _ = t.shape

@@ -18,6 +18,7 @@ from skiptron.parallel import health, launch, state, watchdog
 from skiptron.parallel.timing import synchronize
 
 from . import checkpoint as ckpt
+from . import construction
 from . import faults
 from .config import Config, ConfigError, save_config
 from . import numerics
@@ -109,7 +110,7 @@ class Trainer:
         if cfg.launch.health_check:
             health.preflight(device, cfg.launch.health_outlier_ratio)
         seed_everything(cfg.train.seed)
-        model = build_model(cfg, vocab, layout.device)
+        model = build_model(cfg, vocab, layout.device, partition=extension is None)
         if extension is not None:
             extension.prepare_model(model, cfg, vocab, log=print if layout.is_writer else None)
         guard = StepGuard(device, cfg.train.spike_factor, cfg.train.spike_window)
@@ -398,16 +399,25 @@ class Trainer:
         return log.summary()
 
 
-def build_model(cfg: Config, vocab_size: int, device: torch.device) -> torch.nn.Module:
+def build_model(cfg: Config, vocab_size: int, device: torch.device, partition: bool = True) -> torch.nn.Module:
     """GPT, or with parallel.pp > 1 the same layer sequence as a DeepSpeed PipelineModule (this stage's layers;
-    `device`, the layout's, is where its start-up collectives run)."""
+    `device`, the layout's, is where its start-up collectives run). Under ZeRO-3 (and `partition`) the GPT is built
+    already partitioned over DP (`training/construction.py`); an extension that changes the built model's weights
+    (finetuning) gets it whole, as DeepSpeed then partitions it."""
     if cfg.parallel.pp > 1:
         from .pipeline import GPTPipe
 
         return GPTPipe(cfg, vocab_size, device, balance=cfg.parallel.token_balance)
-    return GPT(cfg.model, vocab_size, cfg.parallel.tp, balance=cfg.parallel.token_balance,
-               checkpoint_blocks=cfg.parallel.checkpointed_blocks(cfg.model.num_layers),
-               sequence_parallel=cfg.parallel.sequence_parallel)
+
+    def build() -> GPT:
+        return GPT(cfg.model, vocab_size, cfg.parallel.tp, balance=cfg.parallel.token_balance,
+                   checkpoint_blocks=cfg.parallel.checkpointed_blocks(cfg.model.num_layers),
+                   sequence_parallel=cfg.parallel.sequence_parallel)
+
+    with construction.one_whole_parameter_at_a_time():
+        if partition and construction.partitions_at_construction(cfg):
+            return construction.build_partitioned(build, cfg, device)
+        return build()
 
 
 def _merge_stage_routing(metrics: dict[str, float]) -> dict[str, float]:

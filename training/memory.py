@@ -1,0 +1,71 @@
+"""Memory accounting for the code paths that must hold only one rank's share of a model (construction, conversion).
+
+`AllocationMeter` counts the tensor storages created while it is active and still alive, so a test can assert on
+what the construction code itself allocated (its peak, and the largest single tensor) instead of on the process's
+RSS, which other allocations and the allocator's caching blur. `peak_rss_bytes` is the process-wide high-water mark
+the benchmark reports.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class AllocationMeter(TorchDispatchMode):
+    """Inside `with AllocationMeter() as meter:` every new tensor storage an op creates is counted (bytes) until it
+    is freed, whichever code created it (ours, megatron-core's, DeepSpeed's). `peak` is the most bytes alive at
+    once, `largest` the biggest single storage, `live` what is alive now; storages made before entering are not
+    counted. Storages are tracked by their Python objects, which torch keeps alive exactly as long as the storage
+    itself (storage PyObject preservation, torch 2.13.0), so a storage shared by views counts once and is freed
+    when its last view goes."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self.largest = 0
+        self._alive: dict[int, int] = {}
+
+    def _freed(self, key: int) -> None:
+        self.live -= self._alive.pop(key, 0)
+
+    def _count(self, tensor: torch.Tensor) -> None:
+        if tensor.device.type == "meta":
+            return
+        storage = tensor.untyped_storage()
+        key, size = id(storage), storage.nbytes()
+        if key in self._alive or size == 0:
+            return
+        self._alive[key] = size
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        self.largest = max(self.largest, size)
+        weakref.finalize(storage, self._freed, key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor):
+                self._count(value)
+        return out
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (VmHWM) in bytes."""
+    return _status_bytes("VmHWM")
+
+
+def current_rss_bytes() -> int:
+    """This process's resident set size now (VmRSS) in bytes."""
+    return _status_bytes("VmRSS")
