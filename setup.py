@@ -50,6 +50,7 @@ setup(
             "skiptron-bench-faults=skiptron.tools.bench_faults:main",
             "skiptron-bench-quality=skiptron.tools.bench_quality:main",
             "skiptron-bench-data=skiptron.tools.bench_data:main",
+            "skiptron-bench-memory=skiptron.tools.bench_memory:main",
             "skiptron-convert=skiptron.tools.convert:main",
             "skiptron-finetune=skiptron.tools.finetune:main",
             "skiptron-compress=skiptron.tools.compress:main",

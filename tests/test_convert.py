@@ -228,3 +228,44 @@ def test_from_hf_round_trip_and_any_layout(pools, tiny_data, tmp_path):
     got = pools(2).run(_logits_from_resumed, tiny_data, sk, tokens,
                        ["parallel.tp=2", "model.tie_embeddings=false", "zero.stage=2"])
     torch.testing.assert_close(got[0], ref, atol=1e-4, rtol=0)
+
+
+def test_sharded_streaming_import_and_export(tmp_path):
+    """from-hf reads a sharded HF model one tensor at a time (safe_open; never its whole state dict), to-hf and
+    consolidate with a small --max-shard-size write several shards plus the index transformers writes, and
+    transformers loads the export with the source model's logits exactly."""
+    from safetensors.torch import load_file
+
+    from skiptron.tools.convert import HFWeights, main, skiptron_tensors
+    from skiptron.training.config import load_config
+    from skiptron.training.memory import AllocationMeter
+
+    hf_cfg = transformers.LlamaConfig(vocab_size=257, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(hf_cfg)
+    model.save_pretrained(tmp_path / "src", max_shard_size="30KB")
+    sk, back, whole = tmp_path / "skiptron", tmp_path / "back", tmp_path / "whole"
+    assert main(["from-hf", "--hf", str(tmp_path / "src"), "--out", str(sk), "--vocab-multiple", "64"]) == 0
+    cfg = load_config(sk / "config.yaml")
+    largest = max(p.numel() for p in model.parameters()) * 4
+    with AllocationMeter() as meter:
+        for _ in skiptron_tensors(HFWeights(tmp_path / "src"), cfg.model, cfg.model.padded_vocab_size(257)):
+            pass  # each skiptron parameter is built from the HF tensors it needs, read just then
+    assert meter.peak <= 2 * largest, (meter.peak, largest)  # a fused parameter and its parts, nothing more
+
+    assert main(["to-hf", "--checkpoint", str(sk), "--out", str(back), "--max-shard-size", "40KB"]) == 0
+    index = json.loads((back / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and all((back / s).is_file() for s in shards) and not (back / "model.safetensors").exists()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(back, dtype=torch.float32)
+    tokens = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+
+    assert main(["consolidate", "--checkpoint", str(sk), "--out", str(whole), "--max-shard-size", "40KB"]) == 0
+    consolidated = {}
+    for name in json.loads((whole / "model.safetensors.index.json").read_text())["weight_map"].values():
+        consolidated.update(load_file(str(whole / name)))
+    assert torch.equal(consolidated["blocks.0.attn.q.weight"], model.model.layers[0].self_attn.q_proj.weight)

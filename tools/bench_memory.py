@@ -1,0 +1,158 @@
+"""`skiptron-bench-memory`: peak memory per rank of building a model (ZeRO-1 and ZeRO-3, DP=2) and of exporting it
+(`to-hf`), next to the model's whole fp32 size and the rank's final share, for several model sizes.
+
+Each measurement runs in processes of its own (spawned, gloo), so its peak RSS (VmHWM) is its own; a 1-layer model
+of the same width measures the fixed overhead of a process (imports, groups). Also printed: the peak bytes the
+construction code itself allocated (`training/memory.AllocationMeter`), and the ZeRO-3 target: partition + 2 x the
+largest parameter + the fixed overhead.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import socket
+import sys
+import tempfile
+
+MB = 2**20
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(preset: str, overrides: list[str], stage: int):
+    from skiptron.training.config import load_config
+
+    return load_config(preset, overrides + [f"zero.stage={stage}", "train.micro_batch_size=1",
+                                            "train.global_batch_size=2", "train.precision=fp32"])
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    import torch
+    import torch.distributed as dist
+
+    from skiptron.parallel import state
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    state.init_model_parallel(1, 1, torch.device("cpu"))
+
+
+def _construct(rank: int, world: int, port: int, preset: str, overrides: list[str], stage: int, vocab: int,
+               results) -> None:
+    """One rank of a DP=2 construction: (peak RSS before building, after, meter peak, partition, largest, whole)."""
+    _init(rank, world, port)
+    import torch
+    import torch.distributed as dist
+
+    from skiptron.training.memory import AllocationMeter, current_rss_bytes, peak_rss_bytes
+    from skiptron.training.trainer import build_model
+
+    cfg = _config(preset, overrides, stage)
+    if stage == 3:
+        import deepspeed
+
+        deepspeed.init_distributed("gloo", dist_init_required=False, verbose=False)
+    before = current_rss_bytes()
+    torch.manual_seed(0)
+    with AllocationMeter() as meter:
+        model = build_model(cfg, vocab, torch.device("cpu"))
+    params = list(model.parameters())
+    if stage == 3:
+        share = sum(p.ds_tensor.numel() for p in params) * 4
+        whole = [p.ds_numel for p in params]
+    else:
+        share = sum(p.numel() for p in params) * 4
+        whole = [p.numel() for p in params]
+    results.put((rank, before, peak_rss_bytes(), meter.peak, share, max(whole) * 4, sum(whole) * 4))
+    dist.destroy_process_group()
+
+
+def _to_hf(rank: int, world: int, port: int, preset: str, overrides: list[str], vocab: int, results) -> None:
+    """Export a weights checkpoint of the model with to-hf: (RSS before, peak RSS, meter peak)."""
+    _init(rank, world, port)
+    import torch
+
+    from skiptron.tools.convert import to_hf
+    from skiptron.training import checkpoint as ckpt
+    from skiptron.training.memory import AllocationMeter, current_rss_bytes, peak_rss_bytes
+
+    cfg = _config(preset, overrides, 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        shapes = _whole_shapes(cfg, vocab)
+        weights = {k: torch.zeros(s) for k, s in shapes.items()}
+        ckpt.write_weights_checkpoint(f"{tmp}/ckpt", cfg, weights, vocab)
+        del weights
+        before = current_rss_bytes()
+        with AllocationMeter() as meter:
+            to_hf(f"{tmp}/ckpt", f"{tmp}/hf", max_shard_size="200MB")
+        results.put((0, before, peak_rss_bytes(), meter.peak, 0, 0, 0))
+
+
+def _whole_shapes(cfg, vocab: int) -> dict:
+    import torch
+
+    from skiptron.training.model import GPT
+
+    with torch.device("meta"):
+        return {n: tuple(p.shape) for n, p in GPT(cfg.model, vocab, 1).named_parameters()}
+
+
+def _spawn(target, ranks: int, *args) -> list[tuple]:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=target, args=(r, ranks, port) + args + (results,)) for r in range(ranks)]
+    for p in procs:
+        p.start()
+    out = sorted(results.get(timeout=3600) for _ in procs)
+    for p in procs:
+        p.join()
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from skiptron.training import verbosity
+
+    p = argparse.ArgumentParser(prog="skiptron-bench-memory", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", default="125m,350m,1.3b", help="comma-separated config presets (default: %(default)s)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of every model (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=256, help="model.seq_len of every model (default: %(default)s)")
+    p.add_argument("--skip-to-hf", action="store_true", help="measure construction only")
+    verbosity.add_argument(p)
+    return p
+
+
+def main(argv=None) -> int:
+    from skiptron.training import verbosity
+
+    args = build_parser().parse_args(argv)
+    verbosity.configure(args.verbose or None)
+    common = [f"model.seq_len={args.seq_len}", f"model.max_position_embeddings={args.seq_len}"]
+    print(f"{'model':>6} {'what':>14} {'whole MB':>9} {'share MB':>9} {'RSS peak MB':>12} {'RSS growth MB':>14} "
+          f"{'allocated MB':>13} {'target MB':>10}")
+    for preset in args.presets.split(","):
+        base = _spawn(_construct, 2, preset, common + ["model.num_layers=1"], 3, args.vocab_size)
+        overhead = max(peak - share for _, _, peak, _, share, _, _ in base)
+        for stage in (1, 3):
+            for rank, before, peak, allocated, share, largest, whole in _spawn(
+                    _construct, 2, preset, common, stage, args.vocab_size):
+                target = f"{(share + 2 * largest + overhead) / MB:10.0f}" if stage == 3 else f"{'':>10}"
+                print(f"{preset:>6} {f'ZeRO-{stage} rank {rank}':>14} {whole / MB:9.0f} {share / MB:9.0f} "
+                      f"{peak / MB:12.0f} {(peak - before) / MB:14.0f} {allocated / MB:13.0f} {target}", flush=True)
+        if not args.skip_to_hf:
+            for _, before, peak, allocated, *_ in _spawn(_to_hf, 1, preset, common, args.vocab_size):
+                print(f"{preset:>6} {'to-hf':>14} {whole / MB:9.0f} {'':>9} {peak / MB:12.0f} "
+                      f"{(peak - before) / MB:14.0f} {allocated / MB:13.0f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
