@@ -103,6 +103,7 @@ def skiptron_tensors(get, model_cfg, padded_vocab: int) -> Iterator[tuple[str, t
             else:
                 yield out(f"blocks.{i}.attn.q.{kind}", q)
                 yield out(f"blocks.{i}.attn.kv.{kind}", torch.cat([k, v]))
+            del q, k, v  # the generator's frame would keep them alive through the next parameters
         yield out(f"blocks.{i}.mlp.gate_up.weight",
                   torch.cat([get(f"model.layers.{i}.mlp.{n}_proj.weight") for n in ("gate", "up")]))
 
