@@ -381,7 +381,7 @@ def plot_isoflop(rows: list[dict], path: Path) -> None:
     ax.set_title("isoFLOP curves: dense vs routed at equal training FLOPs")
     ax.grid(True, which="both", alpha=0.3)
     if rows:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
