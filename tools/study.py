@@ -352,7 +352,7 @@ def plot_isoflop(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(9.5, 5))
     budgets = sorted({r["budget"] for r in rows})
     colours = plt.get_cmap("viridis")(
         [0.1 + 0.75 * i / max(1, len(budgets) - 1) for i in range(len(budgets))])
@@ -381,7 +381,7 @@ def plot_isoflop(rows: list[dict], path: Path) -> None:
     ax.set_title("isoFLOP curves: dense vs routed at equal training FLOPs")
     ax.grid(True, which="both", alpha=0.3)
     if rows:
-        ax.legend(fontsize=8, loc="upper right")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
