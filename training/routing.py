@@ -1,14 +1,12 @@
 """Learned per-token layer skipping ("Learning to Skip for Language Modeling", arXiv 2311.15436).
 
-A router in front of a block gives each token a probability p of executing it; the decision is hard (p > 0.5 in
-`threshold` mode, a global top-k over the data-parallel batch in `capacity` mode). Only the active tokens are
-gathered and computed; a skipped token passes through unchanged. An active token's output is x + p * (F(x) - x):
-scaling the executed branch by p, as MoE gating does, is the gradient estimator: the router learns from the LM loss
-through p on the tokens it executed (a straight-through estimate of the rate supplies the budget's gradient, below),
-with no sampling noise and the same decisions in training and inference.
+A router in front of a block (`training/routers.py`: the decision rule, its gradient estimator and budget) picks the
+tokens that execute it and the gate their output is scaled by. Only the active tokens are gathered and computed; a
+skipped token passes through unchanged. An active token's output is x + gate * (F(x) - x).
 
-Budget: the auxiliary loss (rate - target)^2 per routed layer, with rate = mean(hard + p - stopgrad(p)), i.e. the
-measured hard execution rate in the forward and the soft rate's gradient in the backward.
+A routed block returns what it computed: `forward(x, positions) -> (out, RoutingRecord)`, the record holding its aux
+loss (with grad) and the detached statistics the trainer logs and the budget controller reads. Nothing is left in
+module attributes, so compiled and pipelined code can use the results.
 
 Balance: an active token's position-wise work (its MLP; in `layer`/`attention` granularity also its attention
 projections: Q, or QKV with `kv: active`, and the output projection) runs after the active tokens are evened out across
@@ -17,7 +15,7 @@ keys and values do (with `kv: all` every token's K and V are projected there too
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import deepspeed
 import torch
@@ -25,19 +23,20 @@ import torch.distributed as dist
 from torch import nn
 
 from skiptron.parallel import state
-from skiptron.parallel.balance import balance
+from skiptron.parallel.balance import BalanceStats, balance
 from skiptron.parallel.timing import Stopwatch
 
 from .config import SkipConfig
-from .layers import Block, rms_norm
+from .layers import Block
+from .routers import Decision, build_router
 
 
 BALANCE_KEYS = ("imbalance_before", "imbalance_after", "tokens_moved", "bytes_moved", "exchange_ms")
 
 
-@dataclass
-class RoutingRecord:
-    """What one routed block saw in its last forward (detached, for metrics), plus its aux loss (with grad).
+class RoutingRecord(NamedTuple):
+    """What one routed block's forward computed besides its output: the aux loss (with grad) and detached
+    statistics for metrics. A named tuple, so DeepSpeed (ZeRO-3's output hooks) and torch.compile see its tensors.
 
     The rate and the logit quantile stay on the device (0-d tensors): `RoutingMeter.reduce` reads all layers' values
     back in one transfer per step; `exec_rate` / `logit_quantile` read one back (tests, benchmarks)."""
@@ -46,9 +45,9 @@ class RoutingRecord:
     rate: torch.Tensor  # executed fraction of this rank's tokens
     quantile: torch.Tensor  # (1 - target) quantile of the router logits
     active_tokens: int
-    computed_tokens: list[int]  # rows of each position-wise computation this rank ran (after balancing)
-    balance: dict = field(default_factory=dict)  # host-side statistics of the DP exchanges (see `BalanceStats`)
-    exchange_time: Stopwatch | None = field(default=None, repr=False)  # the exchanges' time, read once per step
+    computed_tokens: list  # rows of each position-wise computation this rank ran (after balancing)
+    balance: dict  # host-side statistics of the DP exchanges (see `BalanceStats`), {} when none ran
+    exchange_time: Stopwatch | None  # the exchanges' time, read once per step
 
     @property
     def exec_rate(self) -> float:
@@ -57,48 +56,6 @@ class RoutingRecord:
     @property
     def logit_quantile(self) -> float:
         return float(self.quantile)
-
-
-class Router(nn.Module):
-    """p = sigmoid(w . rmsnorm(x) + b + offset). Replicated on TP ranks (same seed, same inputs, same gradients).
-
-    `offset` is the budget controller's state, not a learned weight: after every step it moves a fraction
-    `controller_rate` of the way to minus the (1 - target) quantile of the step's router logits, averaged over the
-    DP batch so every replica applies the same update. The threshold so tracks the budget while the router keeps
-    learning which tokens deserve it; the aux loss alone, through Adam's momentum, overshoots back and forth on
-    short runs. At inference the offset is frozen, so decisions match training."""
-
-    def __init__(self, hidden: int, eps: float, init_std: float):
-        super().__init__()
-        self.norm = rms_norm(hidden, eps)
-        self.proj = nn.Linear(hidden, 1)
-        nn.init.normal_(self.proj.weight, std=init_std)
-        nn.init.zeros_(self.proj.bias)
-        self.register_buffer("offset", torch.zeros(()))
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Router logits before the controller's offset, [b, s] fp32."""
-        return self.proj(self.norm(x)).squeeze(-1).float()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logits(x) + self.offset)
-
-
-def capacity_mask(p: torch.Tensor, rate: float, group) -> torch.Tensor:
-    """Exactly round(rate x global tokens) tokens execute across the DP group: the highest p, ties to the lower
-    global index. Every rank sees the same gathered scores, so all derive the same split."""
-    world = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
-    flat = p.detach().flatten()
-    if world > 1:
-        parts = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(parts, flat.contiguous(), group=group)
-        everything, rank = torch.cat(parts), dist.get_rank(group)
-    else:
-        everything, rank = flat, 0
-    k = round(rate * everything.numel())
-    chosen = torch.zeros_like(everything, dtype=torch.bool)
-    chosen[torch.argsort(-everything, stable=True)[:k]] = True
-    return chosen[rank * flat.numel():(rank + 1) * flat.numel()].view_as(p)
 
 
 def pack_positions(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,58 +68,60 @@ def pack_positions(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return index, valid
 
 
+class TokenExchanges:
+    """The position-wise computations of one routed forward (`tokenwise`), balanced over the DP group when the
+    balancer is on; made per forward and read into its `RoutingRecord` (an explicit context, not module state)."""
+
+    def __init__(self, group, min_imbalance: float | None, device: torch.device):
+        self.group = group if min_imbalance is not None else None
+        self.min_imbalance = min_imbalance
+        self.computed: list[int] = []
+        self.stats: list[BalanceStats] = []
+        self.watch = Stopwatch(device)
+
+    def __call__(self, fn, *rows: torch.Tensor) -> torch.Tensor:
+        """fn(*rows) for position-wise work on active tokens' rows ([n, ...] each). With the DP balancer on, some rows
+        are computed on other ranks and their results (and, in the backward, gradients) come back."""
+        if self.group is None or dist.get_world_size(self.group) == 1:
+            self.computed.append(rows[0].shape[0])
+            return fn(*rows)
+        with self.watch.region("exchange"):
+            work = balance(rows, self.group, self.min_imbalance)
+        y = fn(*work.tokens)
+        with self.watch.region("exchange"):
+            y = work.restore(y)
+        self.computed.append(work.num_tokens)
+        self.stats.append(work.stats)
+        return y
+
+    def metrics(self) -> dict:
+        """This forward's exchanges together: the loads are the same for each, the traffic adds up."""
+        if not self.stats:
+            return {}
+        first = self.stats[0]
+        return {"imbalance_before": first.imbalance_before, "imbalance_after": first.imbalance_after,
+                "tokens_moved": sum(s.tokens_moved for s in self.stats),
+                "bytes_moved": sum(s.bytes_moved for s in self.stats)}
+
+
 class RoutedBlock(nn.Module):
     """A transformer block (or its MLP, or its attention), or an SRU++ layer, executed only for the tokens its router
-    picks."""
+    picks. `forward(x, positions) -> (out, RoutingRecord)`; `step(x, cache) -> (out, cache)` for decoding."""
 
     def __init__(self, block: Block, skip: SkipConfig, hidden: int, eps: float, init_std: float,
                  balance: float | None):
         super().__init__()
         self.block = block
-        self.router = Router(hidden, eps, init_std)
+        self.router = build_router(skip, hidden, eps, init_std)
         self.skip = skip
         self.balance = balance  # min imbalance that triggers the DP exchange; None: never
-        self.record: RoutingRecord | None = None
-        self.exchanges: list[tuple] = []  # this forward's position-wise computations: (rows, BalanceStats or None)
-        self.exchange_time: Stopwatch | None = None  # this forward's exchanges (a new one each forward)
         # Queries of `kv: all` layers are projected with slices of the fused QKV weight, outside that module's
         # forward: ZeRO-3 must gather it for this block's forward.
         for param in block.attn.projection_parameters() if isinstance(block, Block) else ():
             deepspeed.zero.register_external_parameter(self, param)
 
-    @torch.no_grad()
     def update_controller(self, logit_quantile: float) -> None:
-        if self.skip.mode == "threshold":
-            offset = self.router.offset
-            offset.lerp_(torch.full_like(offset, -logit_quantile), self.skip.controller_rate)
-
-    def decide(self, p: torch.Tensor) -> torch.Tensor:
-        if self.skip.mode == "capacity":
-            return capacity_mask(p, self.skip.target_rate, state.dp_group_or_none())
-        return p > 0.5
-
-    def tokenwise(self, fn, *rows: torch.Tensor) -> torch.Tensor:
-        """fn(*rows) for position-wise work on active tokens' rows ([n, ...] each). With the DP balancer on, some rows
-        are computed on other ranks and their results (and, in the backward, gradients) come back."""
-        group = state.dp_group_or_none() if self.balance is not None else None
-        if group is None or dist.get_world_size(group) == 1:
-            self.exchanges.append((rows[0].shape[0], None))
-            return fn(*rows)
-        with self.exchange_time.region("exchange"):
-            work = balance(rows, group, self.balance)
-        y = fn(*work.tokens)
-        with self.exchange_time.region("exchange"):
-            y = work.restore(y)
-        self.exchanges.append((work.num_tokens, work.stats))
-        return y
-
-    def _balance_metrics(self) -> dict:
-        """This forward's exchanges together: the loads are the same for each, the traffic adds up."""
-        done = [s for _, s in self.exchanges if s is not None]
-        if not done:
-            return {}
-        return {"imbalance_before": done[0].imbalance_before, "imbalance_after": done[0].imbalance_after,
-                "tokens_moved": sum(s.tokens_moved for s in done), "bytes_moved": sum(s.bytes_moved for s in done)}
+        self.router.update_controller(logit_quantile)
 
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
         return self.block.mlp(self.block.mlp_norm(h[None]))[0]
@@ -176,10 +135,8 @@ class RoutedBlock(nn.Module):
         """Incremental forward with a KV cache: the same per-token decisions as `forward` in threshold mode (a
         token's router sees only its own hidden state). Skipped tokens' rows are masked rather than gathered (decoding
         steps are a token per sequence); with `kv: active` they are cached but invisible."""
-        if self.skip.mode != "threshold":
-            raise ValueError("model.skip.mode: capacity routing looks at the whole batch; decode with threshold mode")
-        p = self.router(x)
-        active = (p > 0.5)[..., None]
+        active, p = self.router.decide_step(x)
+        active = active[..., None]
         gate = p.to(x.dtype)[..., None]
         block, granularity = self.block, self.skip.granularity
         if not isinstance(block, Block):  # SRU++: its state advances over the active tokens only
@@ -198,40 +155,36 @@ class RoutedBlock(nn.Module):
         delta = a + block.mlp(block.mlp_norm(x + a))
         return x + torch.where(active, gate * delta, 0.0), cache
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, RoutingRecord]:
         b, s, d = x.shape
-        logits = self.router.logits(x)
-        p = torch.sigmoid(logits + self.router.offset)
-        active = self.decide(p)
-        hard = active.float()
-        rate = (hard + p - p.detach()).mean()
+        decision: Decision = self.router.decide(x)
+        active = decision.active
         flat = x.reshape(b * s, d)
         rows = active.flatten().nonzero().squeeze(1)
-        gate = p.flatten()[rows].to(x.dtype)[:, None]
+        gate = decision.gate.flatten()[rows].to(x.dtype)[:, None]
         granularity = self.skip.granularity
-        self.exchanges, self.exchange_time = [], Stopwatch(x.device)
+        tokenwise = TokenExchanges(state.dp_group_or_none(), self.balance, x.device)
 
         if not isinstance(self.block, Block):  # SRU++: the whole layer over each sequence's active tokens, packed
             index, valid = pack_positions(active)
             out = flat.index_add(0, rows, gate * (self.block.forward_selected(x, index, valid) - flat[rows]))
         elif granularity == "mlp":
             h = x + self.block.attn(self.block.attn_norm(x), positions)
-            out = h.reshape(b * s, d).index_add(0, rows, gate * self.tokenwise(self._mlp, h.reshape(b * s, d)[rows]))
+            out = h.reshape(b * s, d).index_add(0, rows, gate * tokenwise(self._mlp, h.reshape(b * s, d)[rows]))
         else:
             index, valid = pack_positions(active)
             context = self.block.attn.forward_selected(self.block.attn_norm(x), index, valid, self.skip.kv == "all",
-                                                       self.tokenwise)
+                                                       tokenwise)
             if granularity == "attention":
-                out = flat.index_add(0, rows, gate * self.tokenwise(self.block.attn.project_out, context)).view(b, s, d)
+                out = flat.index_add(0, rows, gate * tokenwise(self.block.attn.project_out, context)).view(b, s, d)
                 out = out + self.block.mlp(self.block.mlp_norm(out))
             else:
-                out = flat.index_add(0, rows, gate * self.tokenwise(self._attn_out_and_mlp, context, flat[rows]))
-        self.record = RoutingRecord(
-            aux_loss=(rate - self.skip.target_rate) ** 2, rate=hard.mean().detach(),
-            quantile=torch.quantile(logits.detach().flatten(), 1 - self.skip.target_rate),
-            active_tokens=int(rows.numel()), computed_tokens=[n for n, _ in self.exchanges],
-            balance=self._balance_metrics(), exchange_time=self.exchange_time)
-        return out.view(b, s, d)
+                out = flat.index_add(0, rows, gate * tokenwise(self._attn_out_and_mlp, context, flat[rows]))
+        record = RoutingRecord(
+            aux_loss=decision.aux_loss, rate=decision.rate, quantile=decision.quantile,
+            active_tokens=int(rows.numel()), computed_tokens=list(tokenwise.computed), balance=tokenwise.metrics(),
+            exchange_time=tokenwise.watch)
+        return out.view(b, s, d), record
 
 
 class RoutingMeter:
