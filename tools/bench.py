@@ -16,6 +16,7 @@ import json
 import math
 import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -131,6 +132,13 @@ def matmul_seconds(device: torch.device, dtype: torch.dtype, n: int, reps: int) 
     return min(synchronized_seconds(lambda: torch.mm(a, b, out=out), device) for _ in range(reps))
 
 
+def cpu_seconds(fn) -> float:
+    """Process CPU time (all threads) of one call of `fn`."""
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
+
+
 def alternate_timings(systems: dict, device: torch.device, warmup: int, rounds: int, steps: int,
                       progress=None) -> dict:
     """Seconds per call of each system, one list entry per round; rounds alternate between the systems so that
@@ -222,6 +230,12 @@ def main(argv=None) -> int:
         peer.to(device)
         systems[name] = (lambda p, o: lambda: torch_step(p, o, batches, clip))(peer, torch_adamw(peer, cfg, device))
     systems["matmul"] = lambda: matmul_seconds(device, torch.float32, args.matmul_size, 3)
+    # process CPU seconds of every step as well: on a machine shared with other jobs a step's wall time includes
+    # the time its threads waited for a core, its CPU time much less so (both are reported)
+    cpu = {name: [] for name in systems if name != "matmul"}
+    for name in cpu:
+        systems[name] = (lambda fn, store: lambda: store.append(cpu_seconds(fn)))(systems[name], cpu[name])
+
     def progress(r, seconds):
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in seconds.items()),
               file=sys.stderr, flush=True)
@@ -230,8 +244,8 @@ def main(argv=None) -> int:
     # state, which the timing rounds measure after the warmup)
     first_step_s = synchronized_seconds(skiptron_step, device)
     times = alternate_timings(systems, device, args.warmup, args.rounds, args.steps, progress)
-    peak = 2 * args.matmul_size ** 3 / min(matmul_seconds(device, torch.float32, args.matmul_size, 5)
-                                            for _ in range(args.rounds))
+    peak = 2 * args.matmul_size ** 3 / min(times["matmul"] + [matmul_seconds(device, torch.float32, args.matmul_size,
+                                                                              5)])
 
     tokens = cfg.train.global_batch_size * seq
     fpt = config_flops_per_token(cfg.model, padded)
@@ -242,20 +256,26 @@ def main(argv=None) -> int:
     print(f"{args.config} {' '.join(args.overrides)} | {tokens} tokens/step | {torch.get_num_threads()} threads | "
           f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (torch.mm {args.matmul_size}^3) | skiptron's first step "
           f"{first_step_s:.1f} s{' (incl. torch.compile)' if cfg.train.compile else ''}")
-    for name in systems:
-        if name == "matmul":
-            continue
+    for name in cpu:
+        cpu[name] = cpu[name][args.warmup:]  # the timed steps only
         step = statistics.median(times[name])
         gflops = fpt * tokens / step / 1e9
+        cpu_step = statistics.median(cpu[name])
         result[name] = {"step_s": step, "tokens_per_s": tokens / step, "gflops": gflops,
-                        "peak_fraction": gflops * 1e9 / peak, "rounds_s": times[name]}
+                        "peak_fraction": gflops * 1e9 / peak, "rounds_s": times[name], "cpu_step_s": cpu_step,
+                        "cpu_steps_s": cpu[name]}
         print(f"{name:9s} step {step * 1e3:8.1f} ms | {tokens / step:9.0f} tok/s | {gflops:7.1f} GFLOP/s | "
-              f"{gflops * 1e9 / peak:6.1%} of matmul peak")
+              f"{gflops * 1e9 / peak:6.1%} of matmul peak | CPU {cpu_step:.2f} s/step")
     for name in peers:
+        cpu_ratio = statistics.median(cpu[name]) / statistics.median(cpu["skiptron"])
+        result[f"cpu_ratio_{name}"] = cpu_ratio
+        print(f"CPU-time ratio {name} / skiptron (>1: skiptron needs less CPU per step): {cpu_ratio:.3f}")
         pairs = [b / a for a, b in zip(times["skiptron"], times[name])]
         result[f"ratio_{name}"] = result["skiptron"]["tokens_per_s"] / result[name]["tokens_per_s"]
         result[f"ratio_{name}_per_round"] = pairs
-        print(f"ratio skiptron / {name}: {result[f'ratio_{name}']:.3f} (per round: "
+        result[f"ratio_{name}_median_of_rounds"] = statistics.median(pairs)
+        print(f"ratio skiptron / {name}: {result[f'ratio_{name}']:.3f} of the median steps, "
+              f"{statistics.median(pairs):.3f} the median of the rounds' ratios (per round: "
               f"{', '.join(f'{r:.3f}' for r in pairs)})")
     if args.profile:
         for name, run in systems.items():
