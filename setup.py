@@ -55,6 +55,7 @@ setup(
             "skiptron-finetune=skiptron.tools.finetune:main",
             "skiptron-compress=skiptron.tools.compress:main",
             "skiptron-gpu-check=skiptron.tools.gpu_check:main",
+            "skiptron-study=skiptron.tools.study:main",
         ]
     },
 )

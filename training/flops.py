@@ -79,9 +79,11 @@ def _routed_parts(skip) -> set[str]:
 def config_flops_per_token(model, padded_vocab: int, layer_rates: dict[int, float] | None = None) -> float:
     """Training FLOPs per token of the model a `ModelConfig` describes (transformer or SRU++ blocks). A routed layer's
     routed parts count at its execution rate (`layer_rates`: layer -> measured rate; the configured target when not
-    given), the parts every token still runs (K/V with `kv: all`, attention with `mlp` granularity) in full."""
+    given), the parts every token still runs (K/V with `kv: all`, attention with `mlp` granularity) and the routers in
+    full."""
     routed = set(model.skip.routed_layers(model.num_layers)) if model.skip.enabled else set()
-    total = 2.0 * model.hidden_size * padded_vocab
+    # the LM head, and each routed layer's router (a d -> 1 projection of every token)
+    total = 2.0 * model.hidden_size * padded_vocab + 2.0 * model.hidden_size * len(routed)
     if model.embedding_rank:
         # a factorized embedding's decoder, k -> d per token (the tied output layer's codes @ decoder.T is computed
         # once per micro-batch, not per token: ignored)

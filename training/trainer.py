@@ -27,7 +27,7 @@ from .guard import StepGuard
 from .flops import config_flops_per_token, peak_flops
 from .loader import BlendedStream, TokenLoader, check_sources
 from .metrics import MetricsLogger
-from .model import GPT
+from .model import GPT, compile_blocks
 from .routing import RoutingMeter
 from .runlock import RunDirBusy, RunLock
 
@@ -408,17 +408,21 @@ def build_model(cfg: Config, vocab_size: int, device: torch.device, partition: b
     if cfg.parallel.pp > 1:
         from .pipeline import GPTPipe
 
-        return GPTPipe(cfg, vocab_size, device, balance=cfg.parallel.token_balance)
+        model = GPTPipe(cfg, vocab_size, device, balance=cfg.parallel.token_balance)
+    else:
+        def build() -> GPT:
+            return GPT(cfg.model, vocab_size, cfg.parallel.tp, balance=cfg.parallel.token_balance,
+                       checkpoint_blocks=cfg.parallel.checkpointed_blocks(cfg.model.num_layers),
+                       sequence_parallel=cfg.parallel.sequence_parallel)
 
-    def build() -> GPT:
-        return GPT(cfg.model, vocab_size, cfg.parallel.tp, balance=cfg.parallel.token_balance,
-                   checkpoint_blocks=cfg.parallel.checkpointed_blocks(cfg.model.num_layers),
-                   sequence_parallel=cfg.parallel.sequence_parallel)
-
-    with construction.one_whole_parameter_at_a_time():
-        if partition and construction.partitions_at_construction(cfg):
-            return construction.build_partitioned(build, cfg, device)
-        return build()
+        with construction.one_whole_parameter_at_a_time():
+            if partition and construction.partitions_at_construction(cfg):
+                model = construction.build_partitioned(build, cfg, device)
+            else:
+                model = build()
+    if cfg.train.compile:
+        compile_blocks(model, cfg.train.compile_backend)
+    return model
 
 
 def _merge_stage_routing(metrics: dict[str, float]) -> dict[str, float]:
