@@ -31,7 +31,7 @@ def _reference(cfg) -> dict[str, torch.Tensor]:
 
 def _zero3_build(variant):
     """Per variant: (peak bytes construction allocated, largest single allocation, this rank's partition bytes,
-    the largest whole parameter's bytes, the whole model's bytes, gathered weights == TP=1 weights)."""
+    the largest whole parameter's fp32 bytes, the whole model's bytes, gathered weights == TP=1 weights)."""
     import deepspeed
 
     from skiptron.parallel import state
@@ -50,7 +50,7 @@ def _zero3_build(variant):
     assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in params)  # partitioned, nothing whole left
     element = params[0].ds_tensor.element_size()
     partition = sum(p.ds_tensor.numel() for p in params) * element
-    largest = max(p.ds_numel for p in params) * element
+    largest = max(p.ds_numel for p in params) * 4  # the whole draw is fp32 whatever the training precision
     whole = sum(p.ds_numel for p in params) * element
     dtype = PRECISION_DTYPES[resolve_precision(cfg, cpu)]
     with deepspeed.zero.GatheredParameters(params):

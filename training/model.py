@@ -278,8 +278,9 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> list[str]:
 
 
 def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
-    """Norm gains and biases are not decayed."""
-    return param.dim() < 2 or name.endswith(".bias")
+    """Norm gains and biases are not decayed. A parameter built partitioned (ZeRO-3) holds an empty tensor; its
+    shape is DeepSpeed's `ds_shape`."""
+    return len(getattr(param, "ds_shape", param.shape)) < 2 or name.endswith(".bias")
 
 
 class IncrementalDecoder:
