@@ -173,7 +173,7 @@ class Head(nn.Module):
 
 class GPT(nn.Module):
     """Embedding -> blocks -> head. `forward(tokens)` takes [b, s+1] token ids and returns the mean LM loss plus,
-    when layers are routed, the weighted routing budget loss (`last_lm_loss` keeps the LM part). With
+    when layers are routed, the routers' weighted auxiliary losses (`last_lm_loss` keeps the LM part). With
     `sequence_parallel` the embedding output is split into TP sequence shards and the head gathers them again."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, tp: int, balance: float | None = 1.0,
@@ -221,7 +221,7 @@ class GPT(nn.Module):
         self.last_lm_loss = loss.detach()
         records = self.routing_records()
         if records:
-            loss = loss + self.cfg.skip.aux_loss_weight * sum(r.aux_loss for r in records.values())
+            loss = loss + sum(r.aux_loss for r in records.values())  # each router weights its own
         return loss
 
 

@@ -104,9 +104,9 @@ class EmbeddingStage(_Stage):
 
 
 class BlockStage(_Stage):
-    def __init__(self, gpt_name: str, build, index: int, checkpoint: bool, aux_weight: float):
+    def __init__(self, gpt_name: str, build, index: int, checkpoint: bool):
         super().__init__(gpt_name, build)
-        self.index, self.checkpoint, self.aux_weight = index, checkpoint, aux_weight
+        self.index, self.checkpoint = index, checkpoint
         self.records: list = []  # routing records of this step's micro-batches (training only)
 
     def forward(self, inputs):
@@ -117,7 +117,7 @@ class BlockStage(_Stage):
         if record is not None:
             if self.training and torch.is_grad_enabled():
                 self.records.append(record)
-            aux = aux + self.aux_weight * record.aux_loss
+            aux = aux + record.aux_loss  # weighted by its router
         return _pack(h, aux)
 
 
@@ -195,7 +195,7 @@ class GPTPipe(PipelineModule):
         attr = "layer.tokens.weight"
         specs = [TiedLayerSpec("embed", EmbeddingStage, emb_name, emb_build, carry, tied_weight_attr=attr) if tied
                  else LayerSpec(EmbeddingStage, emb_name, emb_build, carry)]
-        specs += [LayerSpec(BlockStage, name, build, i, i in checkpointed, mc.skip.aux_loss_weight)
+        specs += [LayerSpec(BlockStage, name, build, i, i in checkpointed)
                   for i, (name, build) in enumerate(blocks)]
         specs.append(LayerSpec(HeadStage, head_name, head_build, tied))
         if tied:

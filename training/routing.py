@@ -29,7 +29,8 @@ from skiptron.parallel.balance import balance
 from skiptron.parallel.timing import Stopwatch
 
 from .config import SkipConfig
-from .layers import Block, rms_norm
+from .layers import Block
+from .routers import Decision, build_router
 
 
 BALANCE_KEYS = ("imbalance_before", "imbalance_after", "tokens_moved", "bytes_moved", "exchange_ms")
@@ -49,6 +50,7 @@ class RoutingRecord:
     computed_tokens: list[int]  # rows of each position-wise computation this rank ran (after balancing)
     balance: dict = field(default_factory=dict)  # host-side statistics of the DP exchanges (see `BalanceStats`)
     exchange_time: Stopwatch | None = field(default=None, repr=False)  # the exchanges' time, read once per step
+    agreement: torch.Tensor | None = None  # mod: predictor vs top-k agreement (0-d, detached), else None
 
     @property
     def exec_rate(self) -> float:
@@ -57,48 +59,6 @@ class RoutingRecord:
     @property
     def logit_quantile(self) -> float:
         return float(self.quantile)
-
-
-class Router(nn.Module):
-    """p = sigmoid(w . rmsnorm(x) + b + offset). Replicated on TP ranks (same seed, same inputs, same gradients).
-
-    `offset` is the budget controller's state, not a learned weight: after every step it moves a fraction
-    `controller_rate` of the way to minus the (1 - target) quantile of the step's router logits, averaged over the
-    DP batch so every replica applies the same update. The threshold so tracks the budget while the router keeps
-    learning which tokens deserve it; the aux loss alone, through Adam's momentum, overshoots back and forth on
-    short runs. At inference the offset is frozen, so decisions match training."""
-
-    def __init__(self, hidden: int, eps: float, init_std: float):
-        super().__init__()
-        self.norm = rms_norm(hidden, eps)
-        self.proj = nn.Linear(hidden, 1)
-        nn.init.normal_(self.proj.weight, std=init_std)
-        nn.init.zeros_(self.proj.bias)
-        self.register_buffer("offset", torch.zeros(()))
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Router logits before the controller's offset, [b, s] fp32."""
-        return self.proj(self.norm(x)).squeeze(-1).float()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logits(x) + self.offset)
-
-
-def capacity_mask(p: torch.Tensor, rate: float, group) -> torch.Tensor:
-    """Exactly round(rate x global tokens) tokens execute across the DP group: the highest p, ties to the lower
-    global index. Every rank sees the same gathered scores, so all derive the same split."""
-    world = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
-    flat = p.detach().flatten()
-    if world > 1:
-        parts = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(parts, flat.contiguous(), group=group)
-        everything, rank = torch.cat(parts), dist.get_rank(group)
-    else:
-        everything, rank = flat, 0
-    k = round(rate * everything.numel())
-    chosen = torch.zeros_like(everything, dtype=torch.bool)
-    chosen[torch.argsort(-everything, stable=True)[:k]] = True
-    return chosen[rank * flat.numel():(rank + 1) * flat.numel()].view_as(p)
 
 
 def pack_positions(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +79,7 @@ class RoutedBlock(nn.Module):
                  balance: float | None):
         super().__init__()
         self.block = block
-        self.router = Router(hidden, eps, init_std)
+        self.router = build_router(skip, hidden, eps, init_std)
         self.skip = skip
         self.balance = balance  # min imbalance that triggers the DP exchange; None: never
         self.record: RoutingRecord | None = None
@@ -130,16 +90,8 @@ class RoutedBlock(nn.Module):
         for param in block.attn.projection_parameters() if isinstance(block, Block) else ():
             deepspeed.zero.register_external_parameter(self, param)
 
-    @torch.no_grad()
     def update_controller(self, logit_quantile: float) -> None:
-        if self.skip.mode == "threshold":
-            offset = self.router.offset
-            offset.lerp_(torch.full_like(offset, -logit_quantile), self.skip.controller_rate)
-
-    def decide(self, p: torch.Tensor) -> torch.Tensor:
-        if self.skip.mode == "capacity":
-            return capacity_mask(p, self.skip.target_rate, state.dp_group_or_none())
-        return p > 0.5
+        self.router.update_controller(logit_quantile)
 
     def tokenwise(self, fn, *rows: torch.Tensor) -> torch.Tensor:
         """fn(*rows) for position-wise work on active tokens' rows ([n, ...] each). With the DP balancer on, some rows
@@ -176,10 +128,8 @@ class RoutedBlock(nn.Module):
         """Incremental forward with a KV cache: the same per-token decisions as `forward` in threshold mode (a
         token's router sees only its own hidden state). Skipped tokens' rows are masked rather than gathered (decoding
         steps are a token per sequence); with `kv: active` they are cached but invisible."""
-        if self.skip.mode != "threshold":
-            raise ValueError("model.skip.mode: capacity routing looks at the whole batch; decode with threshold mode")
-        p = self.router(x)
-        active = (p > 0.5)[..., None]
+        active, p = self.router.decide_step(x)
+        active = active[..., None]
         gate = p.to(x.dtype)[..., None]
         block, granularity = self.block, self.skip.granularity
         if not isinstance(block, Block):  # SRU++: its state advances over the active tokens only
@@ -198,40 +148,60 @@ class RoutedBlock(nn.Module):
         delta = a + block.mlp(block.mlp_norm(x + a))
         return x + torch.where(active, gate * delta, 0.0), cache
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _branch(self, x: torch.Tensor, base: torch.Tensor, positions: torch.Tensor, active: torch.Tensor,
+                tokenwise) -> torch.Tensor:
+        """The branch that the gate multiplies, for the rows of `active` [n, d]: F(x) - x of the block, the MLP
+        (granularity mlp, on `base` = x + attention), or the attention output (granularity attention)."""
         b, s, d = x.shape
-        logits = self.router.logits(x)
-        p = torch.sigmoid(logits + self.router.offset)
-        active = self.decide(p)
-        hard = active.float()
-        rate = (hard + p - p.detach()).mean()
         flat = x.reshape(b * s, d)
         rows = active.flatten().nonzero().squeeze(1)
-        gate = p.flatten()[rows].to(x.dtype)[:, None]
-        granularity = self.skip.granularity
-        self.exchanges, self.exchange_time = [], Stopwatch(x.device)
-
         if not isinstance(self.block, Block):  # SRU++: the whole layer over each sequence's active tokens, packed
             index, valid = pack_positions(active)
-            out = flat.index_add(0, rows, gate * (self.block.forward_selected(x, index, valid) - flat[rows]))
-        elif granularity == "mlp":
-            h = x + self.block.attn(self.block.attn_norm(x), positions)
-            out = h.reshape(b * s, d).index_add(0, rows, gate * self.tokenwise(self._mlp, h.reshape(b * s, d)[rows]))
-        else:
-            index, valid = pack_positions(active)
-            context = self.block.attn.forward_selected(self.block.attn_norm(x), index, valid, self.skip.kv == "all",
-                                                       self.tokenwise)
-            if granularity == "attention":
-                out = flat.index_add(0, rows, gate * self.tokenwise(self.block.attn.project_out, context)).view(b, s, d)
-                out = out + self.block.mlp(self.block.mlp_norm(out))
-            else:
-                out = flat.index_add(0, rows, gate * self.tokenwise(self._attn_out_and_mlp, context, flat[rows]))
+            return self.block.forward_selected(x, index, valid) - flat[rows]
+        if self.skip.granularity == "mlp":
+            return tokenwise(self._mlp, base.reshape(b * s, d)[rows])
+        index, valid = pack_positions(active)
+        context = self.block.attn.forward_selected(self.block.attn_norm(x), index, valid, self.skip.kv == "all",
+                                                   tokenwise)
+        if self.skip.granularity == "attention":
+            return tokenwise(self.block.attn.project_out, context)
+        return tokenwise(self._attn_out_and_mlp, context, flat[rows])
+
+    def _skipped_tokenwise(self, fn, *rows: torch.Tensor) -> torch.Tensor:
+        """`tokenwise` for the skipped tokens' no-grad branch: balanced like the executed work, not recorded."""
+        group = state.dp_group_or_none() if self.balance is not None else None
+        if group is None or dist.get_world_size(group) == 1:
+            return fn(*rows)
+        work = balance(rows, group, self.balance)
+        return work.restore(fn(*work.tokens))
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        decision: Decision = self.router.decide(x)
+        active = decision.active
+        self.exchanges, self.exchange_time = [], Stopwatch(x.device)
+        base = x
+        if isinstance(self.block, Block) and self.skip.granularity == "mlp":
+            base = x + self.block.attn(self.block.attn_norm(x), positions)
+        rows = active.flatten().nonzero().squeeze(1)
+        gate = decision.gate.flatten()[rows].to(x.dtype)[:, None]
+        out = base.reshape(b * s, d).index_add(0, rows, gate * self._branch(x, base, positions, active, self.tokenwise))
+        if decision.skipped_gate is not None:
+            # the soft path's gradient for skipped tokens needs their branch: its value (multiplied by a forward
+            # value of exactly 0) is computed without grad, in training only
+            skipped = ~active
+            with torch.no_grad():
+                branch = self._branch(x, base, positions, skipped, self._skipped_tokenwise)
+            others = skipped.flatten().nonzero().squeeze(1)
+            out = out.index_add(0, others, decision.skipped_gate.flatten()[others].to(x.dtype)[:, None] * branch)
+        out = out.view(b, s, d)
+        if isinstance(self.block, Block) and self.skip.granularity == "attention":
+            out = out + self.block.mlp(self.block.mlp_norm(out))
         self.record = RoutingRecord(
-            aux_loss=(rate - self.skip.target_rate) ** 2, rate=hard.mean().detach(),
-            quantile=torch.quantile(logits.detach().flatten(), 1 - self.skip.target_rate),
+            aux_loss=decision.aux_loss, rate=decision.rate, quantile=decision.quantile,
             active_tokens=int(rows.numel()), computed_tokens=[n for n, _ in self.exchanges],
-            balance=self._balance_metrics(), exchange_time=self.exchange_time)
-        return out.view(b, s, d)
+            balance=self._balance_metrics(), exchange_time=self.exchange_time, agreement=decision.agreement)
+        return out
 
 
 class RoutingMeter:
@@ -260,7 +230,9 @@ class RoutingMeter:
                                 for i in layers])
 
         aux = torch.stack([r[i].aux_loss.detach().double() for r in self.records for i in layers]).sum() / n
-        parts = [per_layer("quantile"), per_layer("rate"), aux[None]]
+        predicted = [i for i in layers if self.records[0][i].agreement is not None]  # mod layers
+        agreement = [torch.stack([r[i].agreement for r in self.records]).double().mean() for i in predicted]
+        parts = [per_layer("quantile"), per_layer("rate"), aux[None], *[a[None] for a in agreement]]
         balanced = [(r[i].balance, r[i].exchange_time) for r in self.records for i in layers if r[i].balance]
         if balanced:
             stats = [{**b, "exchange_ms": 1e3 * watch.take().get("exchange", 0.0)} for b, watch in balanced]
@@ -271,6 +243,11 @@ class RoutingMeter:
         out = {f"skip/rate/L{i}": mean[j] for j, i in enumerate(layers)}
         out["skip/exec_rate"] = sum(mean[:len(layers)]) / len(layers)
         out["skip/aux_loss"] = mean[len(layers)]
+        mean = mean[len(layers) + 1:]
+        if predicted:
+            out.update({f"skip/predictor_agreement/L{i}": v for i, v in zip(predicted, mean)})
+            out["skip/predictor_agreement"] = sum(mean[:len(predicted)]) / len(predicted)
+            mean = mean[len(predicted):]
         if balanced:
-            out.update({f"skip/{k}": v for k, v in zip(BALANCE_KEYS, mean[len(layers) + 1:])})
+            out.update({f"skip/{k}": v for k, v in zip(BALANCE_KEYS, mean)})
         return out, layer_quantiles
