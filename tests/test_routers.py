@@ -328,3 +328,58 @@ def test_decoding_matches_the_full_forward(pool2, skip):
         if skip["router"] == "mod":
             assert top_k == {0: 3 * 4, 1: 3 * 4}  # round(0.25 x 14) = 4 per sequence in training mode
             assert all(a < 1 for a in agreement.values()), agreement
+
+
+ROUTER_RUNS = {"gumbel": ["model.skip.enabled=true", "model.skip.router=gumbel"],
+               "mod": ["model.skip.enabled=true", "model.skip.router=mod", "model.skip.layers=all"]}
+
+
+@pytest.mark.parametrize("router", list(ROUTER_RUNS))
+def test_exact_resume(pool2, tiny_data, tmp_path, router):
+    """8 steps == 4 steps, stopped by SIGUSR1, + resume + 4 steps: bitwise equal losses and weights (gumbel: the
+    RNG streams the noise comes from are part of the checkpoint)."""
+    from test_checkpoint import _same_weights, _train
+
+    layout = ROUTER_RUNS[router] + ["train.max_steps=8"]
+    full = pool2.run(_train, layout, tiny_data, tmp_path / "full")
+    pool2.run(_train, layout, tiny_data, tmp_path / "cut", stop_at=4)
+    second = pool2.run(_train, layout, tiny_data, tmp_path / "cut")
+    assert second[0]["start"] == 4 and second[0]["step"] == 8
+    assert second[0]["losses"] == full[0]["losses"]
+    for rank in range(2):
+        _same_weights(second[rank]["weights"], full[rank]["weights"])
+
+
+def _train_without_noise(*args, **kwargs):
+    """test_pipeline's run with the Gumbel noise at zero: the noise is drawn from each process's RNG stream, so a
+    pipeline stage draws other numbers than one process running every layer; without it the straight-through
+    estimator (hard forward, soft backward, the skipped tokens' no-grad branch) must give one process's numbers."""
+    from test_pipeline import _train
+
+    from skiptron.training import routers
+
+    draw = routers.gumbel_noise
+    routers.gumbel_noise = lambda shape, device, group: torch.zeros(shape, device=device)
+    try:
+        return _train(*args, **kwargs)
+    finally:
+        routers.gumbel_noise = draw
+
+
+@pytest.mark.parametrize("router", list(ROUTER_RUNS))
+def test_pipeline_pp2_trains_like_one_process(pools, tiny_data, tmp_path, router):
+    """PP=2 with every other block recomputed in the backward: losses, routing metrics and weights (routers and
+    predictor included) equal one process's."""
+    from test_pipeline import _layout, _same_weights
+
+    keys = ("loss", "skip/exec_rate", "skip/aux_loss", "skip/rate/L0", "skip/rate/L3")
+    routed = ROUTER_RUNS[router] + ["model.num_layers=4"]
+    ref = pools(1).run(_train_without_noise, _layout(1, 1, 1) + routed, tiny_data, tmp_path / "ref", keys)[0]
+    runs = pools(2).run(_train_without_noise, _layout(1, 2, 1) + routed + ["parallel.activation_checkpointing=every:2"],
+                        tiny_data, tmp_path / "pp", keys)
+    for key in keys:
+        torch.testing.assert_close(torch.tensor(runs[0]["metrics"][key]), torch.tensor(ref["metrics"][key]),
+                                   atol=1e-4, rtol=0, msg=key)
+    assert all(0 < r < 1 for r in ref["metrics"]["skip/exec_rate"])
+    _same_weights(runs[0]["weights"], ref["weights"])
+    assert any("router.proj" in n for n in ref["weights"])
