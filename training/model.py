@@ -22,6 +22,7 @@ its output instead of all-reducing it. Same parameters and names either way, so 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -121,12 +122,14 @@ def layer_sequence(cfg: ModelConfig, vocab_size: int, tp: int, balance: float | 
     return seq
 
 
-def run_block(block: nn.Module, h: torch.Tensor, positions: torch.Tensor, checkpoint: bool) -> torch.Tensor:
-    """One block, its activations recomputed in the backward when `checkpoint` (non-reentrant: side outputs such as
-    the routing aux loss keep their gradient)."""
+def run_block(block: nn.Module, h: torch.Tensor, positions: torch.Tensor, checkpoint: bool):
+    """One block -> (h, its RoutingRecord or None for an unrouted block), its activations recomputed in the backward
+    when `checkpoint` (non-reentrant: side outputs such as the routing aux loss keep their gradient)."""
     if checkpoint and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(block, h, positions, use_reentrant=False)
-    return block(h, positions)
+        out = torch.utils.checkpoint.checkpoint(block, h, positions, use_reentrant=False)
+    else:
+        out = block(h, positions)
+    return out if isinstance(block, RoutedBlock) else (out, None)
 
 
 class Head(nn.Module):
@@ -171,10 +174,23 @@ class Head(nn.Module):
         return losses.mean()
 
 
+class ModelOutput(NamedTuple):
+    """What `GPT.forward(tokens, return_output=True)` computed: the loss to train on (LM + the routers' weighted
+    auxiliary losses), its LM part (detached, for logging) and each routed layer's record of this forward."""
+
+    loss: torch.Tensor
+    lm_loss: torch.Tensor
+    routing: dict
+
+
 class GPT(nn.Module):
     """Embedding -> blocks -> head. `forward(tokens)` takes [b, s+1] token ids and returns the mean LM loss plus,
-    when layers are routed, the routers' weighted auxiliary losses (`last_lm_loss` keeps the LM part). With
-    `sequence_parallel` the embedding output is split into TP sequence shards and the head gathers them again."""
+    when layers are routed, the routers' weighted auxiliary losses; `forward(tokens, return_output=True)` returns the
+    `ModelOutput` (what the trainer uses). With `sequence_parallel` the embedding output is split into TP sequence
+    shards and the head gathers them again.
+
+    `last_lm_loss` and `routing_records()` show the latest forward's (or `logits` call's) outputs for interactive
+    inspection and tests; nothing in training reads them."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, tp: int, balance: float | None = 1.0,
                  checkpoint_blocks: set[int] | frozenset = frozenset(), sequence_parallel: bool = False):
@@ -187,42 +203,55 @@ class GPT(nn.Module):
         self.embedding = seq[0][1]()
         self.blocks = nn.ModuleList(build() for _, build in seq[1:-1])
         self.head = seq[-1][1]()
-        self.last_lm_loss: torch.Tensor | None = None
+        self._inspect = ModelOutput(None, None, {})
 
     def update_routing(self, logit_quantiles: dict[int, float]) -> None:
         """Feed each routed layer's budget controller the logit quantile measured over the DP batch."""
         for i, q in logit_quantiles.items():
             self.blocks[i].update_controller(q)
 
+    @property
+    def last_lm_loss(self) -> torch.Tensor | None:
+        """The LM loss of the latest forward (inspection only)."""
+        return self._inspect.lm_loss
+
     def routing_records(self) -> dict[int, object]:
-        """Layer index -> RoutingRecord of the last forward, for routed layers."""
-        return {i: b.record for i, b in enumerate(self.blocks) if getattr(b, "record", None) is not None}
+        """Layer index -> RoutingRecord of the latest forward or `logits` call (inspection only)."""
+        return self._inspect.routing
 
     def _tied_weight(self):
         return self.embedding.output_weight() if self.cfg.tie_embeddings else None
 
-    def hidden_states(self, inputs: torch.Tensor) -> torch.Tensor:
-        """The last block's output [b, s, d]; with sequence parallelism this rank's tokens [b, s/tp, d]."""
+    def hidden_states(self, inputs: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(the last block's output [b, s, d], with sequence parallelism this rank's tokens [b, s/tp, d];
+        layer -> RoutingRecord of each routed layer)."""
         positions = torch.arange(inputs.shape[1], device=inputs.device)
         h = self.embedding(inputs)
         if self.sequence_parallel:
             h = sp.scatter_to_sequence(h)
+        routing = {}
         for i, block in enumerate(self.blocks):
-            h = run_block(block, h, positions, i in self.checkpoint_blocks)
-        return h
+            h, record = run_block(block, h, positions, i in self.checkpoint_blocks)
+            if record is not None:
+                routing[i] = record
+        return h, routing
 
     def logits(self, inputs: torch.Tensor) -> torch.Tensor:
         """This TP rank's vocabulary slice of the logits for [b, s] inputs."""
-        return self.head.logits(self.hidden_states(inputs), self._tied_weight())
+        h, routing = self.hidden_states(inputs)
+        self._inspect = ModelOutput(None, None, routing)
+        return self.head.logits(h, self._tied_weight())
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, return_output: bool = False):
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
-        loss = self.head(self.hidden_states(inputs), labels, self._tied_weight())
-        self.last_lm_loss = loss.detach()
-        records = self.routing_records()
-        if records:
-            loss = loss + sum(r.aux_loss for r in records.values())  # each router weights its own
-        return loss
+        h, routing = self.hidden_states(inputs)
+        lm_loss = self.head(h, labels, self._tied_weight())
+        loss = lm_loss
+        if routing:
+            loss = loss + sum(r.aux_loss for r in routing.values())  # each router weights its own
+        out = ModelOutput(loss, lm_loss.detach(), routing)
+        self._inspect = out._replace(loss=None)
+        return out if return_output else loss
 
 
 def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:

@@ -20,7 +20,9 @@ for every rank (and the TP/DP group members) at start-up and raises on any diffe
 """
 from __future__ import annotations
 
+import contextlib
 import re
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -104,19 +106,21 @@ class EmbeddingStage(_Stage):
 
 
 class BlockStage(_Stage):
+    """One block. A routed block's aux loss joins the carried `aux`; its record goes to the step's collector when
+    the trainer set one (`GPTPipe.collecting`), since DeepSpeed's engine passes only activations between layers."""
+
     def __init__(self, gpt_name: str, build, index: int, checkpoint: bool):
         super().__init__(gpt_name, build)
         self.index, self.checkpoint = index, checkpoint
-        self.records: list = []  # routing records of this step's micro-batches (training only)
+        self.collector: StepCollector | None = None
 
     def forward(self, inputs):
         h, aux = _unpack(inputs)
         positions = torch.arange(h.shape[1], device=h.device)
-        h = run_block(self.layer, h, positions, self.checkpoint)
-        record = getattr(self.layer, "record", None)
+        h, record = run_block(self.layer, h, positions, self.checkpoint)
         if record is not None:
-            if self.training and torch.is_grad_enabled():
-                self.records.append(record)
+            if self.collector is not None and self.training and torch.is_grad_enabled():
+                self.collector.routing.setdefault(self.index, []).append(record)
             aux = aux + record.aux_loss  # weighted by its router
         return _pack(h, aux)
 
@@ -140,16 +144,30 @@ def tied_logits(embedding: EmbeddingStage, inputs):
     return _pack(logits, aux)
 
 
+@dataclass
+class StepCollector:
+    """What one `train_batch` / `eval_batch` computed besides the loss DeepSpeed aggregates, collected while the
+    trainer holds `GPTPipe.collecting()`: the LM losses of the last stage's micro-batches and, per routed layer of
+    this stage, one RoutingRecord per training micro-batch."""
+
+    lm_losses: list = field(default_factory=list)
+    routing: dict = field(default_factory=dict)
+
+    def routing_per_micro_batch(self) -> list[dict]:
+        """{layer: record} per micro-batch."""
+        return [dict(zip(self.routing, recs)) for recs in zip(*self.routing.values())]
+
+
 class PipeLoss:
     """Vocab-parallel cross entropy on the last stage, padded vocabulary entries at -inf; + the carried aux loss.
-    Keeps the LM part of each micro-batch's loss in `lm_losses` (for logging)."""
+    The LM part of each micro-batch's loss goes to the step's collector (for logging)."""
 
     __name__ = "PipeLoss"
 
     def __init__(self, padding: torch.Tensor):
         self.padding = padding
         self.has_padding = bool(padding.any())  # read once here, not per micro-batch (a host sync on GPUs)
-        self.lm_losses: list[torch.Tensor] = []
+        self.collector: StepCollector | None = None
 
     def __call__(self, outputs, labels):
         logits, aux = _unpack(outputs)
@@ -158,12 +176,9 @@ class PipeLoss:
                 self.padding = self.padding.to(logits.device)
             logits = logits.masked_fill(self.padding, float("-inf"))
         lm = mtp.vocab_parallel_cross_entropy(logits.float(), labels).mean()
-        self.lm_losses.append(lm.detach())
+        if self.collector is not None:
+            self.collector.lm_losses.append(lm.detach())
         return lm if aux is None else lm + aux.sum()
-
-    def drain(self) -> list[torch.Tensor]:
-        out, self.lm_losses = self.lm_losses, []
-        return out
 
 
 def _meta_param_count(spec: LayerSpec) -> int:
@@ -245,16 +260,19 @@ class GPTPipe(PipelineModule):
     def _routed(self) -> dict[int, BlockStage]:
         return {m.index: m for m in self.modules() if isinstance(m, BlockStage) and hasattr(m.layer, "router")}
 
-    def drain_routing_records(self) -> list[dict]:
-        """{layer: record} per micro-batch of the last step, for this stage's routed blocks."""
-        stages = self._routed()
-        if not stages:
-            return []
-        per_layer = {i: s.records for i, s in stages.items()}
-        out = [dict(zip(per_layer, recs)) for recs in zip(*per_layer.values())]
-        for s in stages.values():
-            s.records = []
-        return out
+    @contextlib.contextmanager
+    def collecting(self):
+        """Collect the LM losses and routing records of the batch run inside: `with module.collecting() as c:
+        engine.train_batch(...)`; yields a `StepCollector`."""
+        collector = StepCollector()
+        targets = [m for m in self.modules() if isinstance(m, BlockStage)] + [self.loss_fn]
+        for target in targets:
+            target.collector = collector
+        try:
+            yield collector
+        finally:
+            for target in targets:
+                target.collector = None
 
     def update_routing(self, logit_quantiles: dict[int, float]) -> None:
         stages = self._routed()

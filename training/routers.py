@@ -1,10 +1,18 @@
-"""The routers of routed blocks: which tokens execute a block and by what the executed branch is multiplied.
+"""Router decisions for learned layer skipping: which tokens execute a routed block, and with what weight.
 
-`model.skip.router` picks one (`build_router`); a routed block (`training/routing.py`) calls `router.decide(x)` and
-gets a `Decision`, the one seam between the router math here and the gather / balance / compute machinery there;
-`decide_step(x)` is the per-token decision of decoding, `update_controller` the budget controller's step update.
-`decide` in training mode (`module.training`) is the training rule, in eval mode the inference rule (gumbel: greedy;
-mod: the predictor), which is also what decoding and the Hugging Face export use.
+This is the seam between a routed block (`training/routing.py`, which gathers, computes and scatters the active
+tokens) and the rule that picks them. A router is a module with
+
+    decide(x [b, s, d]) -> Decision    the hard active mask, the gate the executed branch is scaled by, the weighted
+                                       aux loss and the statistics the trainer logs and the controller reads; in
+                                       training mode (`module.training`) the training rule, in eval mode the
+                                       inference rule (what decoding and the Hugging Face export use)
+    decide_step(x) -> (active, gate)   the inference decision for decoding steps (per token, no batch-wide rule)
+    update_controller(quantile)        the budget controller's step update (a no-op for rules that need none)
+
+`build_router(skip, ...)` makes the one `model.skip.router` configures. Every rank of a TP group must reach the same
+decisions (same seed, same inputs, same noise); a rule that looks across the DP batch (capacity) gathers it in
+`decide`.
 
 - `sigmoid` (skiptron's own): p = sigmoid(w . rmsnorm(x) + b + offset); p > 0.5 (`threshold`) or a top-k over the
   DP batch (`capacity`); the branch is scaled by p; the budget loss (rate - target)^2 on the straight-through rate

@@ -1,14 +1,12 @@
 """Learned per-token layer skipping ("Learning to Skip for Language Modeling", arXiv 2311.15436).
 
-A router in front of a block gives each token a probability p of executing it; the decision is hard (p > 0.5 in
-`threshold` mode, a global top-k over the data-parallel batch in `capacity` mode). Only the active tokens are
-gathered and computed; a skipped token passes through unchanged. An active token's output is x + p * (F(x) - x):
-scaling the executed branch by p, as MoE gating does, is the gradient estimator: the router learns from the LM loss
-through p on the tokens it executed (a straight-through estimate of the rate supplies the budget's gradient, below),
-with no sampling noise and the same decisions in training and inference.
+A router in front of a block (`training/routers.py`: the decision rule, its gradient estimator and budget) picks the
+tokens that execute it and the gate their output is scaled by. Only the active tokens are gathered and computed; a
+skipped token passes through unchanged. An active token's output is x + gate * (F(x) - x).
 
-Budget: the auxiliary loss (rate - target)^2 per routed layer, with rate = mean(hard + p - stopgrad(p)), i.e. the
-measured hard execution rate in the forward and the soft rate's gradient in the backward.
+A routed block returns what it computed: `forward(x, positions) -> (out, RoutingRecord)`, the record holding its aux
+loss (with grad) and the detached statistics the trainer logs and the budget controller reads. Nothing is left in
+module attributes, so compiled and pipelined code can use the results.
 
 Balance: an active token's position-wise work (its MLP; in `layer`/`attention` granularity also its attention
 projections: Q, or QKV with `kv: active`, and the output projection) runs after the active tokens are evened out across
@@ -17,7 +15,7 @@ keys and values do (with `kv: all` every token's K and V are projected there too
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import deepspeed
 import torch
@@ -25,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from skiptron.parallel import state
-from skiptron.parallel.balance import balance
+from skiptron.parallel.balance import BalanceStats, balance
 from skiptron.parallel.timing import Stopwatch
 
 from .config import SkipConfig
@@ -36,9 +34,9 @@ from .routers import Decision, build_router
 BALANCE_KEYS = ("imbalance_before", "imbalance_after", "tokens_moved", "bytes_moved", "exchange_ms")
 
 
-@dataclass
-class RoutingRecord:
-    """What one routed block saw in its last forward (detached, for metrics), plus its aux loss (with grad).
+class RoutingRecord(NamedTuple):
+    """What one routed block's forward computed besides its output: the aux loss (with grad) and detached
+    statistics for metrics. A named tuple, so DeepSpeed (ZeRO-3's output hooks) and torch.compile see its tensors.
 
     The rate and the logit quantile stay on the device (0-d tensors): `RoutingMeter.reduce` reads all layers' values
     back in one transfer per step; `exec_rate` / `logit_quantile` read one back (tests, benchmarks)."""
@@ -47,9 +45,9 @@ class RoutingRecord:
     rate: torch.Tensor  # executed fraction of this rank's tokens
     quantile: torch.Tensor  # (1 - target) quantile of the router logits
     active_tokens: int
-    computed_tokens: list[int]  # rows of each position-wise computation this rank ran (after balancing)
-    balance: dict = field(default_factory=dict)  # host-side statistics of the DP exchanges (see `BalanceStats`)
-    exchange_time: Stopwatch | None = field(default=None, repr=False)  # the exchanges' time, read once per step
+    computed_tokens: list  # rows of each position-wise computation this rank ran (after balancing)
+    balance: dict  # host-side statistics of the DP exchanges (see `BalanceStats`), {} when none ran
+    exchange_time: Stopwatch | None  # the exchanges' time, read once per step
     agreement: torch.Tensor | None = None  # mod: predictor vs top-k agreement (0-d, detached), else None
 
     @property
@@ -71,9 +69,45 @@ def pack_positions(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return index, valid
 
 
+class TokenExchanges:
+    """The position-wise computations of one routed forward (`tokenwise`), balanced over the DP group when the
+    balancer is on; made per forward and read into its `RoutingRecord` (an explicit context, not module state)."""
+
+    def __init__(self, group, min_imbalance: float | None, device: torch.device):
+        self.group = group if min_imbalance is not None else None
+        self.min_imbalance = min_imbalance
+        self.computed: list[int] = []
+        self.stats: list[BalanceStats] = []
+        self.watch = Stopwatch(device)
+
+    def __call__(self, fn, *rows: torch.Tensor) -> torch.Tensor:
+        """fn(*rows) for position-wise work on active tokens' rows ([n, ...] each). With the DP balancer on, some rows
+        are computed on other ranks and their results (and, in the backward, gradients) come back."""
+        if self.group is None or dist.get_world_size(self.group) == 1:
+            self.computed.append(rows[0].shape[0])
+            return fn(*rows)
+        with self.watch.region("exchange"):
+            work = balance(rows, self.group, self.min_imbalance)
+        y = fn(*work.tokens)
+        with self.watch.region("exchange"):
+            y = work.restore(y)
+        self.computed.append(work.num_tokens)
+        self.stats.append(work.stats)
+        return y
+
+    def metrics(self) -> dict:
+        """This forward's exchanges together: the loads are the same for each, the traffic adds up."""
+        if not self.stats:
+            return {}
+        first = self.stats[0]
+        return {"imbalance_before": first.imbalance_before, "imbalance_after": first.imbalance_after,
+                "tokens_moved": sum(s.tokens_moved for s in self.stats),
+                "bytes_moved": sum(s.bytes_moved for s in self.stats)}
+
+
 class RoutedBlock(nn.Module):
     """A transformer block (or its MLP, or its attention), or an SRU++ layer, executed only for the tokens its router
-    picks."""
+    picks. `forward(x, positions) -> (out, RoutingRecord)`; `step(x, cache) -> (out, cache)` for decoding."""
 
     def __init__(self, block: Block, skip: SkipConfig, hidden: int, eps: float, init_std: float,
                  balance: float | None):
@@ -82,9 +116,6 @@ class RoutedBlock(nn.Module):
         self.router = build_router(skip, hidden, eps, init_std)
         self.skip = skip
         self.balance = balance  # min imbalance that triggers the DP exchange; None: never
-        self.record: RoutingRecord | None = None
-        self.exchanges: list[tuple] = []  # this forward's position-wise computations: (rows, BalanceStats or None)
-        self.exchange_time: Stopwatch | None = None  # this forward's exchanges (a new one each forward)
         # Queries of `kv: all` layers are projected with slices of the fused QKV weight, outside that module's
         # forward: ZeRO-3 must gather it for this block's forward.
         for param in block.attn.projection_parameters() if isinstance(block, Block) else ():
@@ -92,29 +123,6 @@ class RoutedBlock(nn.Module):
 
     def update_controller(self, logit_quantile: float) -> None:
         self.router.update_controller(logit_quantile)
-
-    def tokenwise(self, fn, *rows: torch.Tensor) -> torch.Tensor:
-        """fn(*rows) for position-wise work on active tokens' rows ([n, ...] each). With the DP balancer on, some rows
-        are computed on other ranks and their results (and, in the backward, gradients) come back."""
-        group = state.dp_group_or_none() if self.balance is not None else None
-        if group is None or dist.get_world_size(group) == 1:
-            self.exchanges.append((rows[0].shape[0], None))
-            return fn(*rows)
-        with self.exchange_time.region("exchange"):
-            work = balance(rows, group, self.balance)
-        y = fn(*work.tokens)
-        with self.exchange_time.region("exchange"):
-            y = work.restore(y)
-        self.exchanges.append((work.num_tokens, work.stats))
-        return y
-
-    def _balance_metrics(self) -> dict:
-        """This forward's exchanges together: the loads are the same for each, the traffic adds up."""
-        done = [s for _, s in self.exchanges if s is not None]
-        if not done:
-            return {}
-        return {"imbalance_before": done[0].imbalance_before, "imbalance_after": done[0].imbalance_after,
-                "tokens_moved": sum(s.tokens_moved for s in done), "bytes_moved": sum(s.bytes_moved for s in done)}
 
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
         return self.block.mlp(self.block.mlp_norm(h[None]))[0]
@@ -148,10 +156,9 @@ class RoutedBlock(nn.Module):
         delta = a + block.mlp(block.mlp_norm(x + a))
         return x + torch.where(active, gate * delta, 0.0), cache
 
-    def _branch(self, x: torch.Tensor, base: torch.Tensor, positions: torch.Tensor, active: torch.Tensor,
-                tokenwise) -> torch.Tensor:
-        """The branch that the gate multiplies, for the rows of `active` [n, d]: F(x) - x of the block, the MLP
-        (granularity mlp, on `base` = x + attention), or the attention output (granularity attention)."""
+    def _branch(self, x: torch.Tensor, base: torch.Tensor, active: torch.Tensor, tokenwise) -> torch.Tensor:
+        """The branch the gate multiplies, for the rows of `active` [n, d]: the block's F(x) - x, its MLP (granularity
+        mlp, on `base` = x + attention) or its attention output (granularity attention)."""
         b, s, d = x.shape
         flat = x.reshape(b * s, d)
         rows = active.flatten().nonzero().squeeze(1)
@@ -167,41 +174,35 @@ class RoutedBlock(nn.Module):
             return tokenwise(self.block.attn.project_out, context)
         return tokenwise(self._attn_out_and_mlp, context, flat[rows])
 
-    def _skipped_tokenwise(self, fn, *rows: torch.Tensor) -> torch.Tensor:
-        """`tokenwise` for the skipped tokens' no-grad branch: balanced like the executed work, not recorded."""
-        group = state.dp_group_or_none() if self.balance is not None else None
-        if group is None or dist.get_world_size(group) == 1:
-            return fn(*rows)
-        work = balance(rows, group, self.balance)
-        return work.restore(fn(*work.tokens))
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, RoutingRecord]:
         b, s, d = x.shape
         decision: Decision = self.router.decide(x)
         active = decision.active
-        self.exchanges, self.exchange_time = [], Stopwatch(x.device)
+        transformer = isinstance(self.block, Block)
         base = x
-        if isinstance(self.block, Block) and self.skip.granularity == "mlp":
+        if transformer and self.skip.granularity == "mlp":
             base = x + self.block.attn(self.block.attn_norm(x), positions)
         rows = active.flatten().nonzero().squeeze(1)
         gate = decision.gate.flatten()[rows].to(x.dtype)[:, None]
-        out = base.reshape(b * s, d).index_add(0, rows, gate * self._branch(x, base, positions, active, self.tokenwise))
+        tokenwise = TokenExchanges(state.dp_group_or_none(), self.balance, x.device)
+        out = base.reshape(b * s, d).index_add(0, rows, gate * self._branch(x, base, active, tokenwise))
         if decision.skipped_gate is not None:
-            # the soft path's gradient for skipped tokens needs their branch: its value (multiplied by a forward
-            # value of exactly 0) is computed without grad, in training only
+            # gumbel in training: the soft path's gradient for a skipped token needs its branch, multiplied by a
+            # forward value of exactly 0; computed without grad (balanced like the executed work, not recorded)
             skipped = ~active
             with torch.no_grad():
-                branch = self._branch(x, base, positions, skipped, self._skipped_tokenwise)
+                branch = self._branch(x, base, skipped, TokenExchanges(state.dp_group_or_none(), self.balance,
+                                                                       x.device))
             others = skipped.flatten().nonzero().squeeze(1)
             out = out.index_add(0, others, decision.skipped_gate.flatten()[others].to(x.dtype)[:, None] * branch)
         out = out.view(b, s, d)
-        if isinstance(self.block, Block) and self.skip.granularity == "attention":
+        if transformer and self.skip.granularity == "attention":
             out = out + self.block.mlp(self.block.mlp_norm(out))
-        self.record = RoutingRecord(
+        record = RoutingRecord(
             aux_loss=decision.aux_loss, rate=decision.rate, quantile=decision.quantile,
-            active_tokens=int(rows.numel()), computed_tokens=[n for n, _ in self.exchanges],
-            balance=self._balance_metrics(), exchange_time=self.exchange_time, agreement=decision.agreement)
-        return out
+            active_tokens=int(rows.numel()), computed_tokens=list(tokenwise.computed), balance=tokenwise.metrics(),
+            exchange_time=tokenwise.watch, agreement=decision.agreement)
+        return out, record
 
 
 class RoutingMeter:

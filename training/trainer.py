@@ -149,15 +149,15 @@ class Trainer:
         n = 0
         step = self.progress.step + 1
         for i, tokens in enumerate(batches):
-            loss = self.engine(tokens.to(self.layout.device, non_blocking=True))
-            loss = faults.poison_loss(loss, self.engine.module, step, self.layout.rank)
+            out = self.engine(tokens.to(self.layout.device, non_blocking=True), return_output=True)
+            loss = faults.poison_loss(out.loss, self.engine.module, step, self.layout.rank)
             self.guard.observe_loss(loss)
             self.engine.backward(loss)
             if i == len(batches) - 1:
                 self.guard.decide()  # collective, on every rank before the boundary's optimizer step
             self.engine.step()
-            total += self.engine.module.last_lm_loss.float()
-            routing.add(self.engine.module.routing_records())
+            total += out.lm_loss.float()
+            routing.add(out.routing)
             n += 1
         loss = state.all_reduce_mean(total / n, state.dp_group()).item()
         routing_metrics, logit_quantiles = routing.reduce(state.dp_group())
@@ -168,10 +168,11 @@ class Trainer:
         """One step through DeepSpeed's pipeline engine: 1F1B over `grad_accum` micro-batches; the first stage
         reads the inputs, the last the labels (the same samples: both sit in the same DP replica)."""
         module = self.engine.module
-        self.engine.train_batch(data_iter=((t[:, :-1], t[:, 1:]) for t in batches))
-        loss = self._from_last_stage(module.loss_fn.drain())
+        with module.collecting() as collected:
+            self.engine.train_batch(data_iter=((t[:, :-1], t[:, 1:]) for t in batches))
+        loss = self._from_last_stage(collected.lm_losses)
         routing = RoutingMeter()
-        for records in module.drain_routing_records():
+        for records in collected.routing_per_micro_batch():
             routing.add(records)
         routing_metrics, logit_quantiles = routing.reduce(state.dp_group())  # this stage's layers, its DP group
         module.update_routing(logit_quantiles)
@@ -217,15 +218,15 @@ class Trainer:
         if self.pipelined:
             batches = iter(self.loader("val", shuffle=False, sources=sources))
             pairs = ((t[:, :-1], t[:, 1:]) for t in (next(batches) for _ in range(self.cfg.eval.batches)))
-            self.engine.eval_batch(pairs, num_micro_batches=self.cfg.eval.batches)
+            with self.engine.module.collecting() as collected:
+                self.engine.eval_batch(pairs, num_micro_batches=self.cfg.eval.batches)
             self.engine.train()
-            return self._from_last_stage(self.engine.module.loss_fn.drain())
+            return self._from_last_stage(collected.lm_losses)
         self.engine.eval()
         total = torch.zeros((), dtype=torch.float32, device=self.layout.device)
         batches = iter(self.loader("val", shuffle=False, sources=sources))
         for _ in range(self.cfg.eval.batches):
-            self.engine(next(batches).to(self.layout.device))
-            total += self.engine.module.last_lm_loss.float()
+            total += self.engine(next(batches).to(self.layout.device), return_output=True).lm_loss.float()
         self.engine.train()
         return state.all_reduce_mean(total / self.cfg.eval.batches, state.dp_group()).item()
 
