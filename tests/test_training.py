@@ -56,6 +56,28 @@ def test_sequence_parallel_trains_like_tp2(pool2, tiny_data, tmp_path, stage):
         _assert_same_weights(weights, ref_weights)
 
 
+def _train_counting_graphs(overrides, data, run_dir):
+    """`_train`, plus how many graphs torch.compile built during it (0 when nothing was compiled)."""
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    losses, weights = _train(overrides, data, run_dir)
+    return losses, weights, counters["stats"]["unique_graphs"] - before
+
+
+def test_compiled_blocks_train_like_eager(pools, tiny_data, tmp_path):
+    """train.compile=true (torch.compile of each block) follows eager's losses and weights to fp32 tolerance. With
+    the aot_eager backend (graph capture and AOT autograd, no code generation: inductor's C++ build takes minutes on
+    these 2 cores; skiptron-bench measures inductor)."""
+    ov = ["train.max_steps=2", "model.num_layers=1", "train.compile_backend=aot_eager"]
+    (eager, eager_weights, none), = pools(1).run(_train_counting_graphs, ov, tiny_data, tmp_path / "eager")
+    (compiled, weights, graphs), = pools(1).run(_train_counting_graphs, ov + ["train.compile=true"], tiny_data,
+                                                tmp_path / "compiled")
+    assert none == 0 and graphs > 0, (none, graphs)
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), atol=1e-5, rtol=0)
+    _assert_same_weights(weights, eager_weights)
+
+
 def test_cli_run_under_torchrun(tiny_data, tmp_path):
     """The console script under torchrun: the model learns, and metrics, config and curves are written."""
     run = tmp_path / "run"

@@ -297,6 +297,13 @@ class TrainConfig(Section):
         None, gt=1, description="skip the update of a step whose loss exceeds this multiple of the mean loss of the "
                                 "last train.spike_window accepted steps; None = no spike guard")
     spike_window: int = Field(100, ge=1, description="accepted steps in the spike guard's running mean")
+    compile: bool = Field(
+        False, description="torch.compile each block (the embedding, head, loss and optimizer stay eager); off by "
+                           "default: on CPU it has not measured faster (docs/benchmarks.md, issue 15)")
+    compile_backend: str = Field(
+        "inductor", description="torch.compile backend for train.compile: inductor (generated kernels) or e.g. "
+                                "aot_eager (the same captured graphs run by eager kernels: no code generation, fast to "
+                                "build; for debugging and the tests)")
 
 
 class DataConfig(Section):

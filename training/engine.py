@@ -5,6 +5,7 @@ import math
 
 import deepspeed
 import torch
+import torch.distributed as dist
 
 from skiptron.parallel.state import Layout, MegatronMpu
 from skiptron.parallel.timing import Stopwatch
@@ -86,13 +87,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW: apex's fused Adam on GPU when importable, torch's fused kernel on GPU otherwise, foreach on CPU."""
+    """AdamW: apex's fused Adam on GPU when importable, torch's fused kernel otherwise (CUDA and CPU: one pass over
+    each tensor; DeepSpeed's ZeRO optimizers step one flat buffer, where torch's for-loop AdamW makes a temporary per
+    elementwise op)."""
     o = cfg.optimizer
     groups = param_groups(model, o.weight_decay)
     kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     if device.type == "cuda" and _ApexFusedAdam is not None:
         return _ApexFusedAdam(groups, adam_w_mode=True, **kwargs)
-    return torch.optim.AdamW(groups, fused=device.type == "cuda", **kwargs)
+    return torch.optim.AdamW(groups, fused=device.type in ("cuda", "cpu"), **kwargs)
 
 
 def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
@@ -149,6 +152,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, layout: Layout, guard=None
             dist_init_required=False,
         )
     _undo_fp16_optimizer_init_step(engine)
+    _share_fp32_master_partitions(engine)
     if pipelined:
         engine.pipe_timer = PipeTimer(engine, layout.device)
     return engine, precision
@@ -170,7 +174,32 @@ def _undo_fp16_optimizer_init_step(engine) -> None:
     opt.refresh_fp32_params()
 
 
-class PipeTimer:
+def _share_fp32_master_partitions(engine) -> None:
+    """ZeRO 1-2 keep an fp32 master copy of this rank's partition of the flat weights (the model's parameters are
+    views of the flat weights), step it and copy it back into the flat weights after every step. When the weights are
+    fp32 themselves the copy is the same numbers: the optimizer steps this rank's partition of the flat weights
+    directly instead, which saves that copy every step and a second fp32 copy of the partition in memory. Reaches
+    into DeepSpeedZeroOptimizer's private fields (checked with deepspeed 0.19.8): its master partitions, the wrapped
+    optimizer's param groups that hold them and the parameters' links to their fragments (relinked)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    opt = engine.optimizer
+    if not isinstance(opt, DeepSpeedZeroOptimizer) or opt.cpu_offload or opt.optimizer.state:
+        return
+    masters = opt.single_partition_of_fp32_groups
+    for i, master in enumerate(masters):
+        flat = opt.parallel_partitioned_bit16_groups[i][dist.get_rank(group=opt.real_dp_process_group[i])]
+        if flat.dtype != master.dtype or flat.shape != master.shape:
+            return  # mixed precision: the masters are a different dtype and stay as they are
+    for i, master in enumerate(masters):
+        flat = opt.parallel_partitioned_bit16_groups[i][dist.get_rank(group=opt.real_dp_process_group[i])]
+        with torch.no_grad():
+            flat.copy_(master)  # the same values already; copied so that any difference is the master's
+        shared = flat.detach().requires_grad_(True)  # a leaf on the flat weights' storage, as DeepSpeed's master is
+        masters[i] = shared
+        opt.optimizer.param_groups[i]["params"] = [shared]
+    opt._link_all_hp_params()
+
     """Measures each stage's idle time inside the pipeline schedule: the bubble fraction of a step is
     1 - (forward + backward time) / (schedule time without the optimizer step and gradient reductions), i.e. the
     share of the pipelined phase this stage spent waiting on (or transferring to) its neighbours."""

@@ -53,7 +53,9 @@ class StepGuard:
                 p.register_hook(self._mark_gradient)
 
     def _mark_gradient(self, grad: torch.Tensor) -> None:
-        self._bad.add_((~torch.isfinite(grad)).any().to(self._bad.dtype))
+        # One reduction, no per-element masks: a sum is non-finite when any element is NaN or infinite (or when finite
+        # elements overflow it, |sum| > 3e38, a gradient no step should apply either).
+        self._bad.add_(grad.sum(dtype=torch.float32).isfinite().logical_not().to(self._bad.dtype))
 
     def gate(self, optimizer: torch.optim.Optimizer) -> None:
         """Make `optimizer.step()` do nothing in a step `decide()` rejected (an instance attribute, as torch's LR

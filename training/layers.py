@@ -97,16 +97,26 @@ class Rotary(nn.Module):
         super().__init__()
         self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [b, heads, s, hd]; positions: [s] or [b, s]."""
+    def angles(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [s, hd] (or [b, 1, s, hd] for positions [b, s]) in `dtype`, for `rotate`; computed once for
+        the queries and keys of a layer."""
         inv_freq = rotary_inv_freq(self.head_dim, self.theta, self.scaling, positions.device)
         freqs = positions.to(torch.float32)[..., None] * inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
         if positions.dim() == 2:
             cos, sin = cos[:, None], sin[:, None]
+        return cos, sin
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [b, heads, s, hd] rotated by the angles of `angles`."""
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [b, heads, s, hd]; positions: [s] or [b, s]."""
+        return self.rotate(x, *self.angles(positions, x.dtype))
 
 
 class KVProjection(nn.Module):
@@ -206,10 +216,11 @@ class Attention(nn.Module):
         b, s, _ = t.shape
         heads = {"q": self.local_heads, "k": self.local_kv_heads, "v": self.local_kv_heads}
         pieces = t.split([heads[part] * self.head_dim for part in parts], dim=-1)
+        angles = self.rotary.angles(positions, t.dtype) if set(parts) & {"q", "k"} else None
         out = []
         for part, piece in zip(parts, pieces):
             h = piece.view(b, s, heads[part], self.head_dim).transpose(1, 2)
-            out.append(self.rotary(h, positions) if part in "qk" else h)
+            out.append(self.rotary.rotate(h, *angles) if part in "qk" else h)
         return out
 
     def project(self, x: torch.Tensor, parts: str = "qkv") -> torch.Tensor:

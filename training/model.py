@@ -169,9 +169,16 @@ class Head(nn.Module):
         return logits
 
     def forward(self, h: torch.Tensor, labels: torch.Tensor, embedding_weight: torch.Tensor | None) -> torch.Tensor:
-        logits = self.logits(h, embedding_weight)
-        losses = mtp.vocab_parallel_cross_entropy(logits.float(), labels)
-        return losses.mean()
+        return lm_loss(self.logits(h, embedding_weight), labels)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy of this TP rank's vocabulary slice of the logits [b, s, V / tp] (fp32) against labels
+    [b, s]. At TP=1 torch's fused log-softmax + NLL (one pass over the logits each way); at TP > 1 megatron's
+    vocab-parallel form (max, normalizer and target logit all-reduced over TP), which takes several passes."""
+    if ps.get_tensor_model_parallel_world_size() == 1:
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+    return mtp.vocab_parallel_cross_entropy(logits.float(), labels).mean()
 
 
 class ModelOutput(NamedTuple):
@@ -252,6 +259,22 @@ class GPT(nn.Module):
         out = ModelOutput(loss, lm_loss.detach(), routing)
         self._inspect = out._replace(loss=None)
         return out if return_output else loss
+
+
+BLOCK_TYPES = (Block, RoutedBlock, SRUppBlock)
+
+
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> list[str]:
+    """`train.compile`: torch.compile each block's forward in place (`nn.Module.compile`, so parameter names, hooks
+    and the module tree stay as they are: checkpoints, ZeRO, the step guard and the pipeline see the same model).
+    Only the outermost block modules are compiled (a routed block with its inner block is one unit); embedding, head,
+    loss and optimizer stay eager. Returns the compiled modules' names."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, BLOCK_TYPES) and not any(name.startswith(f"{done}.") for done in names):
+            module.compile(backend=backend)
+            names.append(name)
+    return names
 
 
 def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:

@@ -34,7 +34,7 @@ from megatron.core import tensor_parallel as mtp
 from torch import nn
 
 from .config import Config
-from .model import layer_sequence, run_block, vocab_padding
+from .model import layer_sequence, lm_loss, run_block, vocab_padding
 
 
 class MappingError(RuntimeError):
@@ -175,7 +175,7 @@ class PipeLoss:
             if self.padding.device != logits.device:  # moved once: the loss is no module, DeepSpeed does not move it
                 self.padding = self.padding.to(logits.device)
             logits = logits.masked_fill(self.padding, float("-inf"))
-        lm = mtp.vocab_parallel_cross_entropy(logits.float(), labels).mean()
+        lm = lm_loss(logits, labels)
         if self.collector is not None:
             self.collector.lm_losses.append(lm.detach())
         return lm if aux is None else lm + aux.sum()

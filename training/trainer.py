@@ -26,7 +26,7 @@ from .guard import StepGuard
 from .flops import config_flops_per_token, peak_flops
 from .loader import BlendedStream, TokenLoader, check_sources
 from .metrics import MetricsLogger
-from .model import GPT
+from .model import GPT, compile_blocks
 from .routing import RoutingMeter
 from .runlock import RunDirBusy, RunLock
 
@@ -405,10 +405,14 @@ def build_model(cfg: Config, vocab_size: int, device: torch.device) -> torch.nn.
     if cfg.parallel.pp > 1:
         from .pipeline import GPTPipe
 
-        return GPTPipe(cfg, vocab_size, device, balance=cfg.parallel.token_balance)
-    return GPT(cfg.model, vocab_size, cfg.parallel.tp, balance=cfg.parallel.token_balance,
-               checkpoint_blocks=cfg.parallel.checkpointed_blocks(cfg.model.num_layers),
-               sequence_parallel=cfg.parallel.sequence_parallel)
+        model = GPTPipe(cfg, vocab_size, device, balance=cfg.parallel.token_balance)
+    else:
+        model = GPT(cfg.model, vocab_size, cfg.parallel.tp, balance=cfg.parallel.token_balance,
+                    checkpoint_blocks=cfg.parallel.checkpointed_blocks(cfg.model.num_layers),
+                    sequence_parallel=cfg.parallel.sequence_parallel)
+    if cfg.train.compile:
+        compile_blocks(model, cfg.train.compile_backend)
+    return model
 
 
 def _merge_stage_routing(metrics: dict[str, float]) -> dict[str, float]:
