@@ -111,7 +111,8 @@ def agreement(args) -> dict:
                     row["agreement"].append(float(r.agreement))
                     row["predictor_rate"].append(r.exec_rate)
                 model.train()  # the top-k of each sequence decides (training's rule; not causal)
-                losses["top_k"].append(float(model.last_lm_loss))
+                losses["top_k"].append(float(model(tokens)) - sum(
+                    float(r.aux_loss) for r in model.routing_records().values()))
     result = {"layers": {i: {k: statistics.mean(v) for k, v in row.items()} for i, row in per_layer.items()},
               "val_loss": {k: statistics.mean(v) for k, v in losses.items()}, "batches": len(losses["top_k"]),
               "capacity": cfg.model.skip.target_rate}
