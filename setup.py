@@ -45,6 +45,7 @@ setup(
             "skiptron-bench=skiptron.tools.bench:main",
             "skiptron-bench-srupp=skiptron.tools.bench_srupp:main",
             "skiptron-bench-routing=skiptron.tools.bench_routing:main",
+            "skiptron-bench-routers=skiptron.tools.bench_routers:main",
             "skiptron-bench-pipeline=skiptron.tools.bench_pipeline:main",
             "skiptron-bench-checkpoint=skiptron.tools.bench_checkpoint:main",
             "skiptron-bench-faults=skiptron.tools.bench_faults:main",

@@ -27,7 +27,7 @@ def _train_and_score(data, run_dir, tokens, docs, overrides=()):
                                     "train.max_steps=6", "checkpoint.save_at_end=true"] + list(overrides))
     trainer = Trainer.setup(cfg)
     trainer.run()
-    model, vocab = trainer.engine.module, trainer.vocab_size
+    model, vocab = trainer.engine.module.eval(), trainer.vocab_size  # inference decisions (gumbel: greedy)
     tok = load_tokenizer(Path(data) / "tokenizer.json")
     with torch.no_grad():
         logits = gather_tp(model.logits(tokens), dim=-1)[..., :vocab]
@@ -80,6 +80,8 @@ CUSTOM = {  # one tiny model per code path of modeling_skiptron.py
     "factorized-embedding-tied": ["model.embedding_rank=8"],
     "gqa-mqa-llama3-rope-routed": SKIP + ["model.skip.kv=active", "model.num_kv_heads=1", "model.rope_theta=500000",
                                           "model.rope_scaling.original_max_position_embeddings=16"],
+    "router-gumbel": SKIP + ["model.skip.router=gumbel"],  # greedy decisions
+    "router-mod": SKIP + ["model.skip.router=mod", "model.skip.layers=all"],  # the predictor's decisions, kv active
 }
 
 
@@ -103,7 +105,7 @@ def test_to_hf_custom_code_logits_match(pools, tiny_data, tmp_path, case):
     decisions = {}
     for i, block in enumerate(model.blocks):
         if hasattr(block, "router"):
-            block.router.register_forward_hook(lambda m, args, p, i=i: decisions.__setitem__(i, p > 0.5))
+            block.router.register_forward_hook(lambda m, args, out, i=i: decisions.__setitem__(i, out[0]))
     with torch.no_grad():
         hf_logits = model(tokens).logits
     torch.testing.assert_close(hf_logits, logits, atol=1e-4, rtol=0)

@@ -174,6 +174,7 @@ def _skiptron_config(m, vocab: int, eot_id: int | None):
         bias=m.bias, qkv_bias=m.qkv_bias, tie_embeddings=m.tie_embeddings,
         embedding_rank=m.embedding_rank, block=m.block,
         routed_layers=m.skip.routed_layers(m.num_layers), skip_granularity=m.skip.granularity, skip_kv=m.skip.kv,
+        skip_router=m.skip.router, skip_predictor_hidden=m.skip.predictor_hidden,
         srupp_proj_size=m.srupp.projection(m.hidden_size), srupp_num_heads=m.srupp.num_heads,
         srupp_attention_layers=[i for i in range(m.num_layers) if m.block == "srupp" and m.srupp.has_attention(i)],
         bos_token_id=eot_id, eos_token_id=eot_id, torch_dtype="float32", architectures=["SkiptronForCausalLM"],
@@ -192,7 +193,8 @@ def router_offsets(buffers: dict[str, torch.Tensor], model_cfg) -> dict[str, tor
     """The routers' controller offsets SkiptronForCausalLM holds. A routed layer without a saved offset
     (weights-only checkpoints keep no buffers) gets 0, as skiptron itself gives it when loading that checkpoint."""
     out = {}
-    for i in model_cfg.skip.routed_layers(model_cfg.num_layers):
+    sigmoid = model_cfg.skip.router == "sigmoid"  # the one router with a controller offset
+    for i in model_cfg.skip.routed_layers(model_cfg.num_layers) if sigmoid else ():
         key = f"blocks.{i}.router.offset"
         if key not in buffers:
             print(f"skiptron-convert: warning: no {key} in the checkpoint; using 0 (as skiptron does when it loads "
@@ -251,7 +253,7 @@ def to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, trust: bool = F
     cfg = load_config(path / "config.yaml")
     m = cfg.model
     vocab = meta["vocab_size"]
-    if m.skip.enabled and m.skip.mode == "capacity":
+    if m.skip.enabled and m.skip.router == "sigmoid" and m.skip.mode == "capacity":
         raise SystemExit(
             f"skiptron-convert: {path}: model.skip.mode=capacity: a routing decision is a top-k over the whole "
             f"data-parallel batch (skiptron decides so at evaluation too), not a function of the token, so no "

@@ -39,10 +39,44 @@ class SkipConfig(Section):
                             "their positions (flash on GPU; costs a dense layer's attention), flex = flex_attention "
                             "with a block mask (only the selected rows; compiled on GPU), mask = SDPA with a [b, n, s] "
                             "mask; auto = flex on CUDA (sdpa if it does not compile), mask on CPU")
-    mode: Literal["threshold", "capacity"] = "threshold"
-    aux_loss_weight: float = Field(1.0, ge=0)
+    router: Literal["sigmoid", "gumbel", "mod"] = Field(
+        "sigmoid", description="sigmoid: p = sigmoid(w.x + b), p > 0.5 (threshold) or a DP-batch top-k (capacity), the "
+                               "branch scaled by p, budget controller; gumbel: SkipLayer, 2 logits, straight-through "
+                               "Gumbel-softmax, greedy at inference; mod: Mixture-of-Depths, top-k per sequence, the "
+                               "branch scaled by the router weight, a causal predictor decides at inference")
+    mode: Literal["threshold", "capacity"] = Field(
+        "threshold", description="router sigmoid: threshold = p > 0.5 per token, capacity = top-k over the DP batch")
+    aux_loss_weight: float = Field(
+        1.0, ge=0, description="weight of sum over routed layers of (rate - target)^2; default 1.0, 0.1 for gumbel "
+                               "(the SkipLayer paper), unused by mod (its capacity is exact)")
     controller_rate: float = Field(
         0.2, ge=0, le=1, description="threshold mode: per-step pull of the router offset to the budget; 0 = aux loss only")
+    gumbel_temperature: float = Field(1.0, gt=0, description="router gumbel: temperature of the soft (backward) path")
+    predictor_hidden: int = Field(64, ge=1, description="router mod: hidden width of the causal decision predictor")
+    predictor_loss_weight: float = Field(
+        1.0, ge=0, description="router mod: weight of the predictor's BCE loss (its input is stop-gradient, so only "
+                               "the predictor learns from it)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _router_defaults(cls, data):
+        """The papers' settings for keys left unset: gumbel (SkipLayer) kv all and a 0.1 capacity-loss weight; mod
+        (Mixture-of-Depths) every other layer, kv active, capacity 0.125."""
+        if isinstance(data, dict):
+            defaults = {"gumbel": {"aux_loss_weight": 0.1},
+                        "mod": {"layers": "every:2", "kv": "active", "target_rate": 0.125}}.get(data.get("router"), {})
+            data = {**defaults, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check_router(self):
+        if self.router != "sigmoid" and self.mode != "threshold":
+            raise ConfigError(f"model.skip.mode: 'capacity' is a mode of router sigmoid; router {self.router} decides "
+                              f"on its own ({'top-k per sequence' if self.router == 'mod' else 'per token'})")
+        if self.router == "gumbel" and self.kv != "all":
+            raise ConfigError("model.skip.kv: router gumbel (SkipLayer) needs kv=all: its soft path needs a skipped "
+                              "token's block output, which is undefined when skipped tokens are invisible")
+        return self
 
     def routed_layers(self, num_layers: int) -> list[int]:
         if not self.enabled:
@@ -167,6 +201,9 @@ class ModelConfig(Section):
         if self.embedding_rank is not None and self.embedding_rank > self.hidden_size:
             raise ConfigError(f"model.embedding_rank: {self.embedding_rank} is larger than model.hidden_size "
                               f"{self.hidden_size}; a factorized embedding needs 1 <= k <= hidden_size")
+        if self.block == "srupp" and self.skip.enabled and self.skip.router == "gumbel":
+            raise ConfigError("model.skip.router: gumbel needs a skipped token's block output for its soft path; a "
+                              "routed SRU++ layer has none (its recurrence skips the token): use sigmoid or mod")
         if self.block == "srupp" and self.skip.enabled and self.skip.granularity != "layer":
             raise ConfigError(f"model.skip.granularity: '{self.skip.granularity}' routes a transformer's attention or "
                               f"MLP; an SRU++ block (model.block=srupp) is routed whole: use granularity=layer")

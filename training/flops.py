@@ -76,14 +76,24 @@ def _routed_parts(skip) -> set[str]:
     return attention | ({"mlp"} if skip.granularity == "layer" else set())
 
 
+def router_flops(skip, hidden_size: int) -> float:
+    """Forward FLOPs per token of one router: sigmoid w . x (d -> 1), gumbel W x (d -> 2), mod its weight (d -> 1)
+    plus the decision predictor (d -> width -> 1)."""
+    if skip.router == "gumbel":
+        return 2.0 * 2 * hidden_size
+    if skip.router == "mod":
+        return 2.0 * hidden_size + 2.0 * (hidden_size * skip.predictor_hidden + skip.predictor_hidden)
+    return 2.0 * hidden_size
+
+
 def config_flops_per_token(model, padded_vocab: int, layer_rates: dict[int, float] | None = None) -> float:
     """Training FLOPs per token of the model a `ModelConfig` describes (transformer or SRU++ blocks). A routed layer's
     routed parts count at its execution rate (`layer_rates`: layer -> measured rate; the configured target when not
-    given), the parts every token still runs (K/V with `kv: all`, attention with `mlp` granularity) and the routers in
-    full."""
+    given), the parts every token still runs (K/V with `kv: all`, attention with `mlp` granularity) in full, and its
+    router for every token. Router `gumbel` also runs the routed parts forward (no backward) for its skipped tokens
+    in training (its soft path needs their branch): a third of their training cost."""
     routed = set(model.skip.routed_layers(model.num_layers)) if model.skip.enabled else set()
-    # the LM head, and each routed layer's router (a d -> 1 projection of every token)
-    total = 2.0 * model.hidden_size * padded_vocab + 2.0 * model.hidden_size * len(routed)
+    total = 2.0 * model.hidden_size * padded_vocab  # the LM head
     if model.embedding_rank:
         # a factorized embedding's decoder, k -> d per token (the tied output layer's codes @ decoder.T is computed
         # once per micro-batch, not per token: ignored)
@@ -98,7 +108,10 @@ def config_flops_per_token(model, padded_vocab: int, layer_rates: dict[int, floa
                                             num_kv_heads=model.kv_heads)
             scaled = _routed_parts(model.skip)
         rate = (layer_rates or {}).get(layer, model.skip.target_rate) if layer in routed else 1.0
-        total += sum(f * (rate if name in scaled else 1.0) for name, f in parts.items())
+        if layer in routed:
+            total += router_flops(model.skip, model.hidden_size)
+        share = rate + (1.0 - rate) / 3 if layer in routed and model.skip.router == "gumbel" else rate
+        total += sum(f * (share if name in scaled else 1.0) for name, f in parts.items())
     return 3.0 * total
 
 

@@ -182,8 +182,8 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class ModelOutput(NamedTuple):
-    """What `GPT.forward(tokens, return_output=True)` computed: the loss to train on (LM + weighted routing budget
-    loss), its LM part (detached, for logging) and each routed layer's record of this forward."""
+    """What `GPT.forward(tokens, return_output=True)` computed: the loss to train on (LM + the routers' weighted
+    auxiliary losses), its LM part (detached, for logging) and each routed layer's record of this forward."""
 
     loss: torch.Tensor
     lm_loss: torch.Tensor
@@ -192,7 +192,7 @@ class ModelOutput(NamedTuple):
 
 class GPT(nn.Module):
     """Embedding -> blocks -> head. `forward(tokens)` takes [b, s+1] token ids and returns the mean LM loss plus,
-    when layers are routed, the weighted routing budget loss; `forward(tokens, return_output=True)` returns the
+    when layers are routed, the routers' weighted auxiliary losses; `forward(tokens, return_output=True)` returns the
     `ModelOutput` (what the trainer uses). With `sequence_parallel` the embedding output is split into TP sequence
     shards and the head gathers them again.
 
@@ -255,7 +255,7 @@ class GPT(nn.Module):
         lm_loss = self.head(h, labels, self._tied_weight())
         loss = lm_loss
         if routing:
-            loss = loss + self.cfg.skip.aux_loss_weight * sum(r.aux_loss for r in routing.values())
+            loss = loss + sum(r.aux_loss for r in routing.values())  # each router weights its own
         out = ModelOutput(loss, lm_loss.detach(), routing)
         self._inspect = out._replace(loss=None)
         return out if return_output else loss

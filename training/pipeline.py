@@ -109,9 +109,9 @@ class BlockStage(_Stage):
     """One block. A routed block's aux loss joins the carried `aux`; its record goes to the step's collector when
     the trainer set one (`GPTPipe.collecting`), since DeepSpeed's engine passes only activations between layers."""
 
-    def __init__(self, gpt_name: str, build, index: int, checkpoint: bool, aux_weight: float):
+    def __init__(self, gpt_name: str, build, index: int, checkpoint: bool):
         super().__init__(gpt_name, build)
-        self.index, self.checkpoint, self.aux_weight = index, checkpoint, aux_weight
+        self.index, self.checkpoint = index, checkpoint
         self.collector: StepCollector | None = None
 
     def forward(self, inputs):
@@ -121,7 +121,7 @@ class BlockStage(_Stage):
         if record is not None:
             if self.collector is not None and self.training and torch.is_grad_enabled():
                 self.collector.routing.setdefault(self.index, []).append(record)
-            aux = aux + self.aux_weight * record.aux_loss
+            aux = aux + record.aux_loss  # weighted by its router
         return _pack(h, aux)
 
 
@@ -210,7 +210,7 @@ class GPTPipe(PipelineModule):
         attr = "layer.tokens.weight"
         specs = [TiedLayerSpec("embed", EmbeddingStage, emb_name, emb_build, carry, tied_weight_attr=attr) if tied
                  else LayerSpec(EmbeddingStage, emb_name, emb_build, carry)]
-        specs += [LayerSpec(BlockStage, name, build, i, i in checkpointed, mc.skip.aux_loss_weight)
+        specs += [LayerSpec(BlockStage, name, build, i, i in checkpointed)
                   for i, (name, build) in enumerate(blocks)]
         specs.append(LayerSpec(HeadStage, head_name, head_build, tied))
         if tied:

@@ -3,13 +3,31 @@
 This is the seam between a routed block (`training/routing.py`, which gathers, computes and scatters the active
 tokens) and the rule that picks them. A router is a module with
 
-    decide(x [b, s, d]) -> Decision    the hard active mask, the gate the executed branch is scaled by, the budget
-                                       (aux) loss and the statistics the trainer logs and the controller reads
-    decide_step(x) -> (active, gate)   the same decision for decoding steps (per token, no batch-wide rule)
+    decide(x [b, s, d]) -> Decision    the hard active mask, the gate the executed branch is scaled by, the weighted
+                                       aux loss and the statistics the trainer logs and the controller reads; in
+                                       training mode (`module.training`) the training rule, in eval mode the
+                                       inference rule (what decoding and the Hugging Face export use)
+    decide_step(x) -> (active, gate)   the inference decision for decoding steps (per token, no batch-wide rule)
     update_controller(quantile)        the budget controller's step update (a no-op for rules that need none)
 
-`build_router(skip, ...)` makes the one `model.skip` configures. Every rank of a TP group must reach the same
-decisions (same seed, same inputs); a rule that looks across the DP batch (capacity) gathers it in `decide`.
+`build_router(skip, ...)` makes the one `model.skip.router` configures. Every rank of a TP group must reach the same
+decisions (same seed, same inputs, same noise); a rule that looks across the DP batch (capacity) gathers it in
+`decide`.
+
+- `sigmoid` (skiptron's own): p = sigmoid(w . rmsnorm(x) + b + offset); p > 0.5 (`threshold`) or a top-k over the
+  DP batch (`capacity`); the branch is scaled by p; the budget loss (rate - target)^2 on the straight-through rate
+  and a controller that moves `offset` to the budget (docs/routing.md).
+- `gumbel` (SkipLayer, "Learning to Skip for Language Modeling"): a bias-free linear map to 2 logits (skip, execute)
+  per token. Training samples the decision with straight-through Gumbel-softmax: the forward is the hard sample
+  (executed tokens get exactly F(x), skipped ones exactly x), the backward that of the soft sample, whose gradient
+  for a skipped token needs that token's branch F(x) - x: the block computes it, without grad, in training only
+  (`Decision.skipped_gate`). The capacity loss weight * (rate - target)^2 uses the hard rate (straight-through
+  gradient); the sum over layers is the model's. Inference is greedy: argmax of the logits, no noise.
+- `mod` (Mixture-of-Depths, Raposo et al. 2024): a scalar router weight r = w . rmsnorm(x) + b; exactly k =
+  round(capacity x s) tokens per sequence execute (the top-k of r, expert choice), the branch scaled by sigmoid(r).
+  Top-k looks at the whole sequence, so it is not causal; a small predictor (MLP on the stop-gradient router
+  input) learns with BCE which tokens are in the top-k, and inference (evaluation and decoding) uses its decisions
+  (logit > 0). `Decision.agreement` is how often predictor and top-k agree.
 """
 from __future__ import annotations
 
@@ -17,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from skiptron.parallel import state
@@ -27,15 +46,17 @@ from .layers import NormalLinear, rms_norm
 
 @dataclass
 class Decision:
-    """One routed forward's decision. `active` [b, s] bool; `gate` [b, s] fp32 with grad (an executed token's output
-    is x + gate * (F(x) - x)); `aux_loss` 0-d with grad; `rate` the hard executed fraction (0-d, detached);
-    `quantile` the (1 - target) quantile of the router logits (0-d, detached: the controller's input)."""
+    """One routed layer's decision for a batch [b, s]."""
 
-    active: torch.Tensor
-    gate: torch.Tensor
-    aux_loss: torch.Tensor
-    rate: torch.Tensor
-    quantile: torch.Tensor
+    active: torch.Tensor  # bool [b, s]: tokens that execute the block
+    gate: torch.Tensor  # [b, s] fp32, with grad: the multiplier of an active token's branch (F(x) - x)
+    aux_loss: torch.Tensor  # 0-d, with grad, weighted (model.skip.*_weight): what this layer adds to the loss
+    rate: torch.Tensor  # 0-d, detached: executed fraction of this rank's tokens
+    quantile: torch.Tensor  # 0-d, detached: the budget controller's signal (sigmoid threshold; else 0)
+    # gumbel in training: the soft path's multiplier of a skipped token's branch (value exactly 0); its gradient
+    # needs the skipped tokens' branch, which the block computes without grad. None: skipped tokens need nothing.
+    skipped_gate: torch.Tensor | None = None
+    agreement: torch.Tensor | None = None  # mod: fraction of tokens on which predictor and top-k agree (detached)
 
 
 def capacity_mask(p: torch.Tensor, rate: float, group) -> torch.Tensor:
@@ -55,14 +76,37 @@ def capacity_mask(p: torch.Tensor, rate: float, group) -> torch.Tensor:
     return chosen[rank * flat.numel():(rank + 1) * flat.numel()].view_as(p)
 
 
-class Router(nn.Module):
-    """p = sigmoid(w . rmsnorm(x) + b + offset); a token executes when p > 0.5 (`threshold`) or when it is among the
-    round(target x tokens) highest p of the DP batch (`capacity`). Replicated on TP ranks (same seed, same inputs,
-    same gradients).
+def sequence_capacity(capacity: float, seq_len: int) -> int:
+    """Tokens per sequence a Mixture-of-Depths layer executes: round(capacity x s), at least 1."""
+    return max(1, round(capacity * seq_len))
 
-    Gradient estimator: the executed branch is scaled by p (as MoE gating does), so the router learns from the LM
-    loss through p on the tokens it executed. Budget: (rate - target)^2 with rate = mean(hard + p - stopgrad(p)),
-    the measured hard rate in the forward and the soft rate's gradient in the backward.
+
+def top_k_per_sequence(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """bool [b, s]: the k highest scores of each row, ties to the lower position."""
+    order = torch.argsort(-scores.detach(), dim=1, stable=True)[:, :k]
+    return torch.zeros_like(scores, dtype=torch.bool).scatter(1, order, True)
+
+
+def gumbel_noise(shape: torch.Size, device: torch.device, group) -> torch.Tensor:
+    """Standard Gumbel noise for this rank's [b, s, 2] logits: drawn from torch's RNG for the whole DP batch and
+    sliced, so every rank draws the same numbers (TP replicas make the same decisions), DP ranks get different noise,
+    and a DP=2 batch sees the noise of the same batch at DP=1. The RNG streams are saved in checkpoints, and
+    activation recomputation restores them, so resumed and recomputed forwards draw the same noise."""
+    world = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+    rank = dist.get_rank(group) if world > 1 else 0
+    uniform = torch.rand((world, *shape), device=device)[rank]
+    tiny = torch.finfo(uniform.dtype).tiny
+    return -torch.log(-torch.log(uniform.clamp(tiny, 1.0 - 1e-7)))
+
+
+def _zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((), dtype=torch.float32, device=x.device)
+
+
+class Router(nn.Module):
+    """The sigmoid router: p = sigmoid(w . rmsnorm(x) + b + offset); a token executes when p > 0.5 (`threshold`) or
+    when it is among the round(target x tokens) highest p of the DP batch (`capacity`), its branch scaled by p.
+    Replicated on TP ranks (same seed, same inputs, same gradients).
 
     `offset` is the budget controller's state, not a learned weight: after every step it moves a fraction
     `controller_rate` of the way to minus the (1 - target) quantile of the step's router logits, averaged over the
@@ -72,7 +116,7 @@ class Router(nn.Module):
 
     def __init__(self, skip: SkipConfig, hidden: int, eps: float, init_std: float):
         super().__init__()
-        self.mode, self.target_rate, self.controller_rate = skip.mode, skip.target_rate, skip.controller_rate
+        self.skip = skip
         self.norm = rms_norm(hidden, eps)
         self.proj = NormalLinear(hidden, 1, bias=True, std=init_std)
         self.register_buffer("offset", torch.zeros(()))
@@ -88,29 +132,125 @@ class Router(nn.Module):
     def decide(self, x: torch.Tensor) -> Decision:
         logits = self.logits(x)
         p = torch.sigmoid(logits + self.offset)
-        if self.mode == "capacity":
-            active = capacity_mask(p, self.target_rate, state.dp_group_or_none())
+        if self.skip.mode == "capacity":
+            active = capacity_mask(p, self.skip.target_rate, state.dp_group_or_none())
         else:
             active = p > 0.5
         hard = active.float()
         rate = (hard + p - p.detach()).mean()
-        return Decision(active=active, gate=p, aux_loss=(rate - self.target_rate) ** 2, rate=hard.mean().detach(),
-                        quantile=torch.quantile(logits.detach().flatten(), 1 - self.target_rate))
+        return Decision(active=active, gate=p, aux_loss=self.skip.aux_loss_weight * (rate - self.skip.target_rate) ** 2,
+                        rate=hard.mean().detach(),
+                        quantile=torch.quantile(logits.detach().flatten(), 1 - self.skip.target_rate))
 
     def decide_step(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(active [b, n] bool, gate [b, n]) for decoding: threshold mode only, since a token's router sees only its
         own hidden state there; capacity routing looks at the whole batch."""
-        if self.mode != "threshold":
+        if self.skip.mode != "threshold":
             raise ValueError("model.skip.mode: capacity routing looks at the whole batch; decode with threshold mode")
         p = self(x)
         return p > 0.5, p
 
     @torch.no_grad()
     def update_controller(self, logit_quantile: float) -> None:
-        if self.mode == "threshold":
-            self.offset.lerp_(torch.full_like(self.offset, -logit_quantile), self.controller_rate)
+        if self.skip.mode == "threshold":
+            self.offset.lerp_(torch.full_like(self.offset, -logit_quantile), self.skip.controller_rate)
 
 
-def build_router(skip: SkipConfig, hidden: int, eps: float, init_std: float) -> Router:
-    """The router `model.skip` configures."""
+class GumbelRouter(nn.Module):
+    """SkipLayer's router: logits [skip, execute] = W x (bias-free), straight-through Gumbel-softmax in training,
+    argmax at inference. Replicated on TP ranks; the noise is the same on every TP rank (`gumbel_noise`)."""
+
+    def __init__(self, skip: SkipConfig, hidden: int, init_std: float):
+        super().__init__()
+        self.skip = skip
+        self.proj = nn.Linear(hidden, 2, bias=False)
+        nn.init.normal_(self.proj.weight, std=init_std)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[b, s, 2] fp32: (skip, execute)."""
+        return self.proj(x).float()
+
+    def decide(self, x: torch.Tensor) -> Decision:
+        logits = self.logits(x)
+        if not self.training:
+            active, _ = self.decide_step(x)
+            hard = active.float()
+            return Decision(active=active, gate=torch.ones_like(hard), aux_loss=_zero(x), rate=hard.mean(),
+                            quantile=_zero(x))
+        y = logits + gumbel_noise(logits.shape, logits.device, state.dp_group_or_none())
+        active = y[..., 1] > y[..., 0]
+        soft = torch.softmax(y / self.skip.gumbel_temperature, dim=-1)[..., 1]
+        hard = active.float()
+        straight = hard + (soft - soft.detach())  # exactly the hard sample forward, the soft one's gradient backward
+        rate = straight.mean()
+        return Decision(active=active, gate=straight, skipped_gate=straight,
+                        aux_loss=self.skip.aux_loss_weight * (rate - self.skip.target_rate) ** 2,
+                        rate=hard.mean().detach(), quantile=_zero(x))
+
+    def decide_step(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy: execute when the execute logit wins; an executed branch is added whole (gate 1)."""
+        logits = self.logits(x)
+        active = logits[..., 1] > logits[..., 0]
+        return active, torch.ones_like(logits[..., 0])
+
+    def update_controller(self, logit_quantile: float) -> None:
+        """No controller: the capacity loss alone holds the budget (as in the paper)."""
+
+
+class DecisionPredictor(nn.Module):
+    """Mixture-of-Depths' causal fix: an MLP on a token's (stop-gradient) router input predicting whether the
+    token is in its sequence's top-k."""
+
+    def __init__(self, hidden: int, width: int, init_std: float):
+        super().__init__()
+        self.hidden = nn.Linear(hidden, width)
+        self.out = nn.Linear(width, 1)
+        for layer in (self.hidden, self.out):
+            nn.init.normal_(layer.weight, std=init_std)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits [b, s] fp32 (> 0: predicted to execute)."""
+        return self.out(F.silu(self.hidden(h))).squeeze(-1).float()
+
+
+class MoDRouter(nn.Module):
+    """Mixture-of-Depths: router weight r = w . rmsnorm(x) + b, top-k per sequence in training, the predictor's
+    decisions at inference; the branch scaled by sigmoid(r). Replicated on TP ranks."""
+
+    def __init__(self, skip: SkipConfig, hidden: int, eps: float, init_std: float):
+        super().__init__()
+        self.skip = skip
+        self.norm = rms_norm(hidden, eps)
+        self.proj = nn.Linear(hidden, 1)
+        nn.init.normal_(self.proj.weight, std=init_std)
+        nn.init.zeros_(self.proj.bias)
+        self.predictor = DecisionPredictor(hidden, skip.predictor_hidden, init_std)
+
+    def decide(self, x: torch.Tensor) -> Decision:
+        h = self.norm(x)
+        weight = self.proj(h).squeeze(-1).float()
+        predicted = self.predictor(h.detach())
+        chosen = top_k_per_sequence(weight, sequence_capacity(self.skip.target_rate, x.shape[1]))
+        active = chosen if self.training else predicted > 0
+        aux = self.skip.predictor_loss_weight * F.binary_cross_entropy_with_logits(predicted, chosen.float())
+        return Decision(active=active, gate=torch.sigmoid(weight), aux_loss=aux if self.training else _zero(x),
+                        rate=active.float().mean().detach(), quantile=_zero(x),
+                        agreement=((predicted > 0) == chosen).float().mean().detach())
+
+    def decide_step(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The predictor's decision (causal), the branch scaled by sigmoid(r)."""
+        h = self.norm(x)
+        return self.predictor(h) > 0, torch.sigmoid(self.proj(h).squeeze(-1).float())
+
+    def update_controller(self, logit_quantile: float) -> None:
+        """No controller: the capacity is exact."""
+
+
+def build_router(skip: SkipConfig, hidden: int, eps: float, init_std: float) -> nn.Module:
+    """The router `model.skip.router` configures."""
+    if skip.router == "gumbel":
+        return GumbelRouter(skip, hidden, init_std)
+    if skip.router == "mod":
+        return MoDRouter(skip, hidden, eps, init_std)
     return Router(skip, hidden, eps, init_std)

@@ -48,6 +48,7 @@ class RoutingRecord(NamedTuple):
     computed_tokens: list  # rows of each position-wise computation this rank ran (after balancing)
     balance: dict  # host-side statistics of the DP exchanges (see `BalanceStats`), {} when none ran
     exchange_time: Stopwatch | None  # the exchanges' time, read once per step
+    agreement: torch.Tensor | None = None  # mod: predictor vs top-k agreement (0-d, detached), else None
 
     @property
     def exec_rate(self) -> float:
@@ -155,36 +156,53 @@ class RoutedBlock(nn.Module):
         delta = a + block.mlp(block.mlp_norm(x + a))
         return x + torch.where(active, gate * delta, 0.0), cache
 
+    def _branch(self, x: torch.Tensor, base: torch.Tensor, active: torch.Tensor, tokenwise) -> torch.Tensor:
+        """The branch the gate multiplies, for the rows of `active` [n, d]: the block's F(x) - x, its MLP (granularity
+        mlp, on `base` = x + attention) or its attention output (granularity attention)."""
+        b, s, d = x.shape
+        flat = x.reshape(b * s, d)
+        rows = active.flatten().nonzero().squeeze(1)
+        if not isinstance(self.block, Block):  # SRU++: the whole layer over each sequence's active tokens, packed
+            index, valid = pack_positions(active)
+            return self.block.forward_selected(x, index, valid) - flat[rows]
+        if self.skip.granularity == "mlp":
+            return tokenwise(self._mlp, base.reshape(b * s, d)[rows])
+        index, valid = pack_positions(active)
+        context = self.block.attn.forward_selected(self.block.attn_norm(x), index, valid, self.skip.kv == "all",
+                                                   tokenwise)
+        if self.skip.granularity == "attention":
+            return tokenwise(self.block.attn.project_out, context)
+        return tokenwise(self._attn_out_and_mlp, context, flat[rows])
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, RoutingRecord]:
         b, s, d = x.shape
         decision: Decision = self.router.decide(x)
         active = decision.active
-        flat = x.reshape(b * s, d)
+        transformer = isinstance(self.block, Block)
+        base = x
+        if transformer and self.skip.granularity == "mlp":
+            base = x + self.block.attn(self.block.attn_norm(x), positions)
         rows = active.flatten().nonzero().squeeze(1)
         gate = decision.gate.flatten()[rows].to(x.dtype)[:, None]
-        granularity = self.skip.granularity
         tokenwise = TokenExchanges(state.dp_group_or_none(), self.balance, x.device)
-
-        if not isinstance(self.block, Block):  # SRU++: the whole layer over each sequence's active tokens, packed
-            index, valid = pack_positions(active)
-            out = flat.index_add(0, rows, gate * (self.block.forward_selected(x, index, valid) - flat[rows]))
-        elif granularity == "mlp":
-            h = x + self.block.attn(self.block.attn_norm(x), positions)
-            out = h.reshape(b * s, d).index_add(0, rows, gate * tokenwise(self._mlp, h.reshape(b * s, d)[rows]))
-        else:
-            index, valid = pack_positions(active)
-            context = self.block.attn.forward_selected(self.block.attn_norm(x), index, valid, self.skip.kv == "all",
-                                                       tokenwise)
-            if granularity == "attention":
-                out = flat.index_add(0, rows, gate * tokenwise(self.block.attn.project_out, context)).view(b, s, d)
-                out = out + self.block.mlp(self.block.mlp_norm(out))
-            else:
-                out = flat.index_add(0, rows, gate * tokenwise(self._attn_out_and_mlp, context, flat[rows]))
+        out = base.reshape(b * s, d).index_add(0, rows, gate * self._branch(x, base, active, tokenwise))
+        if decision.skipped_gate is not None:
+            # gumbel in training: the soft path's gradient for a skipped token needs its branch, multiplied by a
+            # forward value of exactly 0; computed without grad (balanced like the executed work, not recorded)
+            skipped = ~active
+            with torch.no_grad():
+                branch = self._branch(x, base, skipped, TokenExchanges(state.dp_group_or_none(), self.balance,
+                                                                       x.device))
+            others = skipped.flatten().nonzero().squeeze(1)
+            out = out.index_add(0, others, decision.skipped_gate.flatten()[others].to(x.dtype)[:, None] * branch)
+        out = out.view(b, s, d)
+        if transformer and self.skip.granularity == "attention":
+            out = out + self.block.mlp(self.block.mlp_norm(out))
         record = RoutingRecord(
             aux_loss=decision.aux_loss, rate=decision.rate, quantile=decision.quantile,
             active_tokens=int(rows.numel()), computed_tokens=list(tokenwise.computed), balance=tokenwise.metrics(),
-            exchange_time=tokenwise.watch)
-        return out.view(b, s, d), record
+            exchange_time=tokenwise.watch, agreement=decision.agreement)
+        return out, record
 
 
 class RoutingMeter:
@@ -213,7 +231,9 @@ class RoutingMeter:
                                 for i in layers])
 
         aux = torch.stack([r[i].aux_loss.detach().double() for r in self.records for i in layers]).sum() / n
-        parts = [per_layer("quantile"), per_layer("rate"), aux[None]]
+        predicted = [i for i in layers if self.records[0][i].agreement is not None]  # mod layers
+        agreement = [torch.stack([r[i].agreement for r in self.records]).double().mean() for i in predicted]
+        parts = [per_layer("quantile"), per_layer("rate"), aux[None], *[a[None] for a in agreement]]
         balanced = [(r[i].balance, r[i].exchange_time) for r in self.records for i in layers if r[i].balance]
         if balanced:
             stats = [{**b, "exchange_ms": 1e3 * watch.take().get("exchange", 0.0)} for b, watch in balanced]
@@ -224,6 +244,11 @@ class RoutingMeter:
         out = {f"skip/rate/L{i}": mean[j] for j, i in enumerate(layers)}
         out["skip/exec_rate"] = sum(mean[:len(layers)]) / len(layers)
         out["skip/aux_loss"] = mean[len(layers)]
+        mean = mean[len(layers) + 1:]
+        if predicted:
+            out.update({f"skip/predictor_agreement/L{i}": v for i, v in zip(predicted, mean)})
+            out["skip/predictor_agreement"] = sum(mean[:len(predicted)]) / len(predicted)
+            mean = mean[len(predicted):]
         if balanced:
-            out.update({f"skip/{k}": v for k, v in zip(BALANCE_KEYS, mean[len(layers) + 1:])})
+            out.update({f"skip/{k}": v for k, v in zip(BALANCE_KEYS, mean)})
         return out, layer_quantiles

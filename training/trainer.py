@@ -438,6 +438,10 @@ def _merge_stage_routing(metrics: dict[str, float]) -> dict[str, float]:
         return {}
     out = dict(sorted(rates.items(), key=lambda kv: int(kv[0].rsplit("L", 1)[1])))
     out["skip/exec_rate"] = sum(rates.values()) / len(rates)
+    agreement = {k: v for p in parts for k, v in p.items() if k.startswith("skip/predictor_agreement/")}
+    if agreement:
+        out.update(agreement)
+        out["skip/predictor_agreement"] = sum(agreement.values()) / len(agreement)
     out["skip/aux_loss"] = sum(p.get("skip/aux_loss", 0.0) for p in parts)
     for key in ("imbalance_before", "imbalance_after", "tokens_moved", "bytes_moved"):
         values = [p[f"skip/{key}"] for p in parts if f"skip/{key}" in p]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 CHOICES = {"block": ("transformer", "srupp"), "skip_granularity": ("layer", "mlp", "attention"),
-           "skip_kv": ("all", "active")}
+           "skip_kv": ("all", "active"), "skip_router": ("sigmoid", "gumbel", "mod")}
 
 
 class SkiptronConfig(PretrainedConfig):
@@ -23,7 +23,8 @@ class SkiptronConfig(PretrainedConfig):
                  rms_norm_eps: float = 1e-5, rope_theta: float = 10000.0, rotary_scaling: dict | None = None,
                  initializer_range: float = 0.02, bias: bool = False, qkv_bias: bool = False, tie_embeddings: bool = True, embedding_rank: int | None = None,
                  block: str = "transformer", routed_layers: list[int] | None = None, skip_granularity: str = "layer",
-                 skip_kv: str = "all", srupp_proj_size: int | None = None, srupp_num_heads: int = 1,
+                 skip_kv: str = "all", skip_router: str = "sigmoid", skip_predictor_hidden: int = 64,
+                 srupp_proj_size: int | None = None, srupp_num_heads: int = 1,
                  srupp_attention_layers: list[int] | None = None, **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -45,6 +46,8 @@ class SkiptronConfig(PretrainedConfig):
         self.routed_layers = list(routed_layers or [])
         self.skip_granularity = skip_granularity
         self.skip_kv = skip_kv
+        self.skip_router = skip_router
+        self.skip_predictor_hidden = skip_predictor_hidden
         self.srupp_proj_size = srupp_proj_size or max(hidden_size // 4, 1)
         self.srupp_num_heads = srupp_num_heads
         self.srupp_attention_layers = list(srupp_attention_layers or [])

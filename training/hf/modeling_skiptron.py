@@ -7,8 +7,9 @@ trust_remote_code=True)` loads it. Module and parameter names are skiptron's own
 so an export is skiptron's TP=1 state dict minus the vocabulary padding. Each forward reproduces skiptron's `GPT.logits`
 (training/model.py, training/routing.py, training/srupp.py) on whole sequences:
 
-- a routed block decides per token, from that token's own hidden state (threshold mode: p > 0.5), so decisions are
-  causal. All tokens are computed and the skipped ones masked out (as in skiptron's incremental decoder) rather than
+- a routed block decides per token, from that token's own hidden state, so decisions are causal: router `sigmoid`
+  p > 0.5 (threshold mode), `gumbel` greedily (argmax of its two logits, no noise), `mod` by its predictor (the
+  top-k of training looks at the whole sequence). All tokens are computed and the skipped ones masked out (as in skiptron's incremental decoder) rather than
   gathered: the same values, simpler code. With `kv: active` skipped tokens are invisible to attention. A routed
   SRU++ layer (granularity `layer`) runs its recurrence and attention over each sequence's active tokens only.
 - SRU++ runs the recurrence as the plain PyTorch loop (skiptron's reference definition; its fused kernels match it).
@@ -116,7 +117,8 @@ class Block(nn.Module):
 
 
 class Router(nn.Module):
-    """p = sigmoid(w . rmsnorm(x) + b + offset); `offset` is the budget controller's frozen state."""
+    """Router `sigmoid`: p = sigmoid(w . rmsnorm(x) + b + offset), `offset` the budget controller's frozen state;
+    a token executes when p > 0.5, its branch scaled by p."""
 
     def __init__(self, config: SkiptronConfig):
         super().__init__()
@@ -124,23 +126,67 @@ class Router(nn.Module):
         self.proj = nn.Linear(config.hidden_size, 1)
         self.register_buffer("offset", torch.zeros(()))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.proj(self.norm(x)).squeeze(-1).float() + self.offset)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(active [b, s] bool, gate [b, s])."""
+        p = torch.sigmoid(self.proj(self.norm(x)).squeeze(-1).float() + self.offset)
+        return p > 0.5, p
+
+
+class GumbelRouter(nn.Module):
+    """Router `gumbel` (SkipLayer) at inference: greedy, a token executes when its execute logit beats its skip
+    logit (W x, bias-free), and its branch is added whole."""
+
+    def __init__(self, config: SkiptronConfig):
+        super().__init__()
+        self.proj = nn.Linear(config.hidden_size, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.proj(x).float()
+        return logits[..., 1] > logits[..., 0], torch.ones_like(logits[..., 0])
+
+
+class DecisionPredictor(nn.Module):
+    def __init__(self, config: SkiptronConfig):
+        super().__init__()
+        self.hidden = nn.Linear(config.hidden_size, config.skip_predictor_hidden)
+        self.out = nn.Linear(config.skip_predictor_hidden, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.out(F.silu(self.hidden(h))).squeeze(-1).float()
+
+
+class MoDRouter(nn.Module):
+    """Router `mod` (Mixture-of-Depths) at inference: the causal predictor decides (logit > 0), the branch is
+    scaled by sigmoid of the router weight r = w . rmsnorm(x) + b (training's per-sequence top-k is not causal)."""
+
+    def __init__(self, config: SkiptronConfig):
+        super().__init__()
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.proj = nn.Linear(config.hidden_size, 1)
+        self.predictor = DecisionPredictor(config)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.norm(x)
+        return self.predictor(h) > 0, torch.sigmoid(self.proj(h).squeeze(-1).float())
+
+
+ROUTERS = {"sigmoid": Router, "gumbel": GumbelRouter, "mod": MoDRouter}
 
 
 class RoutedBlock(nn.Module):
-    """A block (or its MLP, or its attention) applied to the tokens with p > 0.5; an executed branch is scaled by p,
-    a skipped token passes through unchanged. A routed SRU++ layer runs over each sequence's active tokens alone."""
+    """A block (or its MLP, or its attention) applied to the tokens its router picks, an executed branch scaled by
+    the router's gate; a skipped token passes through unchanged. A routed SRU++ layer runs over each sequence's
+    active tokens alone."""
 
     def __init__(self, config: SkiptronConfig, block: nn.Module):
         super().__init__()
         self.block = block
-        self.router = Router(config)
+        self.router = ROUTERS[config.skip_router](config)
         self.granularity, self.kv_all = config.skip_granularity, config.skip_kv == "all"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.router(x)
-        active = (p > 0.5)[..., None]
+        active, p = self.router(x)
+        active = active[..., None]
         gate = p.to(x.dtype)[..., None]
         block = self.block
         if isinstance(block, SRUppBlock):
