@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runs import BASE
+from runs import BASE, train_preset
 from skiptron.parallel import health, launch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,11 +113,11 @@ def test_health_check_runs_over_the_real_groups(pool4):
 
 # -- real launches: all must match a torchrun run of the same config -----------------------------------------
 @pytest.fixture(scope="module")
-def reference(tiny_data, tmp_path_factory):
-    """Final losses of `launch/torchrun.sh --nproc-per-node 2` (one node)."""
+def reference(tiny_data, tmp_path_factory, pools):
+    """Losses of what `skiptron-train` trains on 2 ranks, run in the shared pool (one-node torchrun itself is
+    tested in tests/test_training.py): every launcher below must reproduce them."""
     run = tmp_path_factory.mktemp("ref")
-    _check(subprocess.run(["bash", "launch/torchrun.sh", "--nproc-per-node", "2", *_args(tiny_data, run)],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300))
+    pools(2).run(train_preset, "tiny", BASE, tiny_data, run)
     return _losses(run)
 
 
@@ -242,14 +242,13 @@ def _final_weights(run_dir) -> dict:
     return torch.load(ckpt / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
 
 
-def test_sbatch_preempted_job_saves_requeues_and_resumes_to_the_same_result(slurm, tiny_data, tmp_path):
+def test_sbatch_preempted_job_saves_requeues_and_resumes_to_the_same_result(slurm, tiny_data, tmp_path, pool2):
     """USR1 to the batch script mid-run (what `--signal=B:USR1@300` sends before the time limit): every rank saves at
     the same step and exits with the requeue code, the script requeues the job, the restart resumes from the sharded
-    checkpoint, and the run ends with the same final loss and weights as an uninterrupted torchrun run."""
-    steps = ["train.max_steps=100", "checkpoint.save_at_end=true", "logging.print_every=1"]
+    checkpoint, and the run ends with the same final loss and weights as an uninterrupted run."""
+    steps = ["train.max_steps=40", "checkpoint.save_at_end=true", "logging.print_every=1"]
     ref = tmp_path / "ref"
-    _check(subprocess.run(["bash", "launch/torchrun.sh", "--nproc-per-node", "2", *_args(tiny_data, ref, *steps)],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300))
+    pool2.run(train_preset, "tiny", BASE + steps, tiny_data, ref)
     run, env = tmp_path / "run", dict(slurm, SKIPTRON_LOG_DIR=str(tmp_path / "logs"))
     job = _sbatch(env, "-N", "2", "--ntasks-per-node=1", f"--output={tmp_path}/job.out",
                   "launch/slurm/train.sbatch", *_args(tiny_data, run, *steps))
@@ -276,10 +275,8 @@ def test_sbatch_failed_job_requeues_itself_and_resumes_to_the_same_weights(slurm
     """Rank 1 (node2) is SIGKILLed at step 12 of a 2-node job: the watchdog ends rank 0 naming it, the batch script
     requeues the job as a failure restart (not only on exit 75), the restart resumes from the step-10 checkpoint,
     and the job completes with the weights, bitwise, of an uninterrupted run."""
-    from runs import train_preset
-
     steps = ["train.max_steps=24", "checkpoint.interval=5", "checkpoint.save_at_end=true", "logging.print_every=1",
-             "launch.collective_timeout_s=15"]
+             "launch.collective_timeout_s=10"]
     run = tmp_path / "run"
     env = dict(slurm, SKIPTRON_LOG_DIR=str(tmp_path / "logs"),
                SKIPTRON_FAULTS=f"kill:step=12:rank=1:once={tmp_path}/fired")
