@@ -15,3 +15,5 @@ fi
 "$VPY" -m pip install -q -e "$ROOT[test,eval]"
 export PATH="$ROOT/.venv/bin:$PATH"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# The JIT-built C++ extensions, built here once rather than by the first of many ranks (or tests) at once.
+"$VPY" -m skiptron.training.kernels

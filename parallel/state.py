@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from . import launch
+from . import extensions, launch
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,8 @@ def init_world(backend: str = "auto", timeout_s: int = 600, rendezvous_timeout_s
     device, backend = pick_device(backend)
     if not dist.is_initialized():
         launch.init_process_group(backend, timeout_s, rendezvous_timeout_s)
+    if device.type == "cpu":
+        extensions.load_deepspeed_comm_op()  # before DeepSpeed's comm backend builds it without a safe lock
     return device, backend
 
 

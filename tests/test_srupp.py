@@ -68,6 +68,32 @@ def test_falls_back_to_reference_without_compiler(monkeypatch):
         sru_recurrence(*inputs, impl="cpu")
 
 
+def test_a_build_lock_left_by_a_killed_build_is_cleared_and_a_live_one_waited_for(monkeypatch, tmp_path):
+    """torch's lock file outlives a killed build (and then blocks every later load forever): under skiptron's flock
+    it is stale and removed; while another process holds the flock (building), the load waits for it."""
+    import subprocess
+    import sys
+    import time
+
+    from skiptron.parallel.extensions import build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    with build_lock("demo") as directory:
+        pass
+    (directory / "lock").touch()  # what a process killed inside torch's build leaves
+    with pytest.warns(RuntimeWarning, match="left by a process that died"), build_lock("demo"):
+        assert not (directory / "lock").exists()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'w'); fcntl.flock(f, fcntl.LOCK_EX); print(flush=True); "
+        "time.sleep(1.5)"), str(directory.parent / "demo.skiptron-lock")], stdout=subprocess.PIPE, text=True)
+    holder.stdout.readline()  # it holds the lock now
+    start = time.monotonic()
+    with build_lock("demo"):
+        waited = time.monotonic() - start
+    holder.wait()
+    assert waited > 1.0, waited
+
+
 def test_recurrence_shape_errors_name_the_tensor():
     u, x, v, bias, c0 = _inputs(2, 5, 7)
     with pytest.raises(ValueError, match="c0 must have shape"):
@@ -179,7 +205,7 @@ def _routed_vs_reference(tp: int):
     model = _srupp_model(tp, routed=True)
     seen = {}
     for i in (1, 2):
-        model.blocks[i].register_forward_hook(lambda m, args, out, i=i: seen.__setitem__(i, (args[0], out)))
+        model.blocks[i].register_forward_hook(lambda m, args, out, i=i: seen.__setitem__(i, (args[0], out[0])))
     tokens = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         for block in model.blocks:

@@ -189,13 +189,19 @@ def skiptron_hf_tensors(name: str, t: torch.Tensor, vocab_size: int) -> list[tup
     return [(name, t[:vocab_size] if name in VOCAB_ROWS else t)]
 
 
+def router_offset_keys(model_cfg) -> list[str]:
+    """SkiptronForCausalLM's controller-offset buffers: one per routed layer, for the sigmoid router only (the one
+    router with a budget controller)."""
+    if model_cfg.skip.router != "sigmoid":
+        return []
+    return [f"blocks.{i}.router.offset" for i in model_cfg.skip.routed_layers(model_cfg.num_layers)]
+
+
 def router_offsets(buffers: dict[str, torch.Tensor], model_cfg) -> dict[str, torch.Tensor]:
     """The routers' controller offsets SkiptronForCausalLM holds. A routed layer without a saved offset
     (weights-only checkpoints keep no buffers) gets 0, as skiptron itself gives it when loading that checkpoint."""
     out = {}
-    sigmoid = model_cfg.skip.router == "sigmoid"  # the one router with a controller offset
-    for i in model_cfg.skip.routed_layers(model_cfg.num_layers) if sigmoid else ():
-        key = f"blocks.{i}.router.offset"
+    for key in router_offset_keys(model_cfg):
         if key not in buffers:
             print(f"skiptron-convert: warning: no {key} in the checkpoint; using 0 (as skiptron does when it loads "
                   f"this checkpoint)", file=sys.stderr)
@@ -278,7 +284,7 @@ def to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, trust: bool = F
     specs = _export_specs(meta["params"], convert)
     offsets = {}
     if not native:
-        offsets = {f"blocks.{i}.router.offset": None for i in m.skip.routed_layers(m.num_layers)}
+        offsets = dict.fromkeys(router_offset_keys(m))
         specs += [TensorSpec(k, (), torch.float32) for k in offsets]
         _check_state(path, hf_cfg, specs)
     params, buffers = _whole_params(path, meta, trust)

@@ -200,6 +200,8 @@ def _share_fp32_master_partitions(engine) -> None:
         opt.optimizer.param_groups[i]["params"] = [shared]
     opt._link_all_hp_params()
 
+
+class PipeTimer:
     """Measures each stage's idle time inside the pipeline schedule: the bubble fraction of a step is
     1 - (forward + backward time) / (schedule time without the optimizer step and gradient reductions), i.e. the
     share of the pipelined phase this stage spent waiting on (or transferring to) its neighbours."""

@@ -1,5 +1,5 @@
 """The fused CPU recurrence: `sru_cpu.cpp`, compiled on first use with torch.utils.cpp_extension.load (cached under
-torch's extension directory, so later processes only load it)."""
+torch's extension directory, so later processes only load it; `build_lock` keeps a killed build from blocking them)."""
 from __future__ import annotations
 
 import functools
@@ -8,6 +8,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from skiptron.parallel.extensions import build_lock
 
 SOURCE = Path(__file__).with_name("sru_cpu.cpp")
 # -ffast-math lets GCC vectorize exp() through glibc's vector math library; the result still matches the reference
@@ -36,8 +38,9 @@ def extension():
         from torch.utils.cpp_extension import load
 
         name, flags = _build_target()
-        return load(name=name, sources=[str(SOURCE)], extra_cflags=flags,
-                    verbose=os.environ.get("SKIPTRON_KERNEL_VERBOSE") == "1")
+        with build_lock(name):
+            return load(name=name, sources=[str(SOURCE)], extra_cflags=flags,
+                        verbose=os.environ.get("SKIPTRON_KERNEL_VERBOSE") == "1")
     except Exception as err:  # no compiler, no headers, a failed build: fall back, but say so
         warnings.warn(f"SRU++: the fused CPU recurrence could not be built ({type(err).__name__}: "
                       f"{str(err).strip().splitlines()[-1] if str(err).strip() else err!r}); using the PyTorch "
