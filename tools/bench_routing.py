@@ -2,13 +2,15 @@
 
 compute (one process): a whole train step (DeepSpeed engine, AdamW) of the dense model against the same model with
 every layer routed at execution rate 0.5 (capacity mode, so the rate is exact; `--modes capacity,threshold` adds
-threshold routing, whose rate the controller steers to 0.5), with `kv: all` and `kv: active`.
+threshold routing, whose rate the controller steers to 0.5), with `kv: all` and `kv: active`; each routed step time next to its FLOP ratio (training/flops.py at the rates measured).
 
 balance (torchrun, 2 or more processes, one thread each): forward + backward + the DP gradient all-reduce of a routed
 model whose ranks are deliberately skewed (rank 0 executes 90% of its tokens in every routed layer, the others 10%:
 each rank's router offset is set for that; benchmark only, training keeps offsets equal) with the balancer off and
 on, against the ideal where every rank holds the mean load (50%). Also prints the bytes the token exchange moves per
 step next to the gradient all-reduce's bytes.
+
+decode (one process): `IncrementalDecoder` tokens/s (KV cache) of the dense model and of each router at batch 1 and 8.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from skiptron.parallel import state
 from skiptron.tools.bench import alternate_timings
 from skiptron.training.config import load_config
 from skiptron.training.engine import build_engine
+from skiptron.training.flops import config_flops_per_token
 from skiptron.training.model import GPT
 from skiptron.training.trainer import Trainer, seed_everything
 from skiptron.training import verbosity
@@ -53,21 +56,33 @@ def compute(args) -> dict:
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, args.vocab_size, (base.train.micro_batch_size, base.model.seq_len + 1),
                              generator=g).to(device) for _ in range(ga)]
-    systems = {}
+    systems, trainers = {}, {}
     for name, extra in compute_variants(args.modes.split(",")).items():
         cfg = load_config(args.config, list(args.overrides) + extra)
         seed_everything(cfg.train.seed)
         engine, precision = build_engine(cfg, GPT(cfg.model, args.vocab_size, cfg.parallel.tp), layout)
-        trainer = Trainer(cfg, layout, engine, precision, args.vocab_size, manifest={})
-        systems[name] = lambda t=trainer: t.train_step(iter(batches))
+        trainers[name] = Trainer(cfg, layout, engine, precision, args.vocab_size, manifest={})
+        systems[name] = lambda t=trainers[name]: t.train_step(iter(batches))
     times = alternate_timings(systems, device, args.warmup, args.rounds, args.steps)
     step = {name: statistics.median(t) for name, t in times.items()}
-    result = {"step_s": step, "ratio_vs_dense": {n: step[n] / step["dense"] for n in step},
+    flops = {name: step_flops_per_token(t, t.train_step(iter(batches))) for name, t in trainers.items()}
+    ratio = {n: step[n] / step["dense"] for n in step}
+    flop_ratio = {n: flops[n] / flops["dense"] for n in step}
+    result = {"step_s": step, "ratio_vs_dense": ratio, "flop_ratio_vs_dense": flop_ratio,
+              "overhead_vs_flops": {n: ratio[n] / flop_ratio[n] for n in step},
               "precision": precision, "device": str(device)}
     for name in step:
-        print(f"{name:27s} step {step[name] * 1e3:8.1f} ms | ratio to dense {step[name] / step['dense']:.3f}")
-    print("target: routed at rate 0.5 <= 0.65 x dense")
+        print(f"{name:27s} step {step[name] * 1e3:8.1f} ms | ratio to dense {ratio[name]:.3f} | FLOP ratio "
+              f"{flop_ratio[name]:.3f} | time / FLOP ratio {ratio[name] / flop_ratio[name]:.3f}")
+    print("target: time / FLOP ratio <= 1.15 (training/flops.py at the measured execution rates)")
     return result
+
+
+def step_flops_per_token(trainer: Trainer, step_metrics: dict) -> float:
+    """Training FLOPs per token at the execution rates a step measured (training/flops.py, router included)."""
+    rates = {int(k.rsplit("/L", 1)[1]): v for k, v in step_metrics.items() if k.startswith("skip/rate/L")}
+    model = trainer.cfg.model
+    return config_flops_per_token(model, model.padded_vocab_size(trainer.vocab_size), rates)
 
 
 def _skewed_model(cfg, vocab: int, rate: float, balance: bool, tokens: torch.Tensor) -> GPT:
@@ -132,11 +147,59 @@ def balance_bench(args) -> dict:
     return result
 
 
+DECODE_VARIANTS = {
+    "dense": [],
+    "routed sigmoid kv=all": ["model.skip.enabled=true", "model.skip.mode=threshold", "model.skip.kv=all"],
+    "routed sigmoid kv=active": ["model.skip.enabled=true", "model.skip.mode=threshold", "model.skip.kv=active"],
+    "routed gumbel": ["model.skip.enabled=true", "model.skip.router=gumbel"],
+    "mod (every 2nd layer)": ["model.skip.enabled=true", "model.skip.router=mod"],
+}
+
+
+def decode_bench(args) -> dict:
+    """Tokens/s of `IncrementalDecoder` (KV cache, one new token per call after a prompt) at batch 1 and 8, dense
+    against each router, untrained (the execution rates printed are what their decoding decisions gave)."""
+    from skiptron.training.model import IncrementalDecoder
+
+    device, _ = state.init_world("auto")
+    base = load_config(args.config, args.overrides)
+    state.init_model_parallel(base.parallel.tp, 1, device)
+    result = {}
+    for batch in (1, 8):
+        g = torch.Generator().manual_seed(0)
+        prompt = torch.randint(0, args.vocab_size, (batch, args.prompt), generator=g).to(device)
+        steps = torch.randint(0, args.vocab_size, (batch, args.new_tokens), generator=g).to(device)
+        systems, rates = {}, {}
+        for name, extra in DECODE_VARIANTS.items():
+            cfg = load_config(args.config, list(args.overrides) + extra)
+            seed_everything(cfg.train.seed)
+            model = GPT(cfg.model, args.vocab_size, cfg.parallel.tp).to(device).eval()
+            with torch.no_grad():
+                model.logits(torch.cat([prompt, steps], dim=1))
+            records = model.routing_records()
+            rates[name] = (sum(float(r.exec_rate) for r in records.values()) / len(records)) if records else 1.0
+
+            def generate(m=model):
+                decoder = IncrementalDecoder(m)
+                decoder(prompt)
+                for i in range(args.new_tokens):
+                    decoder(steps[:, i:i + 1])
+            systems[name] = generate
+        times = alternate_timings(systems, device, args.warmup, args.rounds, 1)
+        per_s = {n: batch * args.new_tokens / statistics.median(t) for n, t in times.items()}
+        result[f"batch{batch}"] = {"tokens_per_s": per_s, "exec_rate": rates}
+        for name in systems:
+            print(f"batch {batch} {name:26s} {per_s[name]:8.1f} tok/s | vs dense {per_s[name] / per_s['dense']:.3f} "
+                  f"| exec rate {rates[name]:.2f}")
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="skiptron-bench-routing", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["compute", "balance"],
-                   help="compute: routed vs dense step time in one process; balance: the DP token balancer")
+    p.add_argument("mode", choices=["compute", "balance", "decode"],
+                   help="compute: routed vs dense step time in one process; balance: the DP token balancer; "
+                        "decode: IncrementalDecoder tokens/s, dense vs each router")
     p.add_argument("--config", default="tiny", help="YAML file or preset name (tiny, 125m, 350m, 1.3b, 6.7b)")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the model (default: %(default)s)")
     p.add_argument("--granularity", default="mlp", choices=["layer", "mlp"], help="balance mode")
@@ -145,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="timed steps per round (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each round (default: %(default)s)")
+    p.add_argument("--prompt", type=int, default=64, help="decode: prompt tokens (default: %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=64, help="decode: generated tokens (default: %(default)s)")
     p.add_argument("--json", help="also write the results to this file (rank 0)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value config overrides, e.g. parallel.tp=2")
     verbosity.add_argument(p)
@@ -153,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_intermixed_args(argv)
-    result = compute(args) if args.mode == "compute" else balance_bench(args)
+    result = {"compute": compute, "balance": balance_bench, "decode": decode_bench}[args.mode](args)
     if args.json and (not dist.is_initialized() or dist.get_rank() == 0):
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -157,18 +157,24 @@ class Router(nn.Module):
 
 
 class GumbelRouter(nn.Module):
-    """SkipLayer's router: logits [skip, execute] = W x (bias-free), straight-through Gumbel-softmax in training,
-    argmax at inference. Replicated on TP ranks; the noise is the same on every TP rank (`gumbel_noise`)."""
+    """SkipLayer's router: logits [skip, execute] = W x / rms(x) (bias-free, no gain), straight-through
+    Gumbel-softmax in training, argmax at inference. Replicated on TP ranks; the noise is the same on every TP rank
+    (`gumbel_noise`).
 
-    def __init__(self, skip: SkipConfig, hidden: int, init_std: float):
+    The hidden state is RMS-normalized (as every router here sees it) because the early residual stream is small
+    (|x| ~ init_std x sqrt(hidden)): Adam moves each weight by about lr per step, so on raw x the logits could move
+    by only ~2 lr |x|_1 per step and the capacity loss could not bring the rate to its budget in a few hundred steps."""
+
+    def __init__(self, skip: SkipConfig, hidden: int, eps: float, init_std: float):
         super().__init__()
         self.skip = skip
+        self.eps = eps
         self.proj = nn.Linear(hidden, 2, bias=False)
         nn.init.normal_(self.proj.weight, std=init_std)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """[b, s, 2] fp32: (skip, execute)."""
-        return self.proj(x).float()
+        return self.proj(F.rms_norm(x, (x.shape[-1],), eps=self.eps)).float()
 
     def decide(self, x: torch.Tensor) -> Decision:
         logits = self.logits(x)
@@ -250,7 +256,7 @@ class MoDRouter(nn.Module):
 def build_router(skip: SkipConfig, hidden: int, eps: float, init_std: float) -> nn.Module:
     """The router `model.skip.router` configures."""
     if skip.router == "gumbel":
-        return GumbelRouter(skip, hidden, init_std)
+        return GumbelRouter(skip, hidden, eps, init_std)
     if skip.router == "mod":
         return MoDRouter(skip, hidden, eps, init_std)
     return Router(skip, hidden, eps, init_std)

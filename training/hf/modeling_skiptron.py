@@ -134,14 +134,15 @@ class Router(nn.Module):
 
 class GumbelRouter(nn.Module):
     """Router `gumbel` (SkipLayer) at inference: greedy, a token executes when its execute logit beats its skip
-    logit (W x, bias-free), and its branch is added whole."""
+    logit (W x / rms(x), bias-free), and its branch is added whole."""
 
     def __init__(self, config: SkiptronConfig):
         super().__init__()
+        self.eps = config.rms_norm_eps
         self.proj = nn.Linear(config.hidden_size, 2, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.proj(x).float()
+        logits = self.proj(F.rms_norm(x, (x.shape[-1],), eps=self.eps)).float()
         return logits[..., 1] > logits[..., 0], torch.ones_like(logits[..., 0])
 
 
