@@ -3,6 +3,7 @@ from setuptools import setup
 
 PACKAGES = {
     "skiptron.training": "training",
+    "skiptron.training.checkpoint": "training/checkpoint",
     "skiptron.training.kernels": "training/kernels",
     "skiptron.training.hf": "training/hf",
     "skiptron.parallel": "parallel",

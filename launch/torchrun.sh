@@ -15,7 +15,7 @@
 # verdict), up to K times; each restart resumes from the newest complete checkpoint (resume=auto).
 # Preemption: send SIGTERM or SIGUSR1 to THIS script (not to torchrun: torchrun answers SIGTERM by killing its
 # workers within 30 s and exits 1). The script forwards SIGUSR1 to the ranks, they save at the next step boundary,
-# and the script exits with 75 (training/checkpoint.py's EXIT_PREEMPTED), restarts or not. torchrun itself ignores
+# and the script exits with 75 (training/signals.py's EXIT_PREEMPTED), restarts or not. torchrun itself ignores
 # SIGUSR1 (inherited), so `scancel --signal=USR1` reaching every process of a step stops the run the same way.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

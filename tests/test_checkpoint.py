@@ -321,7 +321,8 @@ phase, overrides = sys.argv[1], sys.argv[2:]
 # let the save of step 2 finish, die inside the save of step 4
 target = {"rank-file": "_torch_save", "manifest": "_write_manifest", "publish": "_publish",
           "retention": "apply_retention", "disk-full": "save"}[phase]
-real = getattr(ckpt, target)
+owner = ckpt if target == "save" else ckpt.store  # where the trainer, and save(), look the name up
+real = getattr(owner, target)
 
 def wrapper(*args, **kwargs):
     if trainer.progress.step == 4:
@@ -337,7 +338,7 @@ def wrapper(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(*args, **kwargs)
 
-setattr(ckpt, target, wrapper)
+setattr(owner, target, wrapper)
 trainer = Trainer.setup(load_config(None, overrides))
 trainer.run()
 """
@@ -400,6 +401,7 @@ def test_disk_full_during_save_names_the_file_and_keeps_previous_checkpoint(tiny
 def test_cli_exits_with_distinct_code_on_sigterm(tiny_data, tmp_path):
     """SIGTERM to one torchrun worker: both save the same step and exit with EXIT_PREEMPTED."""
     from skiptron.training import checkpoint as ckpt
+    from skiptron.training.signals import EXIT_PREEMPTED
 
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29633",
@@ -416,7 +418,7 @@ def test_cli_exits_with_distinct_code_on_sigterm(tiny_data, tmp_path):
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     os.kill(int(workers[-1]), signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0 and f"exitcode  : {ckpt.EXIT_PREEMPTED}" in out, out[-3000:]
+    assert proc.returncode != 0 and f"exitcode  : {EXIT_PREEMPTED}" in out, out[-3000:]
     found = ckpt.find_resumable(run / "checkpoints", log=None)
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert found.name == f"step{steps[-1]:08d}" and (run / "checkpoints/latest").read_text() == found.name

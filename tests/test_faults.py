@@ -146,10 +146,10 @@ def _doctor_progress(ckpt_dir: Path, steps: int, samples_per_step: int) -> None:
 
 
 def _rehash(ckpt_dir: Path, name: str) -> None:
-    from skiptron.training import checkpoint as ckpt
+    from skiptron.training.checkpoint.files import _sha256
 
     manifest = json.loads((ckpt_dir / "manifest.json").read_text())
-    manifest["files"][name] = {"size": (ckpt_dir / name).stat().st_size, "sha256": ckpt._sha256(ckpt_dir / name)}
+    manifest["files"][name] = {"size": (ckpt_dir / name).stat().st_size, "sha256": _sha256(ckpt_dir / name)}
     (ckpt_dir / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -318,6 +318,7 @@ def test_sigterm_to_the_torchrun_script_saves_and_exits_75(tiny_data, tmp_path):
     """SIGTERM to launch/torchrun.sh (how to preempt a torchrun job; torchrun itself exits 1): the ranks save at
     the same step and the script exits with 75, also with --max-restarts."""
     from skiptron.training import checkpoint as ckpt
+    from skiptron.training.signals import EXIT_PREEMPTED
 
     run = tmp_path / "run"
     proc = subprocess.Popen(["bash", "launch/torchrun.sh", "--nproc-per-node", "2", "--max-restarts", "1",
@@ -329,7 +330,7 @@ def test_sigterm_to_the_torchrun_script_saves_and_exits_75(tiny_data, tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=240)
-    assert proc.returncode == ckpt.EXIT_PREEMPTED, out[-4000:]
+    assert proc.returncode == EXIT_PREEMPTED, out[-4000:]
     assert "[torchrun.sh] SIGTERM: asking the ranks to checkpoint and stop" in out
     found = ckpt.find_resumable(run / "checkpoints", log=None)
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]

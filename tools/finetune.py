@@ -126,6 +126,7 @@ def train(args) -> int:
     from skiptron.training import checkpoint as ckpt
     from skiptron.training.config import ConfigError
     from skiptron.training.masking import Finetuning, save_task_file
+    from skiptron.training.signals import Preempted
     from skiptron.training.trainer import Trainer
 
     try:
@@ -149,7 +150,7 @@ def train(args) -> int:
     finally:
         state.shutdown()
     if trainer.stopped_by:
-        raise ckpt.Preempted(trainer.stopped_by, trainer.last_saved_step)
+        raise Preempted(trainer.stopped_by, trainer.last_saved_step)
     if int(os.environ.get("RANK", "0")) == 0 and summary.get("best_val_loss") is not None:
         print(f"best validation loss {summary['best_val_loss']:.4f}")
     return 0

@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_trust_argument(parser: argparse.ArgumentParser) -> None:
-    """`--trust-checkpoint`: the command-line form of checkpoint.trust_pickle (see training/checkpoint.py)."""
+    """`--trust-checkpoint`: the command-line form of checkpoint.trust_pickle (see training/checkpoint/files.py)."""
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="load checkpoint files whose pickles reference code (refused by default: loading them "
                              "could run anything); same as checkpoint.trust_pickle=true")

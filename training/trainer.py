@@ -30,6 +30,7 @@ from .metrics import MetricsLogger
 from .model import GPT, compile_blocks
 from .routing import RoutingMeter
 from .runlock import RunDirBusy, RunLock
+from .signals import EXIT_PREEMPTED, Preempted, StopSignals
 
 # launch/torchrun.sh points this at a file; a rank that stops for a signal writes EXIT_PREEMPTED there, so the
 # script exits with it (torchrun itself only knows "failed"), and restarted workers do not train again.
@@ -232,7 +233,7 @@ class Trainer:
         return state.all_reduce_mean(total / self.cfg.eval.batches, state.dp_group()).item()
 
     def save(self) -> Path:
-        """Checkpoint the current step (atomic, see training/checkpoint.py). Collective. A checkpoint saved while
+        """Checkpoint the current step (atomic, see training/checkpoint/). Collective. A checkpoint saved while
         steps are being skipped is marked (`health` in trainer.json) so resume does not prefer it silently."""
         tokenizer = Path(self.cfg.data.sources()[0].path) / self.manifest.get("tokenizer", "tokenizer.json")
         health = {"skipped_streak": self.guard.streak, "skipped_total": self.guard.totals["total"]}
@@ -326,7 +327,7 @@ class Trainer:
     def _loop(self, log, train_data, corrupt, dog, ga, tokens_per_step, model_flops, peak) -> dict:
         cfg, layout = self.cfg, self.layout
         batches = iter(train_data)
-        signals = ckpt.StopSignals(layout.device).install()
+        signals = StopSignals(layout.device).install()
         nonfinite = 0
         # fp16: DeepSpeed's loss scaler skips overflowing steps while it lowers the scale from 2^16 (at most 16 in
         # a row); those do not count towards train.max_nonfinite_steps
@@ -478,21 +479,21 @@ def lock_run_dir(cfg: Config, layout: state.Layout) -> RunLock | None:
 def _preempted_before() -> bool:
     """The launcher was asked to stop and a rank already saved for it: a restarted worker must not train on."""
     path = os.environ.get(EXIT_STATUS_FILE_ENV)
-    return bool(path) and Path(path).is_file() and Path(path).read_text().strip() == str(ckpt.EXIT_PREEMPTED)
+    return bool(path) and Path(path).is_file() and Path(path).read_text().strip() == str(EXIT_PREEMPTED)
 
 
 def train(cfg: Config, extension: TrainerExtension | None = None) -> dict:
     """Train one run in this process (one rank of the launcher's world) and tear the groups down."""
     if _preempted_before():
-        raise ckpt.Preempted(0, -1)
+        raise Preempted(0, -1)
     try:
         trainer = Trainer.setup(cfg, extension)
         summary = trainer.run()
         dist.barrier()
     finally:
         state.shutdown()
-    if trainer.stopped_by:  # saved at a step boundary; exit with ckpt.EXIT_PREEMPTED so the job can be requeued
+    if trainer.stopped_by:  # saved at a step boundary; exit with EXIT_PREEMPTED so the job can be requeued
         if os.environ.get(EXIT_STATUS_FILE_ENV):
-            Path(os.environ[EXIT_STATUS_FILE_ENV]).write_text(str(ckpt.EXIT_PREEMPTED))
-        raise ckpt.Preempted(trainer.stopped_by, trainer.last_saved_step)
+            Path(os.environ[EXIT_STATUS_FILE_ENV]).write_text(str(EXIT_PREEMPTED))
+        raise Preempted(trainer.stopped_by, trainer.last_saved_step)
     return summary

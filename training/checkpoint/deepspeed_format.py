@@ -1,0 +1,162 @@
+"""DeepSpeed's side of a checkpoint: where its shards live, how to read them, and the hooks on its checkpoint engine.
+
+What is read here is DeepSpeed's private file layout (file names, ZeRO partitions, stage-0 masters, pipeline
+per-layer files); each piece names the DeepSpeed version it was checked against (0.19.8).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+from .files import _load, _writing, load_file
+
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _read_through_load_file(engine, trust: bool) -> None:
+    """DeepSpeed 0.19.8's TorchCheckpointEngine.load calls torch.load(weights_only=False), and every file
+    `engine.load_checkpoint` reads (model states, ZeRO optimizer states, a pipeline's per-layer files) goes through
+    `engine.checkpoint_engine.load(path, map_location)`: route those reads through `load_file`."""
+    reader = engine.checkpoint_engine
+
+    def load(path, map_location=None):
+        return load_file(path, map_location=map_location, trust=trust)
+
+    reader.load = load
+
+
+def _name_write_errors(engine) -> None:
+    """Route DeepSpeed's own checkpoint files through `_writing`, so a failed write names its file there too."""
+    writer = engine.checkpoint_engine
+    if getattr(writer, "skiptron_named_errors", False):
+        return
+    save_file = writer.save
+
+    def save(state_dict, path):
+        with _writing(Path(path)):
+            return save_file(state_dict, path)
+
+    writer.save, writer.skiptron_named_errors = save, True
+
+
+def _model_file(path: Path, stage: int, mp_rank: int) -> Path:
+    """DeepSpeed's model-parallel rank `mp_rank` is the TP rank, under PP stage x TP + TP rank."""
+    prefix = "zero_pp_rank_0_" if stage == 3 else ""
+    return path / f"{prefix}mp_rank_{mp_rank:02d}_model_states.pt"
+
+
+def _optim_file(path: Path, dp_rank: int, mp_rank: int, precision: str) -> Path:
+    """DeepSpeed prefixes the ZeRO optimizer files of bf16 runs with `bf16_` (any stage; checked with 0.19.8)."""
+    prefix = "bf16_" if precision == "bf16" else ""
+    return path / f"{prefix}zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
+
+
+def _stage0_masters(optimizer: dict, names: list[str], param_shapes: list[dict]) -> tuple[list, dict]:
+    """ZeRO-0 bf16/fp16 (DeepSpeed's FP16_Optimizer): the fp32 master of every parameter in optimizer-group order,
+    and the base optimizer's state by that same index. The unfused optimizer (torch's AdamW) saves one master per
+    parameter (`fp32_groups`); the fused one (apex / DeepSpeed FusedAdam) one flat master and state per group
+    (`fp32_groups_flat`), cut here by the parameter shapes DeepSpeed records (`param_shapes`)."""
+    state = optimizer["optimizer_state_dict"]["state"]
+    if "fp32_groups" in optimizer:
+        return [t for group in optimizer["fp32_groups"] for t in group], state
+    masters, per_param = [], {}
+    for g, (flat, shapes) in enumerate(zip(optimizer["fp32_groups_flat"], param_shapes)):
+        offset = 0
+        for shape in shapes.values():
+            n, i = math.prod(shape), len(masters)
+            masters.append(flat.narrow(0, offset, n).view(shape))
+            if g in state:
+                per_param[i] = {k: state[g][k].narrow(0, offset, n).view(shape) for k in ADAM_KEYS}
+                per_param[i]["step"] = state[g]["step"]
+            offset += n
+    if len(masters) != len(names):
+        raise CheckpointError(f"ZeRO-0 optimizer state holds {len(masters)} parameters, trainer.json {len(names)}")
+    return masters, per_param
+
+
+def _stage_module_state(path: Path, pipe: dict, stage: int, tp_rank: int, trust: bool = False) -> dict[str, torch.Tensor]:
+    """A pipeline stage's weights and buffers (this TP rank's shards) under GPT's names, from DeepSpeed's per-layer
+    files `layer_<index>-model_<tp rank>-model_states.pt`."""
+    out = {}
+    for idx in range(pipe["parts"][stage], pipe["parts"][stage + 1]):
+        name = pipe["layers"][idx]
+        if name is not None:  # None: the tied output layer, whose weight is the embedding's (first stage)
+            state = _load(path / f"layer_{idx:02d}-model_{tp_rank:02d}-model_states.pt", trust)
+            out.update({f"{name}.{k.removeprefix('layer.')}": v for k, v in state.items()})
+    return out
+
+
+def _read_tp_rank(path: Path, meta: dict, tp_rank: int, with_optimizer: bool, pp_rank: int = 0,
+                  trust: bool = False):
+    """One (pipeline stage, TP rank)'s tensors {GPT name: {"param", "exp_avg", "exp_avg_sq"}}, ZeRO partitions
+    joined over DP, and its model-states file with `module` holding its weights and buffers under GPT's names."""
+    lay = meta["layout"]
+    stage, dp = lay["zero_stage"], lay["dp"]
+    pipe = meta.get("pipeline")
+    mp_rank = pp_rank * lay["tp"] + tp_rank
+    model = _load(_model_file(path, stage, mp_rank), trust)
+    if pipe:
+        from ..pipeline import gpt_name
+
+        def rename(name):
+            return gpt_name(name, pipe["layers"])
+        model["module"] = _stage_module_state(path, pipe, pp_rank, tp_rank, trust)
+        groups = pipe["optimizer_groups"][pp_rank]
+    else:
+        def rename(name):
+            return name
+        groups = meta["optimizer_groups"]
+    keys = ("param",) + (ADAM_KEYS if with_optimizer else ())
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    if stage == 0:
+        names = [n for group in groups for n in group]
+        if lay["precision"] == "fp32":
+            masters, state = None, model["optimizer"]["state"]
+        else:  # the module holds bf16/fp16 copies; the fp32 masters live in the optimizer's state
+            masters, state = _stage0_masters(model["optimizer"], names, model["param_shapes"])
+        for i, name in enumerate(names):
+            if rename(name) not in model["module"]:  # the last stage's tied embedding: no file of its own
+                continue
+            weight = model["module"][rename(name)] if masters is None else masters[i]
+            out[rename(name)] = {"param": weight.float().clone()}
+            if with_optimizer:
+                out[rename(name)].update({k: state[i][k] for k in ADAM_KEYS} if i in state else {})
+        return out, model, _opt_step(state)
+    shapes = [(n, torch.Size(s)) for group in model["param_shapes"] for n, s in group.items()]
+    pieces = {n: {k: [] for k in keys} for n, _ in shapes}
+    opt_step = 0
+    for d in range(dp):
+        osd = _load(_optim_file(path, d, mp_rank, lay["precision"]), trust)["optimizer_state_dict"]
+        if stage == 3:
+            state = osd["optimizer_state_dict"]["state"]
+            flat = {"param": torch.cat(osd["fp32_flat_groups"])}
+            if with_optimizer:
+                flat.update({k: torch.cat([state[g][k] for g in sorted(state)]) for k in ADAM_KEYS})
+            offset = 0
+            for name, shape in shapes:
+                part = math.ceil(shape.numel() / dp)
+                for k in keys:
+                    pieces[name][k].append(flat[k].narrow(0, offset, part))
+                offset += part
+        else:
+            state = osd["base_optimizer_state"]["state"]
+            for g, mapping in enumerate(osd["param_slice_mappings"]):
+                flat = {"param": osd["single_partition_of_fp32_groups"][g]}
+                if with_optimizer:
+                    flat.update({k: state[g][k] for k in ADAM_KEYS})
+                for name, frag in mapping.items():
+                    for k in keys:
+                        pieces[name][k].append(flat[k].narrow(0, frag.start, frag.numel))
+        opt_step = _opt_step(state)
+    for name, shape in shapes:
+        out[rename(name)] = {k: torch.cat(v)[: shape.numel()].view(shape).clone() for k, v in pieces[name].items()}
+    return out, model, opt_step
+
+
+def _opt_step(state: dict) -> int:
+    for entry in state.values():
+        return int(entry["step"])
+    return 0
