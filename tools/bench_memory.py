@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 import tempfile
+from collections.abc import Mapping
 
 MB = 2**20
 
@@ -77,7 +78,6 @@ def _construct(rank: int, world: int, port: int, preset: str, overrides: list[st
 def _to_hf(rank: int, world: int, port: int, preset: str, overrides: list[str], vocab: int, results) -> None:
     """Export a weights checkpoint of the model with to-hf: (RSS before, peak RSS, meter peak)."""
     _init(rank, world, port)
-    import torch
 
     from skiptron.tools.convert import to_hf
     from skiptron.training import checkpoint as ckpt
@@ -85,23 +85,48 @@ def _to_hf(rank: int, world: int, port: int, preset: str, overrides: list[str], 
 
     cfg = _config(preset, overrides, 1)
     with tempfile.TemporaryDirectory() as tmp:
-        shapes = _whole_shapes(cfg, vocab)
-        weights = {k: torch.zeros(s) for k, s in shapes.items()}
-        ckpt.write_weights_checkpoint(f"{tmp}/ckpt", cfg, weights, vocab)
-        del weights
+        ckpt.write_weights_checkpoint(f"{tmp}/ckpt", cfg, _Zeros(_whole_shapes(cfg, vocab)), vocab)
         before = current_rss_bytes()
         with AllocationMeter() as meter:
             to_hf(f"{tmp}/ckpt", f"{tmp}/hf", max_shard_size="200MB")
         results.put((0, before, peak_rss_bytes(), meter.peak, 0, 0, 0))
 
 
+class _Zeros(Mapping):
+    """Name -> a zero tensor of its shape, made when looked up: the weights checkpoint to export is written one tensor
+    at a time, so the process's peak RSS is the export's, not the set-up's."""
+
+    def __init__(self, shapes: dict):
+        self.shapes = shapes
+
+    def __getitem__(self, name: str):
+        import torch
+
+        return torch.zeros(self.shapes[name])
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
 def _whole_shapes(cfg, vocab: int) -> dict:
+    """GPT's parameter names and whole shapes, each layer built on the meta device (a real build for a layer that
+    needs real tensors, like the head's vocabulary-padding check): no whole model in memory."""
     import torch
 
-    from skiptron.training.model import GPT
+    from skiptron.training.model import layer_sequence
 
-    with torch.device("meta"):
-        return {n: tuple(p.shape) for n, p in GPT(cfg.model, vocab, 1).named_parameters()}
+    shapes = {}
+    for prefix, build in layer_sequence(cfg.model, vocab, 1, None, base_seed=0):
+        try:
+            with torch.device("meta"):
+                layer = build()
+        except RuntimeError:
+            layer = build()
+        shapes.update({f"{prefix}.{n}": tuple(p.shape) for n, p in layer.named_parameters()})
+    return shapes
 
 
 def _spawn(target, ranks: int, *args) -> list[tuple]:

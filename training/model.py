@@ -101,7 +101,7 @@ def layer_sequence(cfg: ModelConfig, vocab_size: int, tp: int, balance: float | 
     (the same on every rank after `seed_everything`). `sequence_parallel` covers dense blocks only (the config
     refuses it with routing, SRU++ blocks and pipeline parallelism)."""
     if base_seed is None:
-        base_seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        base_seed = int(torch.randint(0, 2**31 - 1, (), device="cpu").item())  # also under torch.device("meta")
     mcfg = megatron_config(tp)
     padded = cfg.padded_vocab_size(vocab_size)
     routed = set(cfg.skip.routed_layers(cfg.num_layers))
