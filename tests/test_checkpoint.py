@@ -475,3 +475,33 @@ def test_pipeline_checkpoint_converts_and_loads(pools, tiny_data, tmp_path):
     for name, value in weights.items():
         rows = vocab if name == "embedding.tokens.weight" else None  # from-hf pads the vocabulary with zeros
         assert torch.equal(loaded[name][:rows], value[:rows]), name
+
+
+def test_resharding_streams_one_parameter_at_a_time(pool2, tiny_data, tmp_path):
+    """Reading a TP=2 checkpoint for another layout holds one parameter's whole weight and moments at a time (and
+    the shard cut from them), not the model: measured on what the resharding code allocates (the files are
+    memory-mapped, so only the tensors it assembles count), on an 8-layer model whose largest parameter is a small
+    part of its state."""
+    from skiptron.parallel.tensor_parallel import split_tp
+    from skiptron.training import checkpoint as ckpt
+    from skiptron.training.memory import AllocationMeter
+
+    run = ["parallel.tp=2", "zero.stage=1", "model.num_layers=8", "train.max_steps=2", "checkpoint.save_at_end=true"]
+    pool2.run(_train, run, tiny_data, tmp_path / "run")
+    path = tmp_path / "run/checkpoints/step00000002"
+    params = ckpt.read_meta(path)["params"]
+    sizes = {name: 4 * torch.Size(info["shape"]).numel() for name, info in params.items()}
+    whole_state = 3 * sum(sizes.values())  # fp32 weights + two Adam moments
+    with AllocationMeter() as meter:
+        weights, moments, step, _ = ckpt.read_full_state(path)
+        for name in list(weights):  # as apply_full_state goes: the weight's shard, then the moments'
+            info = params[name]
+            for value in [weights.pop(name), *moments[name].values()]:
+                if info["partition_dim"] is not None:
+                    split_tp(value, info["partition_dim"], info["stride"], 2, 1)
+                del value
+    assert step == 2 and len(moments) == len(params)
+    largest = max(sizes.values())
+    assert meter.largest <= largest
+    assert meter.peak <= 4 * largest, (meter.peak, largest)  # weight + 2 moments + one shard or join in flight
+    assert meter.peak < whole_state / 4, (meter.peak, whole_state)

@@ -47,10 +47,17 @@ class AllocationMeter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {_storage_id(v) for v in tree_flatten((args, kwargs))[0] if isinstance(v, torch.Tensor)}
         for value in tree_flatten(out)[0]:
-            if isinstance(value, torch.Tensor):
-                self._count(value)
+            if isinstance(value, torch.Tensor) and _storage_id(value) not in inputs:
+                self._count(value)  # a view of an input (or an in-place result) allocated nothing new
         return out
+
+
+def _storage_id(tensor: torch.Tensor) -> int | None:
+    if tensor.device.type == "meta" or tensor.is_sparse:
+        return None
+    return id(tensor.untyped_storage())
 
 
 def _status_bytes(field: str) -> int:

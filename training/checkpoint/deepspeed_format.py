@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -79,25 +80,38 @@ def _stage0_masters(optimizer: dict, names: list[str], param_shapes: list[dict])
 
 def _stage_module_state(path: Path, pipe: dict, stage: int, tp_rank: int, trust: bool = False) -> dict[str, torch.Tensor]:
     """A pipeline stage's weights and buffers (this TP rank's shards) under GPT's names, from DeepSpeed's per-layer
-    files `layer_<index>-model_<tp rank>-model_states.pt`."""
+    files `layer_<index>-model_<tp rank>-model_states.pt` (memory-mapped)."""
     out = {}
     for idx in range(pipe["parts"][stage], pipe["parts"][stage + 1]):
         name = pipe["layers"][idx]
         if name is not None:  # None: the tied output layer, whose weight is the embedding's (first stage)
-            state = _load(path / f"layer_{idx:02d}-model_{tp_rank:02d}-model_states.pt", trust)
+            state = _load(path / f"layer_{idx:02d}-model_{tp_rank:02d}-model_states.pt", trust, mmap=True)
             out.update({f"{name}.{k.removeprefix('layer.')}": v for k, v in state.items()})
     return out
 
 
-def _read_tp_rank(path: Path, meta: dict, tp_rank: int, with_optimizer: bool, pp_rank: int = 0,
-                  trust: bool = False):
-    """One (pipeline stage, TP rank)'s tensors {GPT name: {"param", "exp_avg", "exp_avg_sq"}}, ZeRO partitions
-    joined over DP, and its model-states file with `module` holding its weights and buffers under GPT's names."""
+class ShardSource(NamedTuple):
+    """Where one (stage, TP rank)'s shard of a parameter lies: its shape, and for each of "param", "exp_avg",
+    "exp_avg_sq" the pieces (views of memory-mapped files, in order; one per DP rank under ZeRO) whose
+    concatenation, cut to the shape's size, is the shard."""
+    shape: torch.Size
+    pieces: dict[str, list[torch.Tensor]]
+
+    def read(self, key: str) -> torch.Tensor:
+        """The shard of `key` as a new fp32 tensor: the only copy reading makes."""
+        return torch.cat(self.pieces[key])[: self.shape.numel()].view(self.shape).float()
+
+
+def _index_tp_rank(path: Path, meta: dict, tp_rank: int, with_optimizer: bool, pp_rank: int = 0,
+                   trust: bool = False):
+    """One (pipeline stage, TP rank)'s parameters {GPT name: ShardSource} over its DeepSpeed files, memory-mapped,
+    so nothing is read until a shard is; its model-states file with `module` holding its weights and buffers under
+    GPT's names; and the optimizer step."""
     lay = meta["layout"]
     stage, dp = lay["zero_stage"], lay["dp"]
     pipe = meta.get("pipeline")
     mp_rank = pp_rank * lay["tp"] + tp_rank
-    model = _load(_model_file(path, stage, mp_rank), trust)
+    model = _load(_model_file(path, stage, mp_rank), trust, mmap=True)
     if pipe:
         from ..pipeline import gpt_name
 
@@ -110,7 +124,7 @@ def _read_tp_rank(path: Path, meta: dict, tp_rank: int, with_optimizer: bool, pp
             return name
         groups = meta["optimizer_groups"]
     keys = ("param",) + (ADAM_KEYS if with_optimizer else ())
-    out: dict[str, dict[str, torch.Tensor]] = {}
+    out: dict[str, ShardSource] = {}
     if stage == 0:
         names = [n for group in groups for n in group]
         if lay["precision"] == "fp32":
@@ -121,25 +135,26 @@ def _read_tp_rank(path: Path, meta: dict, tp_rank: int, with_optimizer: bool, pp
             if rename(name) not in model["module"]:  # the last stage's tied embedding: no file of its own
                 continue
             weight = model["module"][rename(name)] if masters is None else masters[i]
-            out[rename(name)] = {"param": weight.float().clone()}
-            if with_optimizer:
-                out[rename(name)].update({k: state[i][k] for k in ADAM_KEYS} if i in state else {})
+            pieces = {"param": [weight.reshape(-1)]}
+            if with_optimizer and i in state:
+                pieces.update({k: [state[i][k].reshape(-1)] for k in ADAM_KEYS})
+            out[rename(name)] = ShardSource(weight.shape, pieces)
         return out, model, _opt_step(state)
     shapes = [(n, torch.Size(s)) for group in model["param_shapes"] for n, s in group.items()]
     pieces = {n: {k: [] for k in keys} for n, _ in shapes}
     opt_step = 0
     for d in range(dp):
-        osd = _load(_optim_file(path, d, mp_rank, lay["precision"]), trust)["optimizer_state_dict"]
+        osd = _load(_optim_file(path, d, mp_rank, lay["precision"]), trust, mmap=True)["optimizer_state_dict"]
         if stage == 3:
             state = osd["optimizer_state_dict"]["state"]
-            flat = {"param": torch.cat(osd["fp32_flat_groups"])}
+            flat = {"param": osd["fp32_flat_groups"]}
             if with_optimizer:
-                flat.update({k: torch.cat([state[g][k] for g in sorted(state)]) for k in ADAM_KEYS})
+                flat.update({k: [state[g][k] for g in sorted(state)] for k in ADAM_KEYS})
             offset = 0
             for name, shape in shapes:
                 part = math.ceil(shape.numel() / dp)
                 for k in keys:
-                    pieces[name][k].append(flat[k].narrow(0, offset, part))
+                    pieces[name][k] += _chained_views(flat[k], offset, part)
                 offset += part
         else:
             state = osd["base_optimizer_state"]["state"]
@@ -152,8 +167,27 @@ def _read_tp_rank(path: Path, meta: dict, tp_rank: int, with_optimizer: bool, pp
                         pieces[name][k].append(flat[k].narrow(0, frag.start, frag.numel))
         opt_step = _opt_step(state)
     for name, shape in shapes:
-        out[rename(name)] = {k: torch.cat(v)[: shape.numel()].view(shape).clone() for k, v in pieces[name].items()}
+        out[rename(name)] = ShardSource(shape, pieces[name])
     return out, model, opt_step
+
+
+def _chained_views(tensors: list[torch.Tensor], offset: int, length: int) -> list[torch.Tensor]:
+    """Views of elements [offset, offset + length) of the tensors laid end to end (ZeRO-3 numbers a rank's
+    partition across its flat groups), without concatenating them."""
+    views = []
+    for t in tensors:
+        if length == 0:
+            break
+        t = t.reshape(-1)
+        if offset < t.numel():
+            n = min(length, t.numel() - offset)
+            views.append(t.narrow(0, offset, n))
+            length, offset = length - n, 0
+        else:
+            offset -= t.numel()
+    if length:
+        raise CheckpointError(f"a ZeRO-3 partition ends {length} elements short of its parameters")
+    return views
 
 
 def _opt_step(state: dict) -> int:

@@ -53,16 +53,17 @@ def _safe_globals() -> list:
             fragment_address, ZeroStageEnum, LossScaler, DynamicLossScaler]
 
 
-def load_file(path: str | os.PathLike, map_location="cpu", trust: bool = False):
+def load_file(path: str | os.PathLike, map_location="cpu", trust: bool = False, mmap: bool = False):
     """One checkpoint file (ours or DeepSpeed's) read as data: `torch.load(weights_only=True)` with `_safe_globals`.
     A file whose pickle names anything else (which unpickling would call: a payload can run any code) is refused
-    with UntrustedCheckpointError naming it, unless `trust` (checkpoint.trust_pickle / --trust-checkpoint)."""
+    with UntrustedCheckpointError naming it, unless `trust` (checkpoint.trust_pickle / --trust-checkpoint).
+    `mmap`: tensors are views of the memory-mapped file, read from disk only where a caller touches them."""
     if trust:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     allowed = _safe_globals()
     try:
         with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:
         foreign = _foreign_globals(path, allowed)
         if foreign:
@@ -82,10 +83,10 @@ def _foreign_globals(path, allowed: list) -> list[str]:
     return sorted(set(names) - known)
 
 
-def _load(path: Path, trust: bool = False):
+def _load(path: Path, trust: bool = False, mmap: bool = False):
     if not path.is_file():
         raise CheckpointError(f"{path} is missing from the checkpoint")
-    return load_file(path, trust=trust)
+    return load_file(path, trust=trust, mmap=mmap)
 
 
 # -- small filesystem helpers ---------------------------------------------------------------------------------

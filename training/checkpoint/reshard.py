@@ -1,36 +1,79 @@
 """Resharding: DeepSpeed's shards of any layout <-> whole TP=1 tensors <-> this rank's shards of another layout.
 
-`read_full_state` rebuilds every parameter's fp32 master weight and Adam moments as whole TP=1 tensors from
+`read_full_state` maps every parameter's fp32 master weight and Adam moments to whole TP=1 tensors from
 DeepSpeed's files (using the layout recorded in trainer.json, never guessing), and `apply_full_state` cuts out this
-rank's TP shard and hands it to DeepSpeed's ZeRO partitions. Pipeline checkpoints record their parameters under GPT's
-names too (trainer.json's `pipeline` maps them to each stage's files: DeepSpeed's per-layer weight files and
-per-(stage, TP rank) optimizer files), so a checkpoint moves between any PP sizes, PP = 1 included, the same way; the
-tied embedding's first-stage copy is the one read. We write the resharding rather than use DeepSpeed's universal
-checkpoint because the latter needs name patterns for megatron's strided QKV / gate-up splits and does not cover
-ZeRO-3 reliably; here the per-parameter layout is exact. Resharding reads the whole model state on every rank (CPU
-memory: ~12 bytes per parameter, once, at resume).
+rank's TP shard and hands it to DeepSpeed's ZeRO partitions. It streams: the files are memory-mapped, and a
+parameter's whole tensors are assembled from views of them only when looked up, so a rank holds one parameter's
+weight and moments at a time (plus the shard cut from them), whatever the model's size. Pipeline checkpoints record
+their parameters under GPT's names too (trainer.json's `pipeline` maps them to each stage's files: DeepSpeed's
+per-layer weight files and per-(stage, TP rank) optimizer files), so a checkpoint moves between any PP sizes, PP = 1
+included, the same way; the tied embedding's first-stage copy is the one read. We write the resharding rather than
+use DeepSpeed's universal checkpoint because the latter needs name patterns for megatron's strided QKV / gate-up
+splits and does not cover ZeRO-3 reliably; here the per-parameter layout is exact.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 
 from skiptron.parallel.tensor_parallel import join_tp, split_tp, tp_layout
 
-from .deepspeed_format import ADAM_KEYS, _read_tp_rank
+from .deepspeed_format import ADAM_KEYS, ShardSource, _index_tp_rank
 from .errors import CheckpointError
 from .meta import read_meta
 from .weights_only import _load_weights_file
 
 
+class StreamedTensors(Mapping):
+    """GPT name -> whole TP=1 fp32 tensor (or, for several `fields`, {field: tensor}), joined from every TP rank's
+    shard when looked up and not kept; `pop` forgets a name, for a consumer that walks the model once."""
+
+    def __init__(self, path: Path, params: dict, per_rank: list[dict[str, ShardSource]], fields: tuple[str, ...]):
+        self.path, self.params, self.per_rank, self.fields = path, params, per_rank, fields
+        self.names = [n for n in params if all(k in per_rank[0][n].pieces for k in fields)]
+
+    def _whole(self, name: str, key: str) -> torch.Tensor:
+        info = self.params[name]
+        parts = [rank[name].read(key) for rank in self.per_rank]
+        dim = info["partition_dim"]
+        whole = parts[0] if dim is None else join_tp(parts, dim, info["stride"])
+        if list(whole.shape) != info["shape"]:
+            raise CheckpointError(f"{self.path}: {name} ({key}) rebuilt with shape {list(whole.shape)}, "
+                                  f"trainer.json says {info['shape']}")
+        return whole
+
+    def __getitem__(self, name: str):
+        if name not in self.names:
+            raise KeyError(name)
+        if len(self.fields) == 1:
+            return self._whole(name, self.fields[0])
+        return {k: self._whole(name, k) for k in self.fields}
+
+    def __contains__(self, name) -> bool:
+        return name in self.names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self.names))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def pop(self, name: str):
+        value = self[name]
+        self.names.remove(name)
+        return value
+
+
 def read_full_state(path: str | os.PathLike, meta: dict | None = None, with_optimizer: bool = True,
                     trust: bool = False):
-    """Whole (TP=1, unpartitioned) fp32 weights and Adam moments from a checkpoint of any layout.
+    """Whole (TP=1, unpartitioned) fp32 weights and Adam moments from a checkpoint of any layout, streamed.
 
     Returns (weights {name: tensor}, moments {name: {exp_avg, exp_avg_sq}} or None, optimizer step, extras) where
-    extras holds the LR scheduler state and DeepSpeed's step/sample counters."""
+    the two mappings read a parameter when it is looked up (`StreamedTensors`) and extras holds the LR scheduler
+    state, DeepSpeed's step/sample counters and the persistent buffers."""
     path = Path(path)
     meta = meta or read_meta(path)
     if meta.get("kind") == "weights":
@@ -40,30 +83,20 @@ def read_full_state(path: str | os.PathLike, meta: dict | None = None, with_opti
     for t in range(tp):
         local = {}
         for s in reversed(range(pp)):  # the first stage's copy of a tied embedding is the one kept
-            part, model, opt_step = _read_tp_rank(path, meta, t, with_optimizer, s, trust)
+            part, model, opt_step = _index_tp_rank(path, meta, t, with_optimizer, s, trust)
             local.update(part)
             if t == 0:
                 stage_models[s] = model
         per_rank.append(local)
-    first_model = stage_models[0]
-    weights, moments = {}, {} if with_optimizer else None
-    for name, info in meta["params"].items():
+    for name in meta["params"]:
         missing = [t for t in range(tp) if name not in per_rank[t]]
         if missing:
             raise CheckpointError(f"{path}: parameter {name} is missing from the shards of TP rank(s) {missing}")
-        joined = {}
-        for k in per_rank[0][name]:
-            parts = [per_rank[t][name][k] for t in range(tp)]
-            dim = info["partition_dim"]
-            joined[k] = parts[0] if dim is None else join_tp(parts, dim, info["stride"])
-            if list(joined[k].shape) != info["shape"]:
-                raise CheckpointError(f"{path}: {name} ({k}) rebuilt with shape {list(joined[k].shape)}, "
-                                      f"trainer.json says {info['shape']}")
-        weights[name] = joined.pop("param")
-        if with_optimizer:
-            moments[name] = joined
+    weights = StreamedTensors(path, meta["params"], per_rank, ("param",))
+    moments = StreamedTensors(path, meta["params"], per_rank, ADAM_KEYS) if with_optimizer else None
+    first_model = stage_models[0]
     extras = {k: first_model.get(k) for k in ("lr_scheduler", "global_steps", "global_samples", "skipped_steps")}
-    extras["buffers"] = {k: v for model in stage_models for k, v in model["module"].items()
+    extras["buffers"] = {k: v.clone() for model in stage_models for k, v in model["module"].items()
                          if torch.is_tensor(v) and k not in meta["params"]}
     return weights, moments, opt_step, extras
 
@@ -113,8 +146,10 @@ def apply_full_state(engine, weights: dict, moments: dict | None, opt_step: int)
             master.copy_(value.view_as(master))
         if moments is None:
             continue
+        del value
+        whole_moments = moments[name]
         for k in ADAM_KEYS:
-            v = shard(moments[name][k])
+            v = shard(whole_moments.pop(k))
             if sharded_optimizer:
                 safe_set_full_optimizer_state(p, v.float(), k)
             else:
