@@ -1,16 +1,22 @@
-"""`skiptron-bench-memory`: peak memory per rank of building a model (ZeRO-1 and ZeRO-3, DP=2) and of exporting it
-(`to-hf`), next to the model's whole fp32 size and the rank's final share, for several model sizes.
+"""`skiptron-bench-memory`: peak memory per rank of building a model (ZeRO-1 and ZeRO-3, DP=2), of resharding a
+checkpoint (saved at TP=2, resumed at DP=2, ZeRO-1) and of exporting it (`to-hf`), next to the model's whole fp32
+size and the rank's final share, for several model sizes.
 
 Each measurement runs in processes of its own (spawned, gloo), so its peak RSS (VmHWM) is its own; a 1-layer model
 of the same width measures the fixed overhead of a process (imports, groups). Also printed: the peak bytes the
 construction code itself allocated (`training/memory.AllocationMeter`), and the ZeRO-3 target: partition + 2 x the
-largest parameter + the fixed overhead.
+largest parameter + the fixed overhead. The resharding rows print the peak RSS during `checkpoint.load` above the
+fresh DP=2 engine it loads into (VmHWM reset before the load), its anonymous part (sampled; the checkpoint's files
+are memory-mapped, so the rest is page cache the kernel can drop), and the target: 15% of the model's whole fp32
+state at 12 bytes per parameter. Their share column is the rank's part of the Adam moments, which loading allocates
+(a fresh engine makes them at its first step), so the extra memory of resharding is the growth minus that share.
 """
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
 import os
+import queue
 import socket
 import sys
 import tempfile
@@ -32,7 +38,7 @@ def _config(preset: str, overrides: list[str], stage: int):
                                             "train.global_batch_size=2", "train.precision=fp32"])
 
 
-def _init(rank: int, world: int, port: int) -> None:
+def _init(rank: int, world: int, port: int, tp: int = 1):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     import torch
@@ -42,7 +48,7 @@ def _init(rank: int, world: int, port: int) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    state.init_model_parallel(1, 1, torch.device("cpu"))
+    return state.init_model_parallel(tp, 1, torch.device("cpu"))
 
 
 def _construct(rank: int, world: int, port: int, preset: str, overrides: list[str], stage: int, vocab: int,
@@ -92,6 +98,49 @@ def _to_hf(rank: int, world: int, port: int, preset: str, overrides: list[str], 
         results.put((0, before, peak_rss_bytes(), meter.peak, 0, 0, 0))
 
 
+def _reshard(rank: int, world: int, port: int, preset: str, overrides: list[str], vocab: int, directory: str,
+             tp: int, results) -> None:
+    """`tp`=2: train one step at TP=2 and save; `tp`=1: build a fresh DP=2 engine and load that checkpoint into it:
+    (RSS before the load, its peak RSS, peak anonymous RSS, whole state at 12 bytes/parameter)."""
+    layout = _init(rank, world, port, tp)
+    import torch
+    import torch.distributed as dist
+
+    from skiptron.training import checkpoint as ckpt
+    from skiptron.training.engine import build_engine
+    from skiptron.training.memory import AnonPeak, current_rss_bytes, peak_rss_bytes, reset_peak_rss
+    from skiptron.training.model import GPT
+    from skiptron.training.trainer import Trainer, seed_everything
+
+    cfg = _config(preset, overrides + [f"parallel.tp={tp}", f"checkpoint.dir={directory}"], 1)
+    seed_everything(0)
+    engine, precision = build_engine(cfg, GPT(cfg.model, vocab, tp), layout)
+    trainer = Trainer(cfg, layout, engine, precision, vocab, manifest={})
+    params = sum(info.numel() for info in _whole_shapes_sizes(cfg, vocab))
+    if tp > 1:
+        batch = torch.randint(0, vocab, (cfg.train.micro_batch_size, cfg.model.seq_len + 1),
+                              generator=torch.Generator().manual_seed(0))
+        trainer.train_step(iter([batch] * cfg.grad_accum_steps(layout.world_size)))
+        trainer.progress.step = 1
+        ckpt.save(engine, cfg, layout, trainer.progress, vocab, trainer.extra_state)
+        results.put((rank, 0, 0, 0, 0))
+    else:
+        path = ckpt.find_resumable(directory, log=None)
+        before = current_rss_bytes()
+        reset_peak_rss()
+        with AnonPeak() as anon:
+            ckpt.load(engine, cfg, layout, path, vocab, trainer.extra_state, log=None)
+        results.put((rank, before, peak_rss_bytes(), anon.peak - anon.start, 12 * params))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _whole_shapes_sizes(cfg, vocab: int):
+    import torch
+
+    return [torch.Size(shape) for shape in _whole_shapes(cfg, vocab).values()]
+
+
 class _Zeros(Mapping):
     """Name -> a zero tensor of its shape, made when looked up: the weights checkpoint to export is written one tensor
     at a time, so the process's peak RSS is the export's, not the set-up's."""
@@ -136,7 +185,17 @@ def _spawn(target, ranks: int, *args) -> list[tuple]:
     procs = [ctx.Process(target=target, args=(r, ranks, port) + args + (results,)) for r in range(ranks)]
     for p in procs:
         p.start()
-    out = sorted(results.get(timeout=3600) for _ in procs)
+    out = []
+    while len(out) < len(procs):
+        try:
+            out.append(results.get(timeout=5))
+        except queue.Empty:
+            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if dead:
+                for p in procs:
+                    p.kill()
+                raise SystemExit(f"skiptron-bench-memory: {target.__name__} rank(s) {dead} failed (see above)")
+    out.sort()
     for p in procs:
         p.join()
     return out
@@ -150,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--presets", default="125m,350m,1.3b", help="comma-separated config presets (default: %(default)s)")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of every model (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=256, help="model.seq_len of every model (default: %(default)s)")
-    p.add_argument("--skip-to-hf", action="store_true", help="measure construction only")
+    p.add_argument("--skip-to-hf", action="store_true", help="do not measure to-hf")
+    p.add_argument("--reshard-presets", default="125m,350m",
+                   help="presets whose TP=2 -> DP=2 resharding is measured ('' for none; default: %(default)s)")
     verbosity.add_argument(p)
     return p
 
@@ -172,6 +233,17 @@ def main(argv=None) -> int:
                 target = f"{(share + 2 * largest + overhead) / MB:10.0f}" if stage == 3 else f"{'':>10}"
                 print(f"{preset:>6} {f'ZeRO-{stage} rank {rank}':>14} {whole / MB:9.0f} {share / MB:9.0f} "
                       f"{peak / MB:12.0f} {(peak - before) / MB:14.0f} {allocated / MB:13.0f} {target}", flush=True)
+        if preset in args.reshard_presets.split(","):
+            with tempfile.TemporaryDirectory() as directory:
+                _spawn(_reshard, 2, preset, common, args.vocab_size, directory, 2)
+                for rank, before, peak, anon_growth, whole_state in _spawn(_reshard, 2, preset, common, args.vocab_size,
+                                                                    directory, 1):
+                    moments_share = whole_state * 2 / 3 / 2  # ZeRO-1 DP=2: half of the two Adam moments
+                    print(f"{preset:>6} {f'reshard rank {rank}':>14} {whole_state / 3 / MB:9.0f} "
+                          f"{moments_share / MB:9.0f} "
+                          f"{peak / MB:12.0f} {(peak - before) / MB:14.0f} {'':>13} {0.15 * whole_state / MB:10.0f}"
+                          f"  anonymous growth {anon_growth / MB:.0f}",
+                          flush=True)
         if not args.skip_to_hf:
             for _, before, peak, allocated, *_ in _spawn(_to_hf, 1, preset, common, args.vocab_size):
                 print(f"{preset:>6} {'to-hf':>14} {whole / MB:9.0f} {'':>9} {peak / MB:12.0f} "

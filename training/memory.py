@@ -7,6 +7,7 @@ the benchmark reports.
 """
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -66,6 +67,37 @@ def _status_bytes(field: str) -> int:
             if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+class AnonPeak:
+    """`with AnonPeak() as anon:` samples this process's anonymous resident memory (RssAnon: what it allocated, not
+    the page cache of files it maps) every `interval` seconds in a thread; `start` and `peak` in bytes."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.start = self.peak = 0
+        self._done = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._done.wait(self.interval):
+            self.peak = max(self.peak, _status_bytes("RssAnon"))
+
+    def __enter__(self):
+        self.start = self.peak = _status_bytes("RssAnon")
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, _status_bytes("RssAnon"))
+
+
+def reset_peak_rss() -> None:
+    """Start VmHWM over from the current RSS (Linux: writing 5 to /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def peak_rss_bytes() -> int:
