@@ -310,6 +310,55 @@ def test_consolidate_agrees_with_deepspeed_zero_to_fp32(saved_run):
         assert torch.equal(value, reference[name].float()), name
 
 
+# -- asynchronous saves ---------------------------------------------------------------------------------------------
+def test_host_snapshot_is_a_copy_that_keeps_views_and_writes_the_same_file(tmp_path):
+    """What an asynchronous save writes is the state at the snapshot: a later in-place change of the live state does
+    not reach it, views of one storage stay views of one copy, and the file is byte for byte the synchronous one."""
+    from skiptron.training.checkpoint.staging import HostStaging, nonfinite_entries
+
+    flat = torch.arange(12, dtype=torch.float32)
+    weight = torch.nn.Parameter(torch.randn(3, 4))
+    state = {"flat": flat, "views": [flat[:6].view(2, 3), flat[6:]], "weight": weight, "step": 7,
+             "scaler": {"scale": 2.0}, "half": torch.ones(3, dtype=torch.bfloat16)}
+    (tmp_path / "live").mkdir()
+    (tmp_path / "snap").mkdir()
+    torch.save(state, tmp_path / "live/s.pt")
+    snap = HostStaging().snapshot(state)
+    with torch.no_grad():
+        flat.add_(100)
+        weight.mul_(0)
+    state["scaler"]["scale"] = 4.0
+    torch.save(snap, tmp_path / "snap/s.pt")
+    assert (tmp_path / "snap/s.pt").read_bytes() == (tmp_path / "live/s.pt").read_bytes()
+    loaded = torch.load(tmp_path / "snap/s.pt")
+    assert loaded["views"][1].untyped_storage().data_ptr() == loaded["flat"].untyped_storage().data_ptr()
+    assert isinstance(loaded["weight"], torch.nn.Parameter) and loaded["scaler"]["scale"] == 2.0
+    assert nonfinite_entries({"a": {"b": torch.tensor([1.0, float("nan")])}, "c": [torch.ones(2)],
+                              "d": torch.tensor([1, 2])}, "f.pt") == ["f.pt:a/b"]
+
+
+ASYNC = ["checkpoint.async_save=true"]
+
+
+def test_async_save_taken_mid_run_resumes_exactly(pool2, tiny_data, tmp_path):
+    """Asynchronous saves at steps 5, 10, 15 while training goes on (ZeRO-3, DP=2): resuming from step 10 continues
+    bitwise as the uninterrupted run did, and every checkpoint is complete and verified."""
+    from skiptron.training import checkpoint as ckpt
+
+    layout = ["zero.stage=3", "checkpoint.interval=5"]
+    full = pool2.run(_train, layout + ASYNC, tiny_data, tmp_path / "full")
+    root = tmp_path / "full/checkpoints"
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step00000020", "step00000015", "step00000010",
+                                                            "step00000005"]
+    for path in ckpt.list_checkpoints(root):
+        ckpt.verify(path)
+    resumed = pool2.run(_train, layout + [f"resume={root / 'step00000010'}"], tiny_data, tmp_path / "resumed")
+    assert resumed[0]["start"] == 10
+    assert {s: resumed[0]["losses"][s] for s in range(11, 21)} == {s: full[0]["losses"][s] for s in range(11, 21)}
+    for rank in range(2):
+        _same_weights(resumed[rank]["weights"], full[rank]["weights"])
+
+
 # -- SIGKILL at any moment of a save ------------------------------------------------------------------------------
 CHILD = r"""
 import os, resource, signal, sys
@@ -326,9 +375,9 @@ real = getattr(owner, target)
 
 def wrapper(*args, **kwargs):
     if trainer.progress.step == 4:
-        if phase == "disk-full":  # the disk fills up between two saves: writes past 16 KiB fail
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (16384, resource.RLIM_INFINITY))
+        if phase == "disk-full":  # the disk fills up between two saves: writes past 64 KiB fail (the shards of
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # step 4, not DeepSpeed's 38 KiB recovery script)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.RLIM_INFINITY))
             return real(*args, **kwargs)
         if phase == "rank-file":  # a torn file: partly written, then killed
             with open(args[1], "wb") as f:
@@ -344,7 +393,10 @@ trainer.run()
 """
 
 
-def test_sigkill_during_save_keeps_previous_checkpoint(pools, tiny_data, tmp_path):
+@pytest.mark.parametrize("mode", [[], ASYNC], ids=["sync", "async"])
+def test_sigkill_during_save_keeps_previous_checkpoint(pools, tiny_data, tmp_path, mode):
+    """SIGKILL in each phase of the save of step 4 (for an asynchronous save: on its background thread, while the run
+    waits for it at the end): `latest` names a complete checkpoint, and resume continues from it."""
     from skiptron.training import checkpoint as ckpt
 
     phases = ["rank-file", "manifest", "publish", "retention"]
@@ -352,9 +404,9 @@ def test_sigkill_during_save_keeps_previous_checkpoint(pools, tiny_data, tmp_pat
     for i, phase in enumerate(phases):
         run = tmp_path / phase
         env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(29710 + i), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+                   MASTER_PORT=str(29710 + i + 5 * bool(mode)), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
         args = BASE + ["train.max_steps=4", "checkpoint.interval=2", "checkpoint.keep=1",
-                       f"data.path={tiny_data}", f"run.dir={run}"]
+                       f"data.path={tiny_data}", f"run.dir={run}"] + mode
         procs[phase] = subprocess.Popen([sys.executable, "-c", CHILD, phase, *args], env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for phase, proc in procs.items():
@@ -377,15 +429,17 @@ def test_sigkill_during_save_keeps_previous_checkpoint(pools, tiny_data, tmp_pat
     assert steps == [1, 2, 3, 4] and [json.loads(line)["step"] for line in superseded] == [3, 4]
 
 
-def test_disk_full_during_save_names_the_file_and_keeps_previous_checkpoint(tiny_data, tmp_path):
+@pytest.mark.parametrize("mode", [[], ASYNC], ids=["sync", "async"])
+def test_disk_full_during_save_names_the_file_and_keeps_previous_checkpoint(tiny_data, tmp_path, mode):
     """A write that fails mid-save (here: RLIMIT_FSIZE, as a full disk would) stops the run with an error naming the
-    file; nothing of the failed save is published and the previous checkpoint stays `latest` and loadable."""
+    file; nothing of the failed save is published and the previous checkpoint stays `latest` and loadable. An
+    asynchronous save's failure is raised where the run waits for it (here: at the end)."""
     from skiptron.training import checkpoint as ckpt
 
-    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29720",
-               OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(29720 + bool(mode)), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     args = BASE + ["train.max_steps=4", "checkpoint.interval=2", "checkpoint.keep=1", f"data.path={tiny_data}",
-                   f"run.dir={tmp_path}"]
+                   f"run.dir={tmp_path}"] + mode
     proc = subprocess.run([sys.executable, "-c", CHILD, "disk-full", *args], env=env, capture_output=True, text=True,
                           timeout=600)
     out = proc.stdout + proc.stderr
@@ -398,15 +452,18 @@ def test_disk_full_during_save_names_the_file_and_keeps_previous_checkpoint(tiny
     assert ckpt.find_resumable(root, log=None).name == "step00000002"
 
 
-def test_cli_exits_with_distinct_code_on_sigterm(tiny_data, tmp_path):
-    """SIGTERM to one torchrun worker: both save the same step and exit with EXIT_PREEMPTED."""
+@pytest.mark.parametrize("mode", [[], ASYNC], ids=["sync", "async"])
+def test_cli_exits_with_distinct_code_on_sigterm(tiny_data, tmp_path, mode):
+    """SIGTERM to one torchrun worker: both save the same step and exit with EXIT_PREEMPTED (an asynchronous save,
+    with saves every 2 steps in flight, is published before they exit)."""
     from skiptron.training import checkpoint as ckpt
     from skiptron.training.signals import EXIT_PREEMPTED
 
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29633",
-           "-m", "skiptron.tools.train", "--config", "tiny", *BASE, f"data.path={tiny_data}", f"run.dir={run}",
-           "train.max_steps=100000", "logging.print_every=1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(29633 + bool(mode)), "-m", "skiptron.tools.train", "--config", "tiny", *BASE, f"data.path={tiny_data}",
+           f"run.dir={run}", "train.max_steps=100000", "logging.print_every=1",
+           *(mode + ["checkpoint.interval=2"] if mode else [])]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     import time

@@ -2,8 +2,13 @@
 
 One process, random tokens, the configured model, optimizer and ZeRO stage: times a train step, then a full save
 (finiteness check of weights and optimizer state, DeepSpeed shards + RNG/extra state + manifest with checksums,
-fsynced, published atomically), the finiteness check alone, and a load of it into the same engine, and reports the checkpoint's size and the fraction of training time spent saving at the configured
-`checkpoint.interval`: save / (interval x step + save).
+fsynced, published atomically), the finiteness check alone, and a load of it into the same engine, and reports the
+checkpoint's size and the fraction of training time spent saving at the configured `checkpoint.interval`:
+save / (interval x step + save).
+
+Then the same save asynchronously (`checkpoint.async_save`): the stall (what the step waits for: DeepSpeed's state
+dicts and the host snapshot), how long the background write takes until the checkpoint is published, and the time of
+the train steps that run while it writes (they share the CPU with the writer), next to the plain step.
 
 `--sequences N` times steps of N sequences instead of the configured global batch (a 125m step of 256 x 2048 tokens
 takes minutes on a CPU): the full step is then estimated as global_batch / N times the measured one, and that is
@@ -24,6 +29,7 @@ from pathlib import Path
 import torch
 
 from skiptron.parallel import state
+from skiptron.parallel.timing import synchronize
 from skiptron.tools.bench import alternate_timings
 from skiptron.training import checkpoint as ckpt
 from skiptron.training.config import load_config
@@ -85,13 +91,17 @@ def run(args) -> dict:
         ckpt.load(engine, cfg, layout, path, args.vocab_size, trainer.extra_state, log=None)
         loads.append(time.perf_counter() - start)
     save_s, load_s, check_s = statistics.median(saves), statistics.median(loads), statistics.median(checks)
+    stall_s, write_s, overlapped_step_s = _async_saves(trainer, cfg, layout, args, batches, first_step=args.rounds + 1)
     size = _size(path)
     params = sum(p.numel() for p in engine.module.parameters())
     fraction = save_s / (interval * full_step_s + save_s) if interval else None
     result = {"config": args.config, "overrides": args.overrides, "params": params, "zero_stage": cfg.zero.stage,
               "checkpoint_bytes": size, "save_s": save_s, "load_s": load_s, "step_s": full_step_s,
               "step_measured_on_sequences": sequences, "cold_load": args.cold, "interval": interval, "save_fraction": fraction,
-              "save_mb_per_s": size / save_s / 1e6, "finite_check_s": check_s}
+              "save_mb_per_s": size / save_s / 1e6, "finite_check_s": check_s,
+              "async_stall_s": stall_s, "async_stall_fraction_of_save": stall_s / save_s,
+              "async_write_s": write_s, "step_s_during_async_write": overlapped_step_s,
+              "measured_step_s": step_s}
     print(f"{args.config}: {params / 1e6:.1f} M parameters, ZeRO-{cfg.zero.stage}, {precision}")
     print(f"checkpoint {size / 1e6:.1f} MB | save {save_s:.2f} s ({size / save_s / 1e6:.0f} MB/s) | "
           f"load {load_s:.2f} s ({'cold' if args.cold else 'warm'} page cache)")
@@ -101,10 +111,36 @@ def run(args) -> dict:
     print(f"train step {full_step_s:.2f} s{estimate}")
     if fraction is not None:
         print(f"checkpoint.interval={interval}: {100 * fraction:.2g}% of training time spent saving")
+    print(f"async save: stall {stall_s:.3f} s = {100 * stall_s / save_s:.1f}% of the synchronous save | published "
+          f"{write_s:.2f} s after the stall | steps during the write "
+          + (f"{overlapped_step_s:.2f} s vs {step_s:.2f} s" if overlapped_step_s else "none (it finished first)"))
     state.shutdown()
     if not args.dir:
         shutil.rmtree(out_dir)
     return result
+
+
+def _async_saves(trainer, cfg, layout, args, batches, first_step: int) -> tuple[float, float, float | None]:
+    """Median stall of an asynchronous save, median time until it is published (an upper bound: the last step taken
+    while it was written ends after it), and the median time of the (measured) train steps taken while it was being
+    written (None when none was)."""
+    background = ckpt.BackgroundSaves(cfg.launch.collective_timeout_s)
+    stalls, writes, overlapped = [], [], []
+    for i in range(args.rounds):
+        trainer.progress.step = first_step + i
+        start = time.perf_counter()
+        ckpt.save(trainer.engine, cfg, layout, trainer.progress, args.vocab_size, trainer.extra_state,
+                  background=background)
+        stalled = time.perf_counter()
+        stalls.append(stalled - start)
+        while background.busy():
+            step_start = time.perf_counter()
+            trainer.train_step(iter(batches))
+            synchronize(layout.device)
+            overlapped.append(time.perf_counter() - step_start)
+        background.wait()
+        writes.append(time.perf_counter() - stalled)
+    return statistics.median(stalls), statistics.median(writes), statistics.median(overlapped) if overlapped else None
 
 
 def build_parser() -> argparse.ArgumentParser:

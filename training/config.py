@@ -361,6 +361,10 @@ class CheckpointConfig(Section):
     trust_pickle: bool = Field(
         False, description="load checkpoint files whose pickles reference code (not only tensors and the known "
                            "records); off: such a file is refused, since loading it could run anything")
+    async_save: bool = Field(
+        False, description="the step pays only for a snapshot of this rank's state to host memory (pinned on a GPU; "
+                           "one more copy of the rank's state while a save is in flight); writing, fsync, checksums "
+                           "and the publish run in the background, at most one save at a time")
 
 
 class LaunchConfig(Section):

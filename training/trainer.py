@@ -93,10 +93,13 @@ class Trainer:
     stopped_by: int | None = None  # the signal that stopped the run, if any
     guard: StepGuard | None = None  # decides whether each step's update applies (training/guard.py)
     lock: RunLock | None = None  # rank 0: the run directory's writer lock
+    background: ckpt.BackgroundSaves | None = None  # checkpoint.async_save: the save in flight
 
     def __post_init__(self):
         if self.guard is None:  # built without `setup` (benchmarks): count steps, gate nothing
             self.guard = StepGuard(self.layout.device)
+        if self.background is None and self.cfg.checkpoint.async_save:
+            self.background = ckpt.BackgroundSaves(self.cfg.launch.collective_timeout_s)
 
     @classmethod
     def setup(cls, cfg: Config, extension: TrainerExtension | None = None) -> "Trainer":
@@ -233,14 +236,24 @@ class Trainer:
         return state.all_reduce_mean(total / self.cfg.eval.batches, state.dp_group()).item()
 
     def save(self) -> Path:
-        """Checkpoint the current step (atomic, see training/checkpoint/). Collective. A checkpoint saved while
-        steps are being skipped is marked (`health` in trainer.json) so resume does not prefer it silently."""
+        """Checkpoint the current step (atomic, see training/checkpoint/); its path. Collective. A checkpoint saved
+        while steps are being skipped is marked (`health` in trainer.json) so resume does not prefer it silently.
+        With checkpoint.async_save it is published in the background: `wait_for_save()` waits for it."""
         tokenizer = Path(self.cfg.data.sources()[0].path) / self.manifest.get("tokenizer", "tokenizer.json")
         health = {"skipped_streak": self.guard.streak, "skipped_total": self.guard.totals["total"]}
+        if self.background is not None:
+            self.wait_for_save()  # at most one in flight; its error is raised here
         path = ckpt.save(self.engine, self.cfg, self.layout, self.progress, self.vocab_size, self.extra_state,
-                         tokenizer=tokenizer, health=health)
-        self.last_saved_step = self.progress.step
+                         tokenizer=tokenizer, health=health, background=self.background)
+        if self.background is None:
+            self.last_saved_step = self.progress.step
         return path
+
+    def wait_for_save(self) -> None:
+        """Block until the save in flight (checkpoint.async_save) is published, or raise its CheckpointError."""
+        published = self.background.wait() if self.background is not None else None
+        if published is not None:
+            self.last_saved_step = published
 
     def resume(self) -> None:
         """Continue from `cfg.resume` (auto / none / path): weights, optimizer, scheduler, RNG, data position. A
@@ -314,6 +327,7 @@ class Trainer:
         except Exception as err:
             if dog is not None and watchdog.is_communication_error(err):
                 dog.communication_failed(err)  # the watchdog names the dead or stalled rank and ends the process
+            self._finish_save_after(err, log)
             if dog is not None:
                 dog.stop(clean=False)  # this rank is failing: peers see its heartbeat stop and name it
             raise
@@ -323,6 +337,14 @@ class Trainer:
             if self.lock is not None:
                 self.lock.release()
         return summary
+
+    def _finish_save_after(self, err: Exception, log) -> None:
+        """Training failed with `err`: the save in flight is still published if it can be (it was taken before the
+        failure); its own error is reported, not raised, so that `err` is what the run ends with."""
+        try:
+            self.wait_for_save()
+        except ckpt.CheckpointError as save_err:
+            log.log_text(f"the checkpoint save in flight failed too: {save_err}")
 
     def _loop(self, log, train_data, corrupt, dog, ga, tokens_per_step, model_flops, peak) -> dict:
         cfg, layout = self.cfg, self.layout
@@ -389,14 +411,18 @@ class Trainer:
             if stop or cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
                 with dog.paused("checkpoint save") if dog else contextlib.nullcontext():
                     self.save()
+                    if stop:  # the job ends: the save must be published first
+                        self.wait_for_save()
             if stop:
                 self.stopped_by = stop
                 log.log_text(f"stopped by signal {stop} after step {step}; checkpoint saved")
                 break
         signals.restore()
-        if cfg.checkpoint.save_at_end and not self.stopped_by and self.last_saved_step != self.progress.step:
-            with dog.paused("checkpoint save") if dog else contextlib.nullcontext():
+        with dog.paused("checkpoint save") if dog else contextlib.nullcontext():
+            self.wait_for_save()
+            if cfg.checkpoint.save_at_end and not self.stopped_by and self.last_saved_step != self.progress.step:
                 self.save()
+                self.wait_for_save()
         log.close()
         return log.summary()
 

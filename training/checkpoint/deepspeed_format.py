@@ -5,6 +5,7 @@ per-layer files); each piece names the DeepSpeed version it was checked against 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -29,18 +30,33 @@ def _read_through_load_file(engine, trust: bool) -> None:
     reader.load = load
 
 
-def _name_write_errors(engine) -> None:
-    """Route DeepSpeed's own checkpoint files through `_writing`, so a failed write names its file there too."""
+@contextlib.contextmanager
+def _deepspeed_writes(engine, stage=None):
+    """Route the files `engine.save_checkpoint` writes (model states, ZeRO optimizer states, a pipeline's per-layer
+    files) through `engine.checkpoint_engine.save(state_dict, path)`, which DeepSpeed 0.19.8 calls for every one of
+    them. Yields the list of `(path, state, write)` this rank's DeepSpeed wrote or was asked to write:
+
+    - `stage=None` (a synchronous save): each file is written at once, a failed write named by `_writing`;
+      `state` is None.
+    - `stage` (a callable returning a host snapshot, see staging.py): nothing is written; `state` is the snapshot
+      and `write(state, path)` writes it later as DeepSpeed would have (its serialization settings)."""
     writer = engine.checkpoint_engine
-    if getattr(writer, "skiptron_named_errors", False):
-        return
-    save_file = writer.save
+    original = writer.save
+    files: list[tuple[Path, object, object]] = []
 
     def save(state_dict, path):
-        with _writing(Path(path)):
-            return save_file(state_dict, path)
+        if stage is None:
+            with _writing(Path(path)):
+                original(state_dict, path)
+            files.append((Path(path), None, original))
+        else:
+            files.append((Path(path), stage(state_dict), original))
 
-    writer.save, writer.skiptron_named_errors = save, True
+    writer.save = save
+    try:
+        yield files
+    finally:
+        writer.save = original
 
 
 def _model_file(path: Path, stage: int, mp_rank: int) -> Path:

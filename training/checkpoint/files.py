@@ -90,7 +90,8 @@ def _load(path: Path, trust: bool = False, mmap: bool = False):
 
 
 # -- small filesystem helpers ---------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries, to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -106,7 +107,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    _fsync(path.parent)
 
 
 def _torch_save(obj, path: Path) -> None:
@@ -125,11 +126,15 @@ def _writing(path: Path):
     except dist.DistError:  # a collective failed (a peer rank died): not a write problem, the caller names it
         raise
     except (OSError, RuntimeError) as err:
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         path.unlink(missing_ok=True)
-        free = shutil.disk_usage(path.parent).free / 2**20 if path.parent.exists() else float("nan")
-        raise CheckpointError(f"could not write {path}: {reason} ({free:.1f} MiB free there); nothing was published, "
-                              f"the previous checkpoint is still `latest`") from err
+        raise _write_failure(path, err) from err
+
+
+def _write_failure(path: Path, err: Exception) -> CheckpointError:
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    free = shutil.disk_usage(path.parent).free / 2**20 if path.parent.exists() else float("nan")
+    return CheckpointError(f"could not write {path}: {reason} ({free:.1f} MiB free there); nothing was published, "
+                           f"the previous checkpoint is still `latest`")
 
 
 def _sha256(path: Path) -> str:
@@ -145,12 +150,12 @@ def _listing(root: Path) -> list[str]:
 
 
 # -- manifest and verification ----------------------------------------------------------------------------------
-def _checksums(root: Path, names: list[str]) -> dict[str, dict]:
-    """Size and sha256 of `names`; hashing is spread over the ranks (collective when a group exists)."""
-    rank, world = _rank_world()
+def _checksums(root: Path, names: list[str], collective: bool = True) -> dict[str, dict]:
+    """Size and sha256 of `names`; with `collective`, hashing is spread over the ranks (when a group exists)."""
+    rank, world = _rank_world() if collective else (0, 1)
     mine = {n: {"size": (root / n).stat().st_size, "sha256": _sha256(root / n)} for n in names[rank::world]}
     out: dict[str, dict] = {}
-    for part in _gather(mine):
+    for part in (_gather(mine) if collective else [mine]):
         out.update(part)
     return out
 
@@ -210,7 +215,7 @@ def _publish(tmp: Path, final: Path) -> None:
         os.replace(final, trash)
         shutil.rmtree(trash)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    _fsync(final.parent)
 
 
 def _update_latest(root: Path, tag: str) -> None:

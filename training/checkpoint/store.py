@@ -18,6 +18,7 @@ survives a change of DP size.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -28,15 +29,18 @@ from pathlib import Path
 
 import torch
 
+from .background import BackgroundSaves
 from .collective import _agreed, _barrier, _gather, _rank_world
-from .deepspeed_format import _name_write_errors, _read_through_load_file
+from .deepspeed_format import _deepspeed_writes, _read_through_load_file
 from .errors import CheckpointError
-from .files import (FORMAT, FORMAT_VERSION, LATEST, MANIFEST, TMP_PREFIX, _checksums, _listing, _load, _problems,
-                    _publish, _torch_save, _update_latest, _write_manifest, _writing, apply_retention)
+from .files import (FORMAT, FORMAT_VERSION, LATEST, MANIFEST, TMP_PREFIX, _checksums, _fsync, _listing, _load,
+                    _problems, _publish, _sha256, _torch_save, _update_latest, _write_failure, _write_manifest,
+                    _writing, apply_retention)
 from .locate import resolve_checkpoint, resumable
 from .meta import META, Progress, _precision, check_compatible, model_meta, read_meta, same_layout, step_tag
 from .reshard import _gpt_names, apply_full_state, read_full_state
 from .rng import rng_state, set_rng_state
+from .staging import nonfinite_entries
 from .weights_only import _load_weights_file
 
 
@@ -66,18 +70,22 @@ def nonfinite_state(engine) -> list[str]:
 
 
 def save(engine, cfg, layout, progress: Progress, vocab_size: int, extra: dict | None = None,
-         tokenizer: str | os.PathLike | None = None, health: dict | None = None) -> Path:
-    """Save a checkpoint of `progress.step` atomically, update `latest`, apply retention. Collective. Refuses
-    (CheckpointError, nothing written) when a weight or optimizer tensor is non-finite (`checkpoint.check_finite`).
-    `health` (the trainer's skipped-step counters) goes into trainer.json, so resume can avoid a diverging one."""
-    from .. import faults
+         tokenizer: str | os.PathLike | None = None, health: dict | None = None,
+         background: BackgroundSaves | None = None) -> Path:
+    """Save a checkpoint of `progress.step` atomically, update `latest`, apply retention; its final path. Collective.
+    Refuses (CheckpointError, nothing published) when a weight or optimizer tensor is non-finite
+    (`checkpoint.check_finite`). `health` (the trainer's skipped-step counters) goes into trainer.json, so resume can
+    avoid a diverging one.
 
-    if cfg.checkpoint.check_finite:
+    `background` (checkpoint.async_save): first waits for the save in flight (raising its error); then the step pays
+    only for host snapshots of this rank's state, and writing, fsync, checksums, the finite check and the publish run
+    on `background`'s thread. The checkpoint is published when `background.wait()` returns."""
+    if background is not None:
+        background.wait()
+    elif cfg.checkpoint.check_finite:
         bad = nonfinite_state(engine)
         if bad:
-            raise CheckpointError(f"not saving step {progress.step}: non-finite values in {', '.join(bad[:8])}"
-                                  f"{f' and {len(bad) - 8} more' if len(bad) > 8 else ''}; the previous "
-                                  f"checkpoint stays `latest`")
+            raise CheckpointError(_nonfinite_refusal(progress.step, bad))
     root = cfg.checkpoint_dir
     tag = step_tag(progress.step)
     tmp, final = root / f"{TMP_PREFIX}{tag}", root / tag
@@ -87,12 +95,14 @@ def save(engine, cfg, layout, progress: Progress, vocab_size: int, extra: dict |
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier()
-    _name_write_errors(engine)
-    engine.save_checkpoint(str(root), tag=tmp.name, client_state={"step": progress.step}, save_latest=False)
-    with _writing(tmp / _rank_file(layout.rank)):
-        _torch_save({"rng": rng_state(), "extra": {k: v.state_dict() for k, v in (extra or {}).items()}},
-                    tmp / _rank_file(layout.rank))
-    faults.fire("save", progress.step, layout.rank)
+    stage = background.staging.snapshot if background is not None else None
+    with _deepspeed_writes(engine, stage) as files:
+        try:
+            engine.save_checkpoint(str(root), tag=tmp.name, client_state={"step": progress.step}, save_latest=False)
+        except OSError as err:  # a file DeepSpeed writes itself: its recovery scripts, beside the checkpoints
+            raise _write_failure(Path(err.filename2 or err.filename or tmp), err) from err
+    rank_state = {"rng": rng_state(), "extra": {k: v.state_dict() for k, v in (extra or {}).items()}}
+    files.append((tmp / _rank_file(layout.rank), stage(rank_state) if stage else rank_state, _torch_save))
     meta = {
         "format": FORMAT, "version": FORMAT_VERSION, "kind": "training", **asdict(progress),
         "time": time.time(), "vocab_size": vocab_size, "health": health or {},
@@ -100,7 +110,7 @@ def save(engine, cfg, layout, progress: Progress, vocab_size: int, extra: dict |
                    "zero_stage": cfg.zero.stage, "precision": _precision(engine)},
         **model_meta(engine, layout.tp, vocab_size),
     }
-    if layout.is_writer:
+    if layout.is_writer:  # small files, written at once
         from ..config import save_config
 
         with _writing(tmp / META):
@@ -110,16 +120,72 @@ def save(engine, cfg, layout, progress: Progress, vocab_size: int, extra: dict |
         if tokenizer and Path(tokenizer).is_file():
             with _writing(tmp / "tokenizer.json"):
                 shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-    _barrier()
-    sums = _checksums(tmp, _listing(tmp))  # collective: outside `_writing`, a dead peer is not a disk problem
-    with _writing(tmp / MANIFEST):
-        _write_manifest(tmp, sums, layout.is_writer)
-    if layout.is_writer:
-        _publish(tmp, final)
-        _update_latest(root, tag)
-        apply_retention(root, cfg.checkpoint.keep, cfg.checkpoint.keep_every)
-    _barrier()
+    job = functools.partial(_write_and_publish, tmp, final, files, progress.step, layout.rank, layout.is_writer,
+                            cfg.checkpoint.keep, cfg.checkpoint.keep_every,
+                            background is not None and cfg.checkpoint.check_finite)
+    if background is None:
+        job(None)
+    else:
+        background.submit(progress.step, job)
     return final
+
+
+def _nonfinite_refusal(step: int, bad: list[str]) -> str:
+    return (f"not saving step {step}: non-finite values in {', '.join(bad[:8])}"
+            f"{f' and {len(bad) - 8} more' if len(bad) > 8 else ''}; the previous checkpoint stays `latest`")
+
+
+def _write_and_publish(tmp: Path, final: Path, files: list, step: int, rank: int, is_writer: bool, keep: int,
+                       keep_every: int, check_finite: bool, group) -> None:
+    """Write this rank's pending files (`(path, state, write)`; state None: already written) and fsync them, hash
+    them, agree with every rank on the outcome over `group`, then rank 0 writes the manifest, publishes and applies
+    retention. Every rank raises the same CheckpointError if any rank's part failed. Collective over `group`."""
+    from .. import faults
+
+    failure, sums = None, {}
+    try:
+        bad = [entry for path, state, _ in files if state is not None
+               for entry in nonfinite_entries(state, f"{path.name} (rank {rank})")] if check_finite else []
+        if bad:
+            raise CheckpointError(_nonfinite_refusal(step, bad))
+        for path, state, write in files:
+            with _writing(path):
+                if state is not None:
+                    write(state, path)
+                _fsync(path)
+        faults.fire("save", step, rank)
+        sums = {str(path.resolve().relative_to(tmp.resolve())): {"size": path.stat().st_size, "sha256": _sha256(path)}
+                for path, _, _ in files}
+    except CheckpointError as err:
+        failure = str(err)
+    reports = _gather((failure, sums), group)  # outside `_writing`: a dead peer is not a disk problem
+    failures = [f for f, _ in reports if f]
+    if failures:
+        raise CheckpointError(failures[0])
+    refusal = None
+    if is_writer:
+        try:
+            _publish_checkpoint(tmp, final, {n: s for _, part in reports for n, s in part.items()}, keep, keep_every)
+        except CheckpointError as err:
+            refusal = str(err)
+    refusal = _gather(refusal, group)[0]
+    if refusal:
+        raise CheckpointError(refusal)
+
+
+def _publish_checkpoint(tmp: Path, final: Path, sums: dict, keep: int, keep_every: int) -> None:
+    """Rank 0, once every rank's files are written: the manifest (the small files rank 0 wrote at once and DeepSpeed's
+    recovery scripts are hashed here), the directory rename, `latest`, retention."""
+    listing = _listing(tmp)
+    lost = sorted(set(sums) - set(listing))
+    if lost:
+        raise CheckpointError(f"{tmp}: {', '.join(lost)} written but not there; nothing was published")
+    sums.update(_checksums(tmp, [n for n in listing if n not in sums], collective=False))
+    with _writing(tmp / MANIFEST):
+        _write_manifest(tmp, sums, True)
+    _publish(tmp, final)
+    _update_latest(final.parent, final.name)
+    apply_retention(final.parent, keep, keep_every)
 
 
 # -- resume -----------------------------------------------------------------------------------------------------
