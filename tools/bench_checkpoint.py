@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from skiptron.parallel import state
-from skiptron.parallel.timing import synchronize
+from skiptron.parallel.timing import synchronized_seconds
 from skiptron.tools.bench import alternate_timings
 from skiptron.training import checkpoint as ckpt
 from skiptron.training.config import load_config
@@ -91,8 +91,8 @@ def run(args) -> dict:
         ckpt.load(engine, cfg, layout, path, args.vocab_size, trainer.extra_state, log=None)
         loads.append(time.perf_counter() - start)
     save_s, load_s, check_s = statistics.median(saves), statistics.median(loads), statistics.median(checks)
-    stall_s, write_s, overlapped_step_s = _async_saves(trainer, cfg, layout, args, batches, first_step=args.rounds + 1)
     size = _size(path)
+    stall_s, write_s, overlapped_step_s = _async_saves(trainer, cfg, layout, args, batches, first_step=args.rounds + 1)
     params = sum(p.numel() for p in engine.module.parameters())
     fraction = save_s / (interval * full_step_s + save_s) if interval else None
     result = {"config": args.config, "overrides": args.overrides, "params": params, "zero_stage": cfg.zero.stage,
@@ -112,35 +112,33 @@ def run(args) -> dict:
     if fraction is not None:
         print(f"checkpoint.interval={interval}: {100 * fraction:.2g}% of training time spent saving")
     print(f"async save: stall {stall_s:.3f} s = {100 * stall_s / save_s:.1f}% of the synchronous save | published "
-          f"{write_s:.2f} s after the stall | steps during the write "
-          + (f"{overlapped_step_s:.2f} s vs {step_s:.2f} s" if overlapped_step_s else "none (it finished first)"))
+          f"{write_s:.2f} s after the stall | a step started during the write {overlapped_step_s:.2f} s (measured "
+          f"step alone {step_s:.2f} s)")
     state.shutdown()
     if not args.dir:
         shutil.rmtree(out_dir)
     return result
 
 
-def _async_saves(trainer, cfg, layout, args, batches, first_step: int) -> tuple[float, float, float | None]:
-    """Median stall of an asynchronous save, median time until it is published (an upper bound: the last step taken
-    while it was written ends after it), and the median time of the (measured) train steps taken while it was being
-    written (None when none was)."""
+def _async_saves(trainer, cfg, layout, args, batches, first_step: int) -> tuple[float, float, float]:
+    """Medians over `args.rounds` asynchronous saves of each kind: the stall; the time from the stall until the save
+    is published (waiting at once); the time of one train step taken while a save is being written."""
     background = ckpt.BackgroundSaves(cfg.launch.collective_timeout_s)
     stalls, writes, overlapped = [], [], []
-    for i in range(args.rounds):
+    for i in range(2 * args.rounds):
         trainer.progress.step = first_step + i
         start = time.perf_counter()
         ckpt.save(trainer.engine, cfg, layout, trainer.progress, args.vocab_size, trainer.extra_state,
                   background=background)
         stalled = time.perf_counter()
         stalls.append(stalled - start)
-        while background.busy():
-            step_start = time.perf_counter()
-            trainer.train_step(iter(batches))
-            synchronize(layout.device)
-            overlapped.append(time.perf_counter() - step_start)
-        background.wait()
-        writes.append(time.perf_counter() - stalled)
-    return statistics.median(stalls), statistics.median(writes), statistics.median(overlapped) if overlapped else None
+        if i % 2:
+            overlapped.append(synchronized_seconds(lambda: trainer.train_step(iter(batches)), layout.device))
+            background.wait()
+        else:
+            background.wait()
+            writes.append(time.perf_counter() - stalled)
+    return statistics.median(stalls), statistics.median(writes), statistics.median(overlapped)
 
 
 def build_parser() -> argparse.ArgumentParser:
