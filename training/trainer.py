@@ -26,6 +26,7 @@ from .engine import PRECISION_DTYPES, build_engine, resolve_precision
 from .guard import StepGuard
 from .flops import config_flops_per_token, peak_flops
 from .loader import BlendedStream, TokenLoader, check_sources
+from .memory import large_blocks_returned
 from .metrics import MetricsLogger
 from .model import GPT, compile_blocks
 from .routing import RoutingMeter
@@ -432,21 +433,22 @@ def build_model(cfg: Config, vocab_size: int, device: torch.device, partition: b
     `device`, the layout's, is where its start-up collectives run). Under ZeRO-3 (and `partition`) the GPT is built
     already partitioned over DP (`training/construction.py`); an extension that changes the built model's weights
     (finetuning) gets it whole, as DeepSpeed then partitions it."""
-    if cfg.parallel.pp > 1:
-        from .pipeline import GPTPipe
+    def build() -> GPT:
+        return GPT(cfg.model, vocab_size, cfg.parallel.tp, balance=cfg.parallel.token_balance,
+                   checkpoint_blocks=cfg.parallel.checkpointed_blocks(cfg.model.num_layers),
+                   sequence_parallel=cfg.parallel.sequence_parallel)
 
-        model = GPTPipe(cfg, vocab_size, device, balance=cfg.parallel.token_balance)
-    else:
-        def build() -> GPT:
-            return GPT(cfg.model, vocab_size, cfg.parallel.tp, balance=cfg.parallel.token_balance,
-                       checkpoint_blocks=cfg.parallel.checkpointed_blocks(cfg.model.num_layers),
-                       sequence_parallel=cfg.parallel.sequence_parallel)
+    with large_blocks_returned():
+        if cfg.parallel.pp > 1:
+            from .pipeline import GPTPipe
 
-        with construction.one_whole_parameter_at_a_time():
-            if partition and construction.partitions_at_construction(cfg):
-                model = construction.build_partitioned(build, cfg, device)
-            else:
-                model = build()
+            model = GPTPipe(cfg, vocab_size, device, balance=cfg.parallel.token_balance)
+        else:
+            with construction.one_whole_parameter_at_a_time():
+                if partition and construction.partitions_at_construction(cfg):
+                    model = construction.build_partitioned(build, cfg, device)
+                else:
+                    model = build()
     if cfg.train.compile:
         compile_blocks(model, cfg.train.compile_backend)
     return model

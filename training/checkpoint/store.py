@@ -36,6 +36,7 @@ from .errors import CheckpointError
 from .files import (FORMAT, FORMAT_VERSION, LATEST, MANIFEST, TMP_PREFIX, _checksums, _fsync, _listing, _load,
                     _problems, _publish, _sha256, _torch_save, _update_latest, _write_failure, _write_manifest,
                     _writing, apply_retention)
+from ..memory import large_blocks_returned
 from .locate import resolve_checkpoint, resumable
 from .meta import META, Progress, _precision, check_compatible, model_meta, read_meta, same_layout, step_tag
 from .reshard import _gpt_names, apply_full_state, read_full_state
@@ -210,6 +211,11 @@ def resume_candidates(cfg, log=print) -> list[Path]:
 
 def load(engine, cfg, layout, path: Path, vocab_size: int, extra: dict | None = None, log=print) -> Progress:
     """Restore weights, optimizer, scheduler, RNG, `extra` and the progress from `path`. Collective."""
+    with large_blocks_returned():  # resharding's transient whole tensors go back to the system when freed
+        return _load_checkpoint(engine, cfg, layout, path, vocab_size, extra or {}, log)
+
+
+def _load_checkpoint(engine, cfg, layout, path: Path, vocab_size: int, extra: dict, log) -> Progress:
     meta = read_meta(path)
     check_compatible(path, meta, cfg, vocab_size)
     trust = cfg.checkpoint.trust_pickle
@@ -240,7 +246,7 @@ def load(engine, cfg, layout, path: Path, vocab_size: int, extra: dict | None = 
         engine.skipped_steps = extras["skipped_steps"]
         engine.micro_steps = engine.global_steps * engine.gradient_accumulation_steps()
         _apply_buffers(engine, extras["buffers"])
-    _agreed(lambda: _load_rank_state(path, meta, layout, extra or {}, trust))
+    _agreed(lambda: _load_rank_state(path, meta, layout, extra, trust))
     return Progress(meta["step"], meta["consumed_samples"], meta["consumed_tokens"], meta.get("consumed_by_source", {}))
 
 
