@@ -82,20 +82,26 @@ def _construct(rank: int, world: int, port: int, preset: str, overrides: list[st
 
 
 def _to_hf(rank: int, world: int, port: int, preset: str, overrides: list[str], vocab: int, results) -> None:
-    """Export a weights checkpoint of the model with to-hf: (RSS before, peak RSS, meter peak)."""
+    """Export a weights checkpoint of the model with to-hf, then import the export with from-hf: (0, a row for each:
+    ("to-hf" / "from-hf", RSS before, peak RSS, meter peak))."""
     _init(rank, world, port)
 
-    from skiptron.tools.convert import to_hf
+    from skiptron.tools.convert import from_hf, to_hf
     from skiptron.training import checkpoint as ckpt
-    from skiptron.training.memory import AllocationMeter, current_rss_bytes, peak_rss_bytes
+    from skiptron.training.memory import AllocationMeter, current_rss_bytes, peak_rss_bytes, reset_peak_rss
 
     cfg = _config(preset, overrides, 1)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ckpt.write_weights_checkpoint(f"{tmp}/ckpt", cfg, _Zeros(_whole_shapes(cfg, vocab)), vocab)
-        before = current_rss_bytes()
-        with AllocationMeter() as meter:
-            to_hf(f"{tmp}/ckpt", f"{tmp}/hf", max_shard_size="200MB")
-        results.put((0, before, peak_rss_bytes(), meter.peak, 0, 0, 0))
+        for what, convert in (("to-hf", lambda: to_hf(f"{tmp}/ckpt", f"{tmp}/hf", max_shard_size="200MB")),
+                              ("from-hf", lambda: from_hf(f"{tmp}/hf", f"{tmp}/back", log=lambda msg: None))):
+            reset_peak_rss()
+            before = current_rss_bytes()
+            with AllocationMeter() as meter:
+                convert()
+            rows.append((what, before, peak_rss_bytes(), meter.peak))
+    results.put((0, rows))
 
 
 def _reshard(rank: int, world: int, port: int, preset: str, overrides: list[str], vocab: int, directory: str,
@@ -209,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--presets", default="125m,350m,1.3b", help="comma-separated config presets (default: %(default)s)")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of every model (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=256, help="model.seq_len of every model (default: %(default)s)")
-    p.add_argument("--skip-to-hf", action="store_true", help="do not measure to-hf")
+    p.add_argument("--skip-to-hf", action="store_true", help="do not measure to-hf and from-hf")
     p.add_argument("--reshard-presets", default="125m,350m",
                    help="presets whose TP=2 -> DP=2 resharding is measured ('' for none; default: %(default)s)")
     verbosity.add_argument(p)
@@ -245,8 +251,9 @@ def main(argv=None) -> int:
                           f"  anonymous growth {anon_growth / MB:.0f}",
                           flush=True)
         if not args.skip_to_hf:
-            for _, before, peak, allocated, *_ in _spawn(_to_hf, 1, preset, common, args.vocab_size):
-                print(f"{preset:>6} {'to-hf':>14} {whole / MB:9.0f} {'':>9} {peak / MB:12.0f} "
+            [(_, rows)] = _spawn(_to_hf, 1, preset, common, args.vocab_size)
+            for what, before, peak, allocated in rows:
+                print(f"{preset:>6} {what:>14} {whole / MB:9.0f} {'':>9} {peak / MB:12.0f} "
                       f"{(peak - before) / MB:14.0f} {allocated / MB:13.0f}", flush=True)
     return 0
 

@@ -332,6 +332,15 @@ class HFWeights:
     def __call__(self, name: str) -> torch.Tensor:
         if self._bin is not None:
             return self._bin[name]
+        return self._file(name).get_tensor(name)
+
+    def meta(self, name: str) -> torch.Tensor:
+        """The tensor's shape as a meta tensor, from the file's header (nothing read)."""
+        if self._bin is not None:
+            return torch.empty(self._bin[name].shape, device="meta")
+        return torch.empty(self._file(name).get_slice(name).get_shape(), device="meta")
+
+    def _file(self, name: str):
         if name not in self._where:
             raise SystemExit(f"skiptron-convert: {self.hf_dir}: no tensor {name}")
         path = self._where[name]
@@ -339,7 +348,7 @@ class HFWeights:
             from safetensors import safe_open
 
             self._open[path] = safe_open(str(path), framework="pt")
-        return self._open[path].get_tensor(name)
+        return self._open[path]
 
 
 def _hf_rope(c: dict, problems: list[str]) -> dict:
@@ -415,7 +424,9 @@ def from_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tp: int = 1, pp: 
             "parallel": {"tp": tp, "pp": pp}})
     except ConfigError as err:
         raise SystemExit(f"skiptron-convert: {hf_dir} cannot be used with --tp {tp} --pp {pp}: {err}") from err
-    weights = dict(skiptron_tensors(hf, cfg.model, cfg.model.padded_vocab_size(vocab)))
+    padded = cfg.model.padded_vocab_size(vocab)
+    shapes = {name: tuple(t.shape) for name, t in skiptron_tensors(hf.meta, cfg.model, padded)}  # reads no data
+    weights = ckpt.WeightStream(shapes, skiptron_tensors(hf, cfg.model, padded))
     tokenizer = hf_dir / "tokenizer.json"
     return ckpt.write_weights_checkpoint(out, cfg, weights, vocab, tokenizer if tokenizer.is_file() else None)
 

@@ -24,11 +24,11 @@ from .locate import find_resumable, resolve_checkpoint, resumable
 from .meta import Progress, check_compatible, read_meta, step_tag
 from .reshard import apply_full_state, read_full_state
 from .store import load, nonfinite_state, resume_candidates, save
-from .weights_only import write_weights_checkpoint
+from .weights_only import WeightStream, write_weights_checkpoint
 
 __all__ = [
-    "BackgroundSaves", "CheckpointError", "UntrustedCheckpointError", "FORMAT_VERSION", "apply_retention", "list_checkpoints",
-    "load_file", "verify", "find_resumable", "resolve_checkpoint", "resumable", "Progress", "check_compatible",
-    "read_meta", "step_tag", "apply_full_state", "read_full_state", "load", "nonfinite_state", "resume_candidates",
-    "save", "write_weights_checkpoint",
+    "BackgroundSaves", "CheckpointError", "UntrustedCheckpointError", "FORMAT_VERSION", "apply_retention",
+    "list_checkpoints", "load_file", "verify", "find_resumable", "resolve_checkpoint", "resumable", "Progress",
+    "check_compatible", "read_meta", "step_tag", "apply_full_state", "read_full_state", "load", "nonfinite_state",
+    "resume_candidates", "save", "WeightStream", "write_weights_checkpoint",
 ]

@@ -11,8 +11,8 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import asdict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -58,22 +58,35 @@ def _load_weights_file(path: Path, trust: bool = False) -> Mapping[str, torch.Te
     return _load(path / LEGACY_WEIGHTS_FILE, trust)
 
 
-def write_weights_checkpoint(out: str | os.PathLike, cfg, weights: dict[str, torch.Tensor], vocab_size: int,
-                             tokenizer: str | os.PathLike | None = None) -> Path:
+@dataclass
+class WeightStream:
+    """Whole weights produced one at a time (e.g. converted from another format as they are read): every name's
+    shape up front, then the `(name, tensor)` pairs in any order."""
+
+    shapes: dict[str, tuple[int, ...]]
+    tensors: Iterable[tuple[str, torch.Tensor]]
+
+
+def write_weights_checkpoint(out: str | os.PathLike, cfg, weights: Mapping[str, torch.Tensor] | WeightStream,
+                             vocab_size: int, tokenizer: str | os.PathLike | None = None) -> Path:
     """A layout-independent checkpoint of whole fp32 weights (no optimizer): loads under any TP/PP/DP/ZeRO layout.
-    `weights` may also hold persistent buffers (routing controllers) by name; loading restores them."""
+    `weights` may also hold persistent buffers (routing controllers) by name; loading restores them. A
+    `WeightStream` is written holding one tensor at a time."""
     from ..config import save_config
 
     out = Path(out)
     tmp = out.with_name(f"{TMP_PREFIX}{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    specs = [TensorSpec(k, tuple(v.shape), torch.float32) for k, v in weights.items()]
-    write_set(tmp, specs, ((k, v.float().contiguous()) for k, v in weights.items()), MAX_SHARD_SIZE,
+    if not isinstance(weights, WeightStream):
+        weights = WeightStream({k: tuple(v.shape) for k, v in weights.items()}, weights.items())
+    specs = [TensorSpec(k, shape, torch.float32) for k, shape in weights.shapes.items()]
+    write_set(tmp, specs, ((k, v.float().contiguous()) for k, v in weights.tensors), MAX_SHARD_SIZE,
               metadata={"format": "pt"})
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "kind": "weights", **asdict(Progress()),
             "time": time.time(), "vocab_size": vocab_size,
-            "params": {k: {"shape": list(v.shape), "partition_dim": None, "stride": 1} for k, v in weights.items()}}
+            "params": {k: {"shape": list(shape), "partition_dim": None, "stride": 1}
+                       for k, shape in weights.shapes.items()}}
     (tmp / META).write_text(json.dumps(meta, indent=1))
     save_config(cfg, tmp / "config.yaml")
     if tokenizer and Path(tokenizer).is_file():
