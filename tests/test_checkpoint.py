@@ -534,6 +534,25 @@ def test_pipeline_checkpoint_converts_and_loads(pools, tiny_data, tmp_path):
         assert torch.equal(loaded[name][:rows], value[:rows]), name
 
 
+def test_released_file_pages_leave_the_rss_and_allocated_memory_alone(tmp_path):
+    """What resharding does after reading each shard: the pages of a memory-mapped checkpoint file leave the RSS and
+    are read again from the file when touched; memory that is not a file mapping is never released."""
+    from skiptron.training.memory import _status_bytes, release_file_pages
+
+    t = torch.randn(2 * 2**20)  # 8 MiB
+    torch.save({"t": t}, tmp_path / "f.pt")
+    mapped = torch.load(tmp_path / "f.pt", mmap=True)["t"]
+    before = _status_bytes("RssFile")
+    assert torch.equal(mapped, t)  # every page touched
+    touched = _status_bytes("RssFile")
+    released = release_file_pages([mapped])
+    assert touched - before > 6 * 2**20 and released > 7 * 2**20, (before, touched, released)
+    assert touched - _status_bytes("RssFile") > 6 * 2**20
+    assert torch.equal(mapped, t)
+    own = t.clone()
+    assert release_file_pages([own]) == 0 and torch.equal(own, t)
+
+
 def test_resharding_streams_one_parameter_at_a_time(pool2, tiny_data, tmp_path):
     """Reading a TP=2 checkpoint for another layout holds one parameter's whole weight and moments at a time (and
     the shard cut from them), not the model: measured on what the resharding code allocates (the files are

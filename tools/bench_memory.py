@@ -105,10 +105,12 @@ def _to_hf(rank: int, world: int, port: int, preset: str, overrides: list[str], 
 
 
 def _reshard(rank: int, world: int, port: int, preset: str, overrides: list[str], vocab: int, directory: str,
-             tp: int, results) -> None:
-    """`tp`=2: train one step at TP=2 and save; `tp`=1: build a fresh DP=2 engine and load that checkpoint into it:
-    (RSS before the load, its peak RSS, peak anonymous RSS, whole state at 12 bytes/parameter)."""
-    layout = _init(rank, world, port, tp)
+             mode: str, results) -> None:
+    """`mode` "save": train one step at TP=2 and save. "reshard": build a fresh DP=2 engine, load that checkpoint
+    into it, train one step; "fresh": the same without the load. Puts (rank, RSS before the load, peak RSS of the
+    load, peak anonymous RSS growth of the load, whole state at 12 bytes/parameter, the process's peak RSS over its
+    life, step included)."""
+    layout = _init(rank, world, port, 2 if mode == "save" else 1)
     import torch
     import torch.distributed as dist
 
@@ -118,25 +120,28 @@ def _reshard(rank: int, world: int, port: int, preset: str, overrides: list[str]
     from skiptron.training.model import GPT
     from skiptron.training.trainer import Trainer, seed_everything
 
-    cfg = _config(preset, overrides + [f"parallel.tp={tp}", f"checkpoint.dir={directory}"], 1)
+    cfg = _config(preset, overrides + [f"parallel.tp={layout.tp}", f"checkpoint.dir={directory}"], 1)
     seed_everything(0)
-    engine, precision = build_engine(cfg, GPT(cfg.model, vocab, tp), layout)
+    engine, precision = build_engine(cfg, GPT(cfg.model, vocab, layout.tp), layout)
     trainer = Trainer(cfg, layout, engine, precision, vocab, manifest={})
     params = sum(info.numel() for info in _whole_shapes_sizes(cfg, vocab))
-    if tp > 1:
-        batch = torch.randint(0, vocab, (cfg.train.micro_batch_size, cfg.model.seq_len + 1),
-                              generator=torch.Generator().manual_seed(0))
-        trainer.train_step(iter([batch] * cfg.grad_accum_steps(layout.world_size)))
-        trainer.progress.step = 1
-        ckpt.save(engine, cfg, layout, trainer.progress, vocab, trainer.extra_state)
-        results.put((rank, 0, 0, 0, 0))
-    else:
+    batch = torch.randint(0, vocab, (cfg.train.micro_batch_size, cfg.model.seq_len + 1),
+                          generator=torch.Generator().manual_seed(0))
+    before = load_peak = anon_growth = 0
+    lifetime_peak = peak_rss_bytes()
+    if mode == "reshard":
         path = ckpt.find_resumable(directory, log=None)
         before = current_rss_bytes()
         reset_peak_rss()
         with AnonPeak() as anon:
             ckpt.load(engine, cfg, layout, path, vocab, trainer.extra_state, log=None)
-        results.put((rank, before, peak_rss_bytes(), anon.peak - anon.start, 12 * params))
+        load_peak, anon_growth = peak_rss_bytes(), anon.peak - anon.start
+    trainer.train_step(iter([batch] * cfg.grad_accum_steps(layout.world_size)))
+    lifetime_peak = max(lifetime_peak, peak_rss_bytes())
+    if mode == "save":
+        trainer.progress.step = 1
+        ckpt.save(engine, cfg, layout, trainer.progress, vocab, trainer.extra_state)
+    results.put((rank, before, load_peak, anon_growth, 12 * params, lifetime_peak))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -241,15 +246,16 @@ def main(argv=None) -> int:
                       f"{peak / MB:12.0f} {(peak - before) / MB:14.0f} {allocated / MB:13.0f} {target}", flush=True)
         if preset in args.reshard_presets.split(","):
             with tempfile.TemporaryDirectory() as directory:
-                _spawn(_reshard, 2, preset, common, args.vocab_size, directory, 2)
-                for rank, before, peak, anon_growth, whole_state in _spawn(_reshard, 2, preset, common, args.vocab_size,
-                                                                    directory, 1):
+                _spawn(_reshard, 2, preset, common, args.vocab_size, directory, "save")
+                fresh = _spawn(_reshard, 2, preset, common, args.vocab_size, directory, "fresh")
+                resharded = _spawn(_reshard, 2, preset, common, args.vocab_size, directory, "reshard")
+                for (rank, before, peak, anon_growth, whole_state, life), (*_, fresh_life) in zip(resharded, fresh):
                     moments_share = whole_state * 2 / 3 / 2  # ZeRO-1 DP=2: half of the two Adam moments
                     print(f"{preset:>6} {f'reshard rank {rank}':>14} {whole_state / 3 / MB:9.0f} "
                           f"{moments_share / MB:9.0f} "
                           f"{peak / MB:12.0f} {(peak - before) / MB:14.0f} {'':>13} {0.15 * whole_state / MB:10.0f}"
-                          f"  anonymous growth {anon_growth / MB:.0f}",
-                          flush=True)
+                          f"  anonymous growth {anon_growth / MB:.0f}; peak with a step {life / MB:.0f} vs a fresh "
+                          f"run's {fresh_life / MB:.0f}: extra {(life - fresh_life) / MB:.0f}", flush=True)
         if not args.skip_to_hf:
             [(_, rows)] = _spawn(_to_hf, 1, preset, common, args.vocab_size)
             for what, before, peak, allocated in rows:

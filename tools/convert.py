@@ -318,7 +318,6 @@ class HFWeights:
 
         self.hf_dir = hf_dir
         self._where = safetensors_files(hf_dir)
-        self._open: dict[Path, object] = {}
         self._bin = None
         if not self._where:
             binary = hf_dir / "pytorch_model.bin"
@@ -332,23 +331,23 @@ class HFWeights:
     def __call__(self, name: str) -> torch.Tensor:
         if self._bin is not None:
             return self._bin[name]
-        return self._file(name).get_tensor(name)
+        with self._file(name) as f:
+            return f.get_tensor(name)
 
     def meta(self, name: str) -> torch.Tensor:
         """The tensor's shape as a meta tensor, from the file's header (nothing read)."""
         if self._bin is not None:
             return torch.empty(self._bin[name].shape, device="meta")
-        return torch.empty(self._file(name).get_slice(name).get_shape(), device="meta")
+        with self._file(name) as f:
+            return torch.empty(f.get_slice(name).get_shape(), device="meta")
 
     def _file(self, name: str):
+        """The tensor's file, opened for one read: closing unmaps it, so the pages read do not stay resident."""
+        from safetensors import safe_open
+
         if name not in self._where:
             raise SystemExit(f"skiptron-convert: {self.hf_dir}: no tensor {name}")
-        path = self._where[name]
-        if path not in self._open:
-            from safetensors import safe_open
-
-            self._open[path] = safe_open(str(path), framework="pt")
-        return self._open[path]
+        return safe_open(str(self._where[name]), framework="pt")
 
 
 def _hf_rope(c: dict, problems: list[str]) -> dict:

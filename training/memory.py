@@ -146,3 +146,43 @@ def _libc():
         return ctypes.CDLL(None)
     except OSError:
         return None
+
+
+_MADV_DONTNEED = 4  # Linux
+_PAGE = 4096
+
+
+def release_file_pages(tensors: list[torch.Tensor]) -> int:
+    """Drop this process's resident pages under `tensors`, views of privately memory-mapped files that were only
+    read (torch.load(mmap=True)); touching them again reads them from the file. A tensor not wholly inside a private
+    file mapping (allocated memory, whose contents madvise would zero) is left alone. Linux only (elsewhere nothing
+    happens). Returns the bytes released."""
+    madvise = getattr(_libc(), "madvise", None)
+    if madvise is None or not tensors:
+        return 0
+    mappings = _private_file_mappings()
+    released = 0
+    for t in tensors:
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        if not any(lo <= start and end <= hi for lo, hi in mappings):
+            continue
+        first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE  # the pages wholly inside the tensor
+        if last > first and madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) == 0:
+            released += last - first
+    return released
+
+
+def _private_file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's private mappings of regular files (/proc/self/maps)."""
+    ranges = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[1].endswith("p") and fields[4] != "0" and fields[5].startswith("/"):
+                    lo, hi = fields[0].split("-")
+                    ranges.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        return []
+    return ranges
