@@ -159,6 +159,8 @@ def _write_and_publish(tmp: Path, final: Path, files: list, step: int, rank: int
                 for path, _, _ in files}
     except CheckpointError as err:
         failure = str(err)
+    except Exception as err:  # anything else still reaches every rank, which would otherwise wait in the gather
+        failure = f"saving step {step} failed on rank {rank}: {type(err).__name__}: {err}; nothing was published"
     reports = _gather((failure, sums), group)  # outside `_writing`: a dead peer is not a disk problem
     failures = [f for f, _ in reports if f]
     if failures:
