@@ -362,6 +362,7 @@ def test_async_save_taken_mid_run_resumes_exactly(pool2, tiny_data, tmp_path):
 # -- SIGKILL at any moment of a save ------------------------------------------------------------------------------
 CHILD = r"""
 import os, resource, signal, sys
+from pathlib import Path
 from skiptron.training import checkpoint as ckpt
 from skiptron.training.config import load_config
 from skiptron.training.trainer import Trainer
@@ -373,8 +374,15 @@ target = {"rank-file": "_torch_save", "manifest": "_write_manifest", "publish": 
 owner = ckpt if target == "save" else ckpt.store  # where the trainer, and save(), look the name up
 real = getattr(owner, target)
 
+def saving(args):  # the step being saved, from what is written (an async save writes while the trainer steps on)
+    if target == "save":
+        return trainer.progress.step
+    if target == "apply_retention":  # after the publish of the step it follows
+        return 4 if (Path(args[0]) / "step00000004").is_dir() else 2
+    return 4 if "step00000004" in str(args[1] if target == "_torch_save" else args[0]) else 2
+
 def wrapper(*args, **kwargs):
-    if trainer.progress.step == 4:
+    if saving(args) == 4:
         if phase == "disk-full":  # the disk fills up between two saves: writes past 64 KiB fail (the shards of
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # step 4, not DeepSpeed's 38 KiB recovery script)
             resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.RLIM_INFINITY))
