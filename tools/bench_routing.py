@@ -1,8 +1,10 @@
 """`skiptron-bench-routing compute|balance`: what skip routing saves, and what the DP token balancer buys.
 
-compute (one process): a whole train step (DeepSpeed engine, AdamW) of the dense model against the same model with
-every layer routed at execution rate 0.5 (capacity mode, so the rate is exact; `--modes capacity,threshold` adds
-threshold routing, whose rate the controller steers to 0.5), with `kv: all` and `kv: active`; each routed step time next to its FLOP ratio (training/flops.py at the rates measured).
+compute (one process, or DP ranks under torchrun with the token balancer as configured): a whole train step
+(DeepSpeed engine, AdamW) of the dense model against the same model with every layer routed at execution rate 0.5
+(capacity mode, so the rate is exact; `--modes capacity,threshold` adds threshold routing, whose rate the controller
+steers to 0.5), with `kv: all` and `kv: active`; each routed step time (the slowest rank's) next to its FLOP ratio
+(training/flops.py at the rates measured).
 
 balance (torchrun, 2 or more processes, one thread each): forward + backward + the DP gradient all-reduce of a routed
 model whose ranks are deliberately skewed (rank 0 executes 90% of its tokens in every routed layer, the others 10%:
@@ -50,10 +52,8 @@ def compute(args) -> dict:
     device, _ = state.init_world("auto")
     base = load_config(args.config, args.overrides)
     layout = state.init_model_parallel(base.parallel.tp, 1, device)
-    if layout.world_size != 1:
-        raise SystemExit("the compute benchmark runs as one process")
-    ga = base.grad_accum_steps(1)
-    g = torch.Generator().manual_seed(0)
+    ga = base.grad_accum_steps(layout.world_size)
+    g = torch.Generator().manual_seed(layout.rank)  # each DP rank its own tokens, so routing loads differ
     batches = [torch.randint(0, args.vocab_size, (base.train.micro_batch_size, base.model.seq_len + 1),
                              generator=g).to(device) for _ in range(ga)]
     systems, trainers = {}, {}
@@ -64,18 +64,32 @@ def compute(args) -> dict:
         trainers[name] = Trainer(cfg, layout, engine, precision, args.vocab_size, manifest={})
         systems[name] = lambda t=trainers[name]: t.train_step(iter(batches))
     times = alternate_timings(systems, device, args.warmup, args.rounds, args.steps)
-    step = {name: statistics.median(t) for name, t in times.items()}
+    step = {name: _slowest(statistics.median(t), device) for name, t in times.items()}
     flops = {name: step_flops_per_token(t, t.train_step(iter(batches))) for name, t in trainers.items()}
     ratio = {n: step[n] / step["dense"] for n in step}
     flop_ratio = {n: flops[n] / flops["dense"] for n in step}
     result = {"step_s": step, "ratio_vs_dense": ratio, "flop_ratio_vs_dense": flop_ratio,
               "overhead_vs_flops": {n: ratio[n] / flop_ratio[n] for n in step},
-              "precision": precision, "device": str(device)}
+              "precision": precision, "device": str(device), "world": layout.world_size,
+              "token_balance": base.parallel.token_balance}
+    if not layout.is_writer:
+        return result
+    print(f"world {layout.world_size} (DP), token balancer "
+          f"{'off' if base.parallel.token_balance is None else f'on at imbalance {base.parallel.token_balance}'}")
     for name in step:
         print(f"{name:27s} step {step[name] * 1e3:8.1f} ms | ratio to dense {ratio[name]:.3f} | FLOP ratio "
               f"{flop_ratio[name]:.3f} | time / FLOP ratio {ratio[name] / flop_ratio[name]:.3f}")
     print("target: time / FLOP ratio <= 1.15 (training/flops.py at the measured execution rates)")
     return result
+
+
+def _slowest(seconds: float, device) -> float:
+    """A synchronous DP step takes as long as its slowest rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return seconds
+    slowest = torch.tensor(seconds, device=device)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return slowest.item()
 
 
 def step_flops_per_token(trainer: Trainer, step_metrics: dict) -> float:
@@ -126,9 +140,7 @@ def balance_bench(args) -> dict:
                               args.steps)
     step_s = {}
     for name, t in times.items():
-        slowest = torch.tensor(statistics.median(t), device=device)
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # a synchronous DP step takes as long as its slowest rank
-        step_s[name] = slowest.item()
+        step_s[name] = _slowest(statistics.median(t), device)
     rates = {i: r.exec_rate for i, r in models["unbalanced"].routing_records().items()}
     params = sum(p.numel() * p.element_size() for p in models["ideal"].parameters())
     grad_bytes = 2 * (layout.world_size - 1) / layout.world_size * params
