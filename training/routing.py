@@ -127,6 +127,16 @@ class RoutedBlock(nn.Module):
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
         return self.block.mlp(self.block.mlp_norm(h[None]))[0]
 
+    def _mlp_rows(self, h: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """The MLP of `h` [b, t, d] at the rows `active` [b, t, 1] marks, zero elsewhere: decoding runs it only for
+        the tokens that execute (none: not at all; every TP rank decides alike, so its collectives still match)."""
+        flat = h.reshape(-1, h.shape[-1])
+        rows = active.flatten().nonzero().squeeze(1)
+        out = torch.zeros_like(flat)
+        if rows.numel():
+            out.index_copy_(0, rows, self._mlp(flat[rows]))
+        return out.view_as(h)
+
     def _attn_out_and_mlp(self, context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """An active token's position-wise rest of the block: output projection, residual, MLP (minus its input x)."""
         a = self.block.attn.project_out(context)
@@ -135,7 +145,8 @@ class RoutedBlock(nn.Module):
     def step(self, x: torch.Tensor, cache):
         """Incremental forward with a KV cache: the same per-token decisions as `forward` in threshold mode (a
         token's router sees only its own hidden state). Skipped tokens' rows are masked rather than gathered (decoding
-        steps are a token per sequence); with `kv: active` they are cached but invisible."""
+        steps are a token per sequence), except in the MLP, which runs only for the executing tokens; with `kv: active`
+        they are cached but invisible."""
         active, p = self.router.decide_step(x)
         active = active[..., None]
         gate = p.to(x.dtype)[..., None]
@@ -146,14 +157,14 @@ class RoutedBlock(nn.Module):
         if granularity == "mlp":
             a, cache = block.attn.step(block.attn_norm(x), cache, torch.ones_like(active[..., 0]))
             h = x + a
-            return h + torch.where(active, gate * block.mlp(block.mlp_norm(h)), 0.0), cache
+            return h + gate * self._mlp_rows(h, active), cache
         present = active[..., 0] if self.skip.kv == "active" else torch.ones_like(active[..., 0])
         a, cache = block.attn.step(block.attn_norm(x), cache, present)
         a = torch.where(active, a, 0.0)  # a skipped token's own row may have had nothing to attend to
         if granularity == "attention":
             h = x + gate * a
             return h + block.mlp(block.mlp_norm(h)), cache
-        delta = a + block.mlp(block.mlp_norm(x + a))
+        delta = a + self._mlp_rows(x + a, active)
         return x + torch.where(active, gate * delta, 0.0), cache
 
     def _branch(self, x: torch.Tensor, base: torch.Tensor, active: torch.Tensor, tokenwise) -> torch.Tensor:
