@@ -169,7 +169,7 @@ def _write_and_publish(tmp: Path, final: Path, files: list, step: int, rank: int
     if is_writer:
         try:
             _publish_checkpoint(tmp, final, {n: s for _, part in reports for n, s in part.items()}, keep, keep_every)
-        except CheckpointError as err:
+        except (CheckpointError, OSError) as err:
             refusal = str(err)
     refusal = _gather(refusal, group)[0]
     if refusal:
@@ -177,8 +177,8 @@ def _write_and_publish(tmp: Path, final: Path, files: list, step: int, rank: int
 
 
 def _publish_checkpoint(tmp: Path, final: Path, sums: dict, keep: int, keep_every: int) -> None:
-    """Rank 0, once every rank's files are written: the manifest (the small files rank 0 wrote at once and DeepSpeed's
-    recovery scripts are hashed here), the directory rename, `latest`, retention."""
+    """Rank 0, once every rank's files are written: the manifest (the small files rank 0 wrote at once are hashed
+    here), the directory rename, `latest`, retention."""
     listing = _listing(tmp)
     lost = sorted(set(sums) - set(listing))
     if lost:
