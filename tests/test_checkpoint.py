@@ -170,6 +170,28 @@ def test_auto_resume_skips_a_damaged_checkpoint(saved_run, tmp_path, damage):
         ckpt.verify(root / "step00000006")
 
 
+def test_resume_hashes_only_the_checkpoints_it_tries(saved_run, tmp_path, monkeypatch):
+    """Choosing a checkpoint reads the manifests and sizes of all, but hashes only the newest (and, when the newest
+    is corrupt, the next one): not every checkpoint retention kept."""
+    from skiptron.training import checkpoint as ckpt
+    from skiptron.training.checkpoint import files
+
+    root = _copy(saved_run, tmp_path)
+    hashed = []
+    real = files._sha256
+    monkeypatch.setattr(files, "_sha256", lambda path, *a: hashed.append(path.parent.name) or real(path, *a))
+    assert len(ckpt.list_checkpoints(root)) == 3
+    assert ckpt.find_resumable(root, log=None) == root / "step00000006"
+    assert set(hashed) == {"step00000006"}
+    victim = root / "step00000006" / "mp_rank_00_model_states.pt"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    hashed.clear()
+    assert ckpt.find_resumable(root, log=None) == root / "step00000004"
+    assert set(hashed) == {"step00000006", "step00000004"}
+
+
 def test_refuses_newer_format_and_other_models(saved_run, tmp_path, tiny_data):
     from skiptron.training import checkpoint as ckpt
     from skiptron.training.config import load_config

@@ -253,7 +253,7 @@ def test_checkpoint_with_nan_weights_is_refused_at_resume_and_the_previous_one_u
         (path / "rank00001.pt").write_bytes(b"torn")
     with pytest.raises(ckpt.CheckpointError, match=r"no usable checkpoint under .*step00000003: .*rank00001.pt has 4 "
                                                    r"bytes.*step00000002: .*step00000001: "):
-        ckpt.resumable(tmp_path / "run/checkpoints", log=None)
+        list(ckpt.resumable(tmp_path / "run/checkpoints", log=None))
 
 
 # -- one writer per run directory ------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def run(args) -> dict:
                                                  1, args.rounds, 1)["step"])
     full_step_s = step_s * global_batch / sequences
 
-    saves, checks, loads, path = [], [], [], None
+    saves, checks, verifies, loads, path = [], [], [], [], None
     for i in range(args.rounds):
         trainer.progress.step = i + 1
         start = time.perf_counter()
@@ -88,9 +88,15 @@ def run(args) -> dict:
         if args.cold:
             _drop_page_cache()
         start = time.perf_counter()
+        ckpt.verify(path, collective=True)  # what a resume checks before it loads (sizes and sha256 of every file)
+        verifies.append(time.perf_counter() - start)
+        if args.cold:
+            _drop_page_cache()
+        start = time.perf_counter()
         ckpt.load(engine, cfg, layout, path, args.vocab_size, trainer.extra_state, log=None)
         loads.append(time.perf_counter() - start)
     save_s, load_s, check_s = statistics.median(saves), statistics.median(loads), statistics.median(checks)
+    verify_s = statistics.median(verifies)
     size = _size(path)
     stall_s, write_s, overlapped_step_s = _async_saves(trainer, cfg, layout, args, batches, first_step=args.rounds + 1)
     params = sum(p.numel() for p in engine.module.parameters())
@@ -98,13 +104,14 @@ def run(args) -> dict:
     result = {"config": args.config, "overrides": args.overrides, "params": params, "zero_stage": cfg.zero.stage,
               "checkpoint_bytes": size, "save_s": save_s, "load_s": load_s, "step_s": full_step_s,
               "step_measured_on_sequences": sequences, "cold_load": args.cold, "interval": interval, "save_fraction": fraction,
-              "save_mb_per_s": size / save_s / 1e6, "finite_check_s": check_s,
+              "save_mb_per_s": size / save_s / 1e6, "finite_check_s": check_s, "resume_verify_s": verify_s,
               "async_stall_s": stall_s, "async_stall_fraction_of_save": stall_s / save_s,
               "async_write_s": write_s, "step_s_during_async_write": overlapped_step_s,
               "measured_step_s": step_s}
     print(f"{args.config}: {params / 1e6:.1f} M parameters, ZeRO-{cfg.zero.stage}, {precision}")
     print(f"checkpoint {size / 1e6:.1f} MB | save {save_s:.2f} s ({size / save_s / 1e6:.0f} MB/s) | "
-          f"load {load_s:.2f} s ({'cold' if args.cold else 'warm'} page cache)")
+          f"load {load_s:.2f} s ({'cold' if args.cold else 'warm'} page cache) | resume's verification (sizes, "
+          f"sha256) {verify_s:.2f} s before it")
     print(f"finiteness check (checkpoint.check_finite, part of the save): {check_s:.3f} s = "
           f"{100 * check_s / save_s:.1f}% of the save; without it a save takes {save_s - check_s:.2f} s")
     estimate = f" (estimated from {sequences} sequences)" if args.sequences else ""

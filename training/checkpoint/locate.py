@@ -1,13 +1,14 @@
 """Which checkpoint to use: the newest one that verifies (preferring healthy ones), or the one a user names.
 
 `resume=auto` does not trust `latest` blindly: it takes the newest directory whose manifest verifies and names what
-is wrong with the ones it skips. `resolve_checkpoint` turns what a user names (a checkpoint, `latest`, the
+is wrong with the ones it skips; it hashes a checkpoint only when it comes to try it. `resolve_checkpoint` turns what a user names (a checkpoint, `latest`, the
 checkpoints folder, a run directory) into one checkpoint.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator
 
 from .errors import CheckpointError
 from .files import LATEST, MANIFEST, _problems, list_checkpoints
@@ -16,30 +17,44 @@ from .meta import META, read_meta
 
 def find_resumable(root: str | os.PathLike, collective: bool = False, log=print) -> Path | None:
     """The newest checkpoint under `root` that verifies; the broken ones are reported by name and skipped."""
-    return next(iter(resumable(root, collective, log)), None)
+    return next(resumable(root, collective, log), None)
 
 
-def resumable(root: str | os.PathLike, collective: bool = False, log=print) -> list[Path]:
+def resumable(root: str | os.PathLike, collective: bool = False, log=print) -> Iterator[Path]:
     """Every checkpoint under `root` that verifies, in the order resume tries them: newest first, but ones saved
     during a streak of skipped steps (trainer.json `health.skipped_streak` > 0) after all the others. Names what it
-    skips or defers; raises CheckpointError listing every checkpoint and why when some exist and none verifies."""
+    skips or defers; raises CheckpointError listing every checkpoint and why when some exist and none verifies.
+
+    Lazy: only the manifests and file sizes of all are checked up front; a checkpoint is hashed when the iteration
+    reaches it, so a resume reads the checkpoints it tries rather than every one that retention kept."""
     healthy, marked, broken = [], [], []
+
+    def skip(path: Path, problems: list[str]) -> None:
+        broken.append(f"{path}: {'; '.join(problems)}")
+        if log:
+            log(f"checkpoint {path} is not usable, trying the previous one: {'; '.join(problems)}")
+
     for path in list_checkpoints(root):
-        problems = _problems(path, collective)
+        problems = _problems(path, collective, checksums=False)
         if problems:
-            broken.append(f"{path}: {'; '.join(problems)}")
-            if log:
-                log(f"checkpoint {path} is not usable, trying the previous one: {'; '.join(problems)}")
+            skip(path, problems)
             continue
         streak = read_meta(path).get("health", {}).get("skipped_streak", 0)
         (marked if streak else healthy).append(path)
         if streak and log:
             log(f"checkpoint {path} was saved after {streak} consecutive skipped (non-finite or overflowing) steps; "
                 f"preferring an older one")
-    if broken and not healthy and not marked:
+    found = False
+    for path in healthy + marked:
+        problems = _problems(path, collective)
+        if problems:
+            skip(path, problems)
+            continue
+        found = True
+        yield path
+    if broken and not found:
         raise CheckpointError(f"no usable checkpoint under {root} (pass resume=none to start over): "
                               + " | ".join(broken))
-    return healthy + marked
 
 
 def resolve_checkpoint(path: str | os.PathLike, collective: bool = False, log=None) -> Path:

@@ -26,6 +26,7 @@ import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -192,9 +193,10 @@ def _publish_checkpoint(tmp: Path, final: Path, sums: dict, keep: int, keep_ever
 
 
 # -- resume -----------------------------------------------------------------------------------------------------
-def resume_candidates(cfg, log=print) -> list[Path]:
-    """The checkpoints resume tries for `cfg.resume`, in order (see `resumable`): none for `none` or an empty
-    checkpoint directory, one for an explicit checkpoint directory. Collective (verification)."""
+def resume_candidates(cfg, log=print) -> Iterable[Path]:
+    """The checkpoints resume tries for `cfg.resume`, in order (see `resumable`; each verified when it is reached):
+    none for `none` or an empty checkpoint directory, one for an explicit checkpoint directory. Collective
+    (verification)."""
     choice = str(cfg.resume)
     if choice == "none":
         return []
