@@ -4,7 +4,7 @@
 what the construction code itself allocated (its peak, and the largest single tensor) instead of on the process's
 RSS, which other allocations and the allocator's caching blur. `peak_rss_bytes` is the process-wide high-water mark
 the benchmark reports. `large_blocks_returned` keeps glibc from holding on to the transient whole tensors of those
-paths.
+paths; `host_blocks_reused` is the opposite policy, for the training step on the CPU.
 """
 from __future__ import annotations
 
@@ -115,30 +115,49 @@ def current_rss_bytes() -> int:
 
 
 # glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 _GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # where glibc's own threshold adjustment stops (64-bit)
+_GLIBC_MMAP_MAX = 65536  # glibc's default limit on the number of mmapped blocks
+_MALLOPT_INT_MAX = 2**31 - 1
 
 
 @contextlib.contextmanager
-def large_blocks_returned(threshold: int = 64 * 2**10):
+def large_blocks_returned(threshold: int = 64 * 2**10, reuse_after: bool = False):
     """Within this context, blocks of `threshold` bytes or more are mmapped, so freeing one returns it to the system.
 
     glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB); blocks below it then come
     from the heap and stay in the process when freed. Code that builds or loads a model one whole parameter at a time
     would keep every freed transient parameter's pages (measured: ZeRO-3 construction at 350m peaked at 1590 MB RSS
-    per rank with 622 MB allocated, 1059 MB with this). Afterwards the thresholds are set where glibc's adjustment
-    ends up (32 MiB, trimming at 64 MiB), so the training step's allocations reuse heap blocks as before. Nothing
-    happens where there is no glibc `mallopt`."""
+    per rank with 622 MB allocated, 1059 MB with this). Afterwards, with `reuse_after`, host blocks are kept for
+    reuse (`host_blocks_reused`, for training on the CPU); otherwise the thresholds are set where glibc's adjustment
+    ends up (32 MiB, trimming at 64 MiB). Nothing happens where there is no glibc `mallopt`."""
     mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is None:
         yield
         return
+    mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
     mallopt(_M_MMAP_THRESHOLD, threshold)
     try:
         yield
     finally:
-        mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX)
-        mallopt(_M_TRIM_THRESHOLD, 2 * _GLIBC_MMAP_THRESHOLD_MAX)
+        if reuse_after:
+            host_blocks_reused()
+        else:
+            mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX)
+            mallopt(_M_TRIM_THRESHOLD, 2 * _GLIBC_MMAP_THRESHOLD_MAX)
+
+
+def host_blocks_reused() -> None:
+    """From now on every host block, however large, comes from the heap and stays in the process when freed (glibc:
+    no mmap, no trimming), so the next step's buffers of the same sizes land on resident pages instead of fresh
+    mappings whose every page faults in. For training on the CPU: DeepSpeed frees and reallocates its gradient
+    buckets and flat gradient partition every step, and the logits and their gradient exceed glibc's 32 MiB mmap
+    ceiling; faulting them in each step cost skiptron 23% of an 8 x 512 step on this VM (docs/benchmarks.md). The
+    price: the process's RSS stays at its high-water mark. Nothing happens where there is no glibc `mallopt`."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is not None:
+        mallopt(_M_MMAP_MAX, 0)
+        mallopt(_M_TRIM_THRESHOLD, _MALLOPT_INT_MAX)
 
 
 def _libc():
