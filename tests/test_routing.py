@@ -253,7 +253,10 @@ def _decode_vs_full(granularity, kv, enabled=True):
         rates = [r.exec_rate for r in model.routing_records().values()]
         decoder = IncrementalDecoder(model)
         parts = [decoder(tokens[:, :5])] + [decoder(tokens[:, i:i + 1]) for i in range(5, 14)]
-    return full[..., :VOCAB], gather_tp(torch.cat(parts, dim=1), dim=-1)[..., :VOCAB], rates
+        single = IncrementalDecoder(model)  # batch 1: a step whose one token skips a layer takes the skipped path
+        alone = [single(tokens[:1, :5])] + [single(tokens[:1, i:i + 1]) for i in range(5, 14)]
+    return (full[..., :VOCAB], gather_tp(torch.cat(parts, dim=1), dim=-1)[..., :VOCAB], rates,
+            gather_tp(torch.cat(alone, dim=1), dim=-1)[..., :VOCAB])
 
 
 @pytest.mark.parametrize("granularity,kv,enabled", [("layer", "all", True), ("layer", "active", True),
@@ -262,8 +265,9 @@ def _decode_vs_full(granularity, kv, enabled=True):
 def test_kv_cache_decoding_matches_the_full_forward(pool2, granularity, kv, enabled):
     """Generation with a KV cache through skipped layers (TP=2): a prompt chunk then one token at a time gives the
     logits of the whole-sequence forward, with the same per-token decisions."""
-    for full, decoded, rates in pool2.run(_decode_vs_full, granularity, kv, enabled):
+    for full, decoded, rates, alone in pool2.run(_decode_vs_full, granularity, kv, enabled):
         torch.testing.assert_close(decoded, full, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(alone, full[:1], atol=1e-5, rtol=1e-5)
         assert all(0 < r < 1 for r in rates), rates  # some tokens executed, some skipped
 
 

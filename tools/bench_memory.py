@@ -117,12 +117,11 @@ def _reshard(rank: int, world: int, port: int, preset: str, overrides: list[str]
     from skiptron.training import checkpoint as ckpt
     from skiptron.training.engine import build_engine
     from skiptron.training.memory import AnonPeak, current_rss_bytes, peak_rss_bytes, reset_peak_rss
-    from skiptron.training.model import GPT
-    from skiptron.training.trainer import Trainer, seed_everything
+    from skiptron.training.trainer import Trainer, build_model, seed_everything
 
     cfg = _config(preset, overrides + [f"parallel.tp={layout.tp}", f"checkpoint.dir={directory}"], 1)
-    seed_everything(0)
-    engine, precision = build_engine(cfg, GPT(cfg.model, vocab, layout.tp), layout)
+    seed_everything(0)  # built as training builds it, so both runs step under the same host allocator policy
+    engine, precision = build_engine(cfg, build_model(cfg, vocab, layout.device), layout)
     trainer = Trainer(cfg, layout, engine, precision, vocab, manifest={})
     params = sum(info.numel() for info in _whole_shapes_sizes(cfg, vocab))
     batch = torch.randint(0, vocab, (cfg.train.micro_batch_size, cfg.model.seq_len + 1),

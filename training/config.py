@@ -304,6 +304,11 @@ class TrainConfig(Section):
         "inductor", description="torch.compile backend for train.compile: inductor (generated kernels) or e.g. "
                                 "aot_eager (the same captured graphs run by eager kernels: no code generation, fast to "
                                 "build; for debugging and the tests)")
+    cpu_heap: Literal["reuse", "release"] = Field(
+        "reuse", description="training on the CPU: reuse keeps freed host blocks in the process, so each step's "
+                             "large buffers (DeepSpeed's gradient buckets, the logits) land on resident pages (about "
+                             "1.25x faster steps here, peak RSS up to ~35% higher: docs/benchmarks.md); release "
+                             "returns large blocks to the system as glibc does by default. No effect on GPUs")
 
 
 class DataConfig(Section):

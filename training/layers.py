@@ -299,6 +299,23 @@ class Attention(nn.Module):
         y, _ = self.out(self._merge_heads(kernels.masked(q, k, v, mask)))
         return y, KVCache(k, v, present)
 
+    def step_skipped(self, x: torch.Tensor, cache: KVCache | None, kv_all: bool) -> KVCache:
+        """The cache after tokens x [b, n, hidden] that a routed layer skips, every one of them: with `kv_all` their
+        keys and values, which later tokens attend to, are projected (no query, attention or output projection);
+        otherwise nothing is computed and they are cached as invisible (zeros, not `present`)."""
+        start = cache.length if cache is not None else 0
+        b, n, _ = x.shape
+        if kv_all:
+            k, v = self._split_heads(self.project(x, "kv"), torch.arange(start, start + n, device=x.device), "kv")
+        else:
+            k = x.new_zeros(b, self.local_kv_heads, n, self.head_dim)
+            v = torch.zeros_like(k)
+        present = torch.full((b, n), kv_all, dtype=torch.bool, device=x.device)
+        if cache is not None:
+            k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
+            present = torch.cat([cache.present, present], dim=1)
+        return KVCache(k, v, present)
+
     def forward_selected(self, x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, kv_all: bool,
                          tokenwise=None) -> torch.Tensor:
         """Attention context rows [selected tokens, local heads x hd] (before the output projection, `project_out`)

@@ -153,7 +153,9 @@ def host_blocks_reused() -> None:
     mappings whose every page faults in. For training on the CPU: DeepSpeed frees and reallocates its gradient
     buckets and flat gradient partition every step, and the logits and their gradient exceed glibc's 32 MiB mmap
     ceiling; faulting them in each step cost skiptron 23% of an 8 x 512 step on this VM (docs/benchmarks.md). The
-    price: the process's RSS stays at its high-water mark. Nothing happens where there is no glibc `mallopt`."""
+    price: RSS stays at its high-water mark, which is higher, since torch's 64-byte-aligned requests rarely fit a
+    freed block of their own size (peak RSS with a step at 350m +35%); `train.cpu_heap=release` opts out. Nothing
+    happens where there is no glibc `mallopt`."""
     mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is not None:
         mallopt(_M_MMAP_MAX, 0)

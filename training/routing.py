@@ -146,7 +146,7 @@ class RoutedBlock(nn.Module):
         """Incremental forward with a KV cache: the same per-token decisions as `forward` in threshold mode (a
         token's router sees only its own hidden state). Skipped tokens' rows are masked rather than gathered (decoding
         steps are a token per sequence), except in the MLP, which runs only for the executing tokens; with `kv: active`
-        they are cached but invisible."""
+        they are cached but invisible. When no token executes, attention computes only what the cache needs."""
         active, p = self.router.decide_step(x)
         active = active[..., None]
         gate = p.to(x.dtype)[..., None]
@@ -158,6 +158,9 @@ class RoutedBlock(nn.Module):
             a, cache = block.attn.step(block.attn_norm(x), cache, torch.ones_like(active[..., 0]))
             h = x + a
             return h + gate * self._mlp_rows(h, active), cache
+        if not bool(active.any()):  # no token runs the attention (batch 1: every skipped token): the cache advances
+            cache = block.attn.step_skipped(block.attn_norm(x), cache, self.skip.kv == "all")
+            return (x + block.mlp(block.mlp_norm(x)) if granularity == "attention" else x), cache
         present = active[..., 0] if self.skip.kv == "active" else torch.ones_like(active[..., 0])
         a, cache = block.attn.step(block.attn_norm(x), cache, present)
         a = torch.where(active, a, 0.0)  # a skipped token's own row may have had nothing to attend to

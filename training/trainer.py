@@ -438,7 +438,7 @@ def build_model(cfg: Config, vocab_size: int, device: torch.device, partition: b
                    checkpoint_blocks=cfg.parallel.checkpointed_blocks(cfg.model.num_layers),
                    sequence_parallel=cfg.parallel.sequence_parallel)
 
-    with large_blocks_returned(reuse_after=device.type == "cpu"):
+    with large_blocks_returned(reuse_after=device.type == "cpu" and cfg.train.cpu_heap == "reuse"):
         if cfg.parallel.pp > 1:
             from .pipeline import GPTPipe
 

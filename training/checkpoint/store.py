@@ -216,7 +216,7 @@ def resume_candidates(cfg, log=print) -> Iterable[Path]:
 def load(engine, cfg, layout, path: Path, vocab_size: int, extra: dict | None = None, log=print) -> Progress:
     """Restore weights, optimizer, scheduler, RNG, `extra` and the progress from `path`. Collective."""
     # resharding's transient whole tensors go back to the system when freed; a CPU step's buffers are kept after
-    with large_blocks_returned(reuse_after=layout.device.type == "cpu"):
+    with large_blocks_returned(reuse_after=layout.device.type == "cpu" and cfg.train.cpu_heap == "reuse"):
         return _load_checkpoint(engine, cfg, layout, path, vocab_size, extra or {}, log)
 
 
