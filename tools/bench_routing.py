@@ -30,7 +30,7 @@ from skiptron.training.config import load_config
 from skiptron.training.engine import build_engine
 from skiptron.training.flops import config_flops_per_token
 from skiptron.training.model import GPT
-from skiptron.training.trainer import Trainer, seed_everything
+from skiptron.training.trainer import Trainer, build_model, seed_everything
 from skiptron.training import verbosity
 
 ROUTED = ["model.skip.enabled=true", "model.skip.mode=capacity", "model.skip.target_rate=0.5",
@@ -60,7 +60,7 @@ def compute(args) -> dict:
     for name, extra in compute_variants(args.modes.split(",")).items():
         cfg = load_config(args.config, list(args.overrides) + extra)
         seed_everything(cfg.train.seed)
-        engine, precision = build_engine(cfg, GPT(cfg.model, args.vocab_size, cfg.parallel.tp), layout)
+        engine, precision = build_engine(cfg, build_model(cfg, args.vocab_size, device), layout)  # as training does
         trainers[name] = Trainer(cfg, layout, engine, precision, args.vocab_size, manifest={})
         systems[name] = lambda t=trainers[name]: t.train_step(iter(batches))
     times = alternate_timings(systems, device, args.warmup, args.rounds, args.steps)
