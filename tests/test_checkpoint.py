@@ -66,12 +66,14 @@ def test_exact_resume_after_signal(pool2, tiny_data, tmp_path, layout):
 
 
 @pytest.mark.parametrize("before, after", [
-    (["parallel.tp=2", "zero.stage=2"], ["parallel.tp=1", "zero.stage=1"]),
-    (["zero.stage=2"], ["zero.stage=1"]),
+    (["parallel.tp=2", "zero.stage=2"], ["parallel.tp=1", "zero.stage=1", "checkpoint.reshard_bucket_mb=1"]),
+    (["zero.stage=2"], ["zero.stage=1", "checkpoint.reshard_bucket_mb=0"]),
     (["zero.stage=3"], ["parallel.tp=2", "zero.stage=0"]),
-], ids=["tp2dp1-to-tp1dp2", "zero2-to-zero1", "zero3dp2-to-tp2zero0"])
+], ids=["tp2dp1-to-tp1dp2-read-ahead", "zero2-to-zero1-no-read-ahead", "zero3dp2-to-tp2zero0"])
 def test_resume_under_another_layout(pool2, tiny_data, tmp_path, before, after):
-    """A checkpoint resharded to a new layout continues the original trajectory (weights and Adam moments)."""
+    """A checkpoint resharded to a new layout continues the original trajectory (weights and Adam moments), read
+    ahead in a background thread (a 1 MB bucket, smaller than the embedding), one parameter at a time in the caller
+    (bucket 0) or as the host's cores decide (the default)."""
     full = pool2.run(_train, before, tiny_data, tmp_path / "full")
     pool2.run(_train, before, tiny_data, tmp_path / "cut", stop_at=10)
     resumed = pool2.run(_train, after, tiny_data, tmp_path / "cut")

@@ -20,6 +20,7 @@ import queue
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Mapping
 
 MB = 2**20
@@ -109,7 +110,7 @@ def _reshard(rank: int, world: int, port: int, preset: str, overrides: list[str]
     """`mode` "save": train one step at TP=2 and save. "reshard": build a fresh DP=2 engine, load that checkpoint
     into it, train one step; "fresh": the same without the load. Puts (rank, RSS before the load, peak RSS of the
     load, peak anonymous RSS growth of the load, whole state at 12 bytes/parameter, the process's peak RSS over its
-    life, step included)."""
+    life, step included, the load's seconds)."""
     layout = _init(rank, world, port, 2 if mode == "save" else 1)
     import torch
     import torch.distributed as dist
@@ -126,21 +127,23 @@ def _reshard(rank: int, world: int, port: int, preset: str, overrides: list[str]
     params = sum(info.numel() for info in _whole_shapes_sizes(cfg, vocab))
     batch = torch.randint(0, vocab, (cfg.train.micro_batch_size, cfg.model.seq_len + 1),
                           generator=torch.Generator().manual_seed(0))
-    before = load_peak = anon_growth = 0
+    before = load_peak = anon_growth = load_s = 0
     lifetime_peak = peak_rss_bytes()
     if mode == "reshard":
         path = ckpt.find_resumable(directory, log=None)
         before = current_rss_bytes()
         reset_peak_rss()
+        start = time.perf_counter()
         with AnonPeak() as anon:
             ckpt.load(engine, cfg, layout, path, vocab, trainer.extra_state, log=None)
+        load_s = time.perf_counter() - start
         load_peak, anon_growth = peak_rss_bytes(), anon.peak - anon.start
     trainer.train_step(iter([batch] * cfg.grad_accum_steps(layout.world_size)))
     lifetime_peak = max(lifetime_peak, peak_rss_bytes())
     if mode == "save":
         trainer.progress.step = 1
         ckpt.save(engine, cfg, layout, trainer.progress, vocab, trainer.extra_state)
-    results.put((rank, before, load_peak, anon_growth, 12 * params, lifetime_peak))
+    results.put((rank, before, load_peak, anon_growth, 12 * params, lifetime_peak, load_s))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -219,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--presets", default="125m,350m,1.3b", help="comma-separated config presets (default: %(default)s)")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of every model (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=256, help="model.seq_len of every model (default: %(default)s)")
+    p.add_argument("--reshard-buckets", default="auto",
+                   help="checkpoint.reshard_bucket_mb values to reshard with, comma-separated; auto: the config's "
+                        "default (default: %(default)s)")
     p.add_argument("--skip-to-hf", action="store_true", help="do not measure to-hf and from-hf")
     p.add_argument("--reshard-presets", default="125m,350m",
                    help="presets whose TP=2 -> DP=2 resharding is measured ('' for none; default: %(default)s)")
@@ -247,14 +253,17 @@ def main(argv=None) -> int:
             with tempfile.TemporaryDirectory() as directory:
                 _spawn(_reshard, 2, preset, common, args.vocab_size, directory, "save")
                 fresh = _spawn(_reshard, 2, preset, common, args.vocab_size, directory, "fresh")
-                resharded = _spawn(_reshard, 2, preset, common, args.vocab_size, directory, "reshard")
-                for (rank, before, peak, anon_growth, whole_state, life), (*_, fresh_life) in zip(resharded, fresh):
-                    moments_share = whole_state * 2 / 3 / 2  # ZeRO-1 DP=2: half of the two Adam moments
-                    print(f"{preset:>6} {f'reshard rank {rank}':>14} {whole_state / 3 / MB:9.0f} "
-                          f"{moments_share / MB:9.0f} "
-                          f"{peak / MB:12.0f} {(peak - before) / MB:14.0f} {'':>13} {0.15 * whole_state / MB:10.0f}"
-                          f"  anonymous growth {anon_growth / MB:.0f}; peak with a step {life / MB:.0f} vs a fresh "
-                          f"run's {fresh_life / MB:.0f}: extra {(life - fresh_life) / MB:.0f}", flush=True)
+                for bucket in args.reshard_buckets.split(","):
+                    chosen = [] if bucket == "auto" else [f"checkpoint.reshard_bucket_mb={bucket}"]
+                    resharded = _spawn(_reshard, 2, preset, common + chosen, args.vocab_size, directory, "reshard")
+                    for (rank, before, peak, anon_growth, whole_state, life, load_s), (*_, fresh_life, _) in zip(
+                            resharded, fresh):
+                        moments_share = whole_state * 2 / 3 / 2  # ZeRO-1 DP=2: half of the two Adam moments
+                        print(f"{preset:>6} {f'reshard rank {rank}':>14} {whole_state / 3 / MB:9.0f} "
+                              f"{moments_share / MB:9.0f} {peak / MB:12.0f} {(peak - before) / MB:14.0f} {'':>13} "
+                              f"{0.15 * whole_state / MB:10.0f}  bucket {bucket}: load {load_s:.2f} s, anonymous "
+                              f"growth {anon_growth / MB:.0f}; peak with a step {life / MB:.0f} vs a fresh run's "
+                              f"{fresh_life / MB:.0f}: extra {(life - fresh_life) / MB:.0f}", flush=True)
         if not args.skip_to_hf:
             [(_, rows)] = _spawn(_to_hf, 1, preset, common, args.vocab_size)
             for what, before, peak, allocated in rows:

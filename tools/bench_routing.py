@@ -12,7 +12,8 @@ each rank's router offset is set for that; benchmark only, training keeps offset
 on, against the ideal where every rank holds the mean load (50%). Also prints the bytes the token exchange moves per
 step next to the gradient all-reduce's bytes.
 
-decode (one process): `IncrementalDecoder` tokens/s (KV cache) of the dense model and of each router at batch 1 and 8.
+decode (one process): `IncrementalDecoder` tokens/s (KV cache) of the dense model and of each router at batch 1 and 8,
+untrained, or of trained checkpoints (`--checkpoints NAME=DIR,... --data DIR`) next to their validation loss.
 """
 from __future__ import annotations
 
@@ -168,24 +169,66 @@ DECODE_VARIANTS = {
 }
 
 
+def _decode_models(args, device) -> dict[str, tuple[GPT, float | None]]:
+    """Name -> (model in eval mode, validation loss or None): the trained checkpoints of `--checkpoints` (loss on
+    `--data`'s val split), else the dense model and each router of `DECODE_VARIANTS`, untrained."""
+    if not args.checkpoints:
+        models = {}
+        for name, extra in DECODE_VARIANTS.items():
+            cfg = load_config(args.config, list(args.overrides) + extra)
+            seed_everything(cfg.train.seed)
+            models[name] = GPT(cfg.model, args.vocab_size, cfg.parallel.tp).to(device).eval(), None
+        return models
+    from skiptron.tools.finetune import build_model as model_with_weights, checkpoint_weights, val_loss
+
+    if not args.data:
+        raise SystemExit("skiptron-bench-routing decode: --checkpoints needs --data (the val split they are scored "
+                         "on and prompted from)")
+    models = {}
+    for entry in args.checkpoints.split(","):
+        name, sep, path = entry.partition("=")
+        if not sep:
+            raise SystemExit(f"skiptron-bench-routing decode: --checkpoints entry {entry!r} is not NAME=PATH")
+        cfg, vocab, weights = checkpoint_weights(path)
+        model = model_with_weights(cfg.model, vocab, weights).to(device)
+        models[name] = model, val_loss(model, args.data, batches=args.val_batches)
+    return models
+
+
+def _decode_tokens(args, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt, the tokens fed one at a time after it): random, or with `--data` the first val sequences."""
+    if args.data:
+        from skiptron.training.loader import TokenLoader
+
+        loader = TokenLoader(args.data, "val", batch, dp_rank=0, dp_size=1, num_workers=0, seed=0, shuffle=False)
+        tokens = next(iter(loader))
+        if tokens.shape[1] < args.prompt + args.new_tokens:
+            raise SystemExit(f"skiptron-bench-routing decode: {args.data} holds sequences of {tokens.shape[1]} "
+                             f"tokens, fewer than --prompt + --new-tokens = {args.prompt + args.new_tokens}")
+    else:
+        tokens = torch.randint(0, args.vocab_size, (batch, args.prompt + args.new_tokens),
+                               generator=torch.Generator().manual_seed(0))
+    tokens = tokens.to(device)
+    return tokens[:, :args.prompt], tokens[:, args.prompt:args.prompt + args.new_tokens]
+
+
 def decode_bench(args) -> dict:
     """Tokens/s of `IncrementalDecoder` (KV cache, one new token per call after a prompt) at batch 1 and 8, dense
-    against each router, untrained (the execution rates printed are what their decoding decisions gave)."""
+    against each router: untrained models, or trained checkpoints (`--checkpoints`) next to their validation loss,
+    which is what makes a pair of equal quality. The execution rates printed are a full forward's over the same
+    tokens (for threshold routers, the decisions decoding makes too)."""
     from skiptron.training.model import IncrementalDecoder
 
     device, _ = state.init_world("auto")
     base = load_config(args.config, args.overrides)
     state.init_model_parallel(base.parallel.tp, 1, device)
-    result = {}
+    models = _decode_models(args, device)
+    first = next(iter(models))
+    result = {"val_loss": {name: loss for name, (_, loss) in models.items()}}
     for batch in (1, 8):
-        g = torch.Generator().manual_seed(0)
-        prompt = torch.randint(0, args.vocab_size, (batch, args.prompt), generator=g).to(device)
-        steps = torch.randint(0, args.vocab_size, (batch, args.new_tokens), generator=g).to(device)
+        prompt, steps = _decode_tokens(args, batch, device)
         systems, rates = {}, {}
-        for name, extra in DECODE_VARIANTS.items():
-            cfg = load_config(args.config, list(args.overrides) + extra)
-            seed_everything(cfg.train.seed)
-            model = GPT(cfg.model, args.vocab_size, cfg.parallel.tp).to(device).eval()
+        for name, (model, _) in models.items():
             with torch.no_grad():
                 model.logits(torch.cat([prompt, steps], dim=1))
             records = model.routing_records()
@@ -201,8 +244,9 @@ def decode_bench(args) -> dict:
         per_s = {n: batch * args.new_tokens / statistics.median(t) for n, t in times.items()}
         result[f"batch{batch}"] = {"tokens_per_s": per_s, "exec_rate": rates}
         for name in systems:
-            print(f"batch {batch} {name:26s} {per_s[name]:8.1f} tok/s | vs dense {per_s[name] / per_s['dense']:.3f} "
-                  f"| exec rate {rates[name]:.2f}")
+            loss = models[name][1]
+            print(f"batch {batch} {name:26s} {per_s[name]:8.1f} tok/s | vs {first} {per_s[name] / per_s[first]:.3f} "
+                  f"| exec rate {rates[name]:.2f}" + ("" if loss is None else f" | val loss {loss:.4f}"))
     return result
 
 
@@ -222,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each round (default: %(default)s)")
     p.add_argument("--prompt", type=int, default=64, help="decode: prompt tokens (default: %(default)s)")
     p.add_argument("--new-tokens", type=int, default=64, help="decode: generated tokens (default: %(default)s)")
+    p.add_argument("--checkpoints", help="decode: NAME=CHECKPOINT,... trained models to decode instead of the "
+                                         "untrained variants (the first is the reference); needs --data")
+    p.add_argument("--data", help="decode: a prepared dataset; prompts are its first val sequences, and each "
+                                  "checkpoint's val loss is measured on it")
+    p.add_argument("--val-batches", type=int, default=16, help="decode: val micro-batches of 8 scored per checkpoint")
     p.add_argument("--json", help="also write the results to this file (rank 0)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value config overrides, e.g. parallel.tp=2")
     verbosity.add_argument(p)

@@ -366,6 +366,12 @@ class CheckpointConfig(Section):
     trust_pickle: bool = Field(
         False, description="load checkpoint files whose pickles reference code (not only tensors and the known "
                            "records); off: such a file is refused, since loading it could run anything")
+    reshard_bucket_mb: int | None = Field(
+        None, ge=0, description="resharding reads the next parameters' shards in a background thread while one is "
+                                "applied, holding at most this much of them (plus the one applied); 0: one parameter "
+                                "at a time, in the caller. Default: 256 where this rank has a CPU core its compute "
+                                "threads leave free (counting the ranks on the host), else 0 (a reader thread "
+                                "competing for busy cores made resharding slower)")
     async_save: bool = Field(
         False, description="the step pays only for a snapshot of this rank's state to host memory (pinned on a GPU; "
                            "one more copy of the rank's state while a save is in flight); writing, fsync, checksums "

@@ -4,7 +4,8 @@
 DeepSpeed's files (using the layout recorded in trainer.json, never guessing), and `apply_full_state` cuts out this
 rank's TP shard and hands it to DeepSpeed's ZeRO partitions. It streams: the files are memory-mapped, and a
 parameter's whole tensors are assembled from views of them only when looked up, so a rank holds one parameter's
-weight and moments at a time (plus the shard cut from them), whatever the model's size. Pipeline checkpoints record
+weight and moments at a time (plus the shard cut from them, and the shards read ahead within
+`checkpoint.reshard_bucket_mb`), whatever the model's size. Pipeline checkpoints record
 their parameters under GPT's names too (trainer.json's `pipeline` maps them to each stage's files: DeepSpeed's
 per-layer weight files and per-(stage, TP rank) optimizer files), so a checkpoint moves between any PP sizes, PP = 1
 included, the same way; the tied embedding's first-stage copy is the one read. We write the resharding rather than
@@ -24,6 +25,7 @@ from skiptron.parallel.tensor_parallel import join_tp, split_tp, tp_layout
 from .deepspeed_format import ADAM_KEYS, ShardSource, _index_tp_rank
 from .errors import CheckpointError
 from .meta import read_meta
+from .read_ahead import read_ahead
 from .weights_only import _load_weights_file
 
 
@@ -102,8 +104,11 @@ def read_full_state(path: str | os.PathLike, meta: dict | None = None, with_opti
 
 
 @torch.no_grad()
-def apply_full_state(engine, weights: dict, moments: dict | None, opt_step: int) -> None:
-    """Load whole tensors into this rank's shards of the model, fp32 masters and (if given) Adam moments."""
+def apply_full_state(engine, weights: Mapping, moments: Mapping | None, opt_step: int, bucket_bytes: int = 0) -> None:
+    """Load whole tensors into this rank's shards of the model, fp32 masters and (if given) Adam moments.
+
+    The next parameters' shards are read and cut in a background thread while this one is applied, holding at most
+    `bucket_bytes` of them (`read_ahead`; 0 reads each parameter when it is applied)."""
     import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
     from megatron.core import parallel_state as ps
@@ -121,17 +126,29 @@ def apply_full_state(engine, weights: dict, moments: dict | None, opt_step: int)
             engine.optimizer._hp_optimizer_states_linked = False
             engine.optimizer._lazy_init_hp_params_optimizer_state()
     to_gpt = _gpt_names(engine.module)
-    masters = _fp16_optimizer_masters(engine)
-    for local_name, p in engine.module.named_parameters():
-        name = to_gpt(local_name)
+    plan = [(to_gpt(local_name), p) for local_name, p in engine.module.named_parameters()]
+    for name, _ in plan:
         if name not in weights:
             raise CheckpointError(f"the checkpoint has no weight for parameter {name}")
+
+    def shards(item):  # this rank's fp32 shards of the weight and moments (runs in the read-ahead thread)
+        name, p = item
         layout = tp_layout(p)
 
         def shard(full):
             return full if layout is None else split_tp(full, layout[0], layout[1], tp, tp_rank)
+        weight = shard(weights[name])
+        if moments is None:
+            return weight, None
+        whole = moments[name]
+        return weight, {k: shard(whole.pop(k)) for k in ADAM_KEYS}
 
-        value = shard(weights[name])
+    def nbytes(item):
+        p = item[1]
+        return 4 * getattr(p, "ds_numel", p.numel()) * (1 if moments is None else 1 + len(ADAM_KEYS))
+
+    masters = _fp16_optimizer_masters(engine)
+    for (name, p), (value, moment_shards) in zip(plan, read_ahead(plan, shards, nbytes, bucket_bytes)):
         zero3 = hasattr(p, "ds_id")
         if zero3:
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
@@ -144,16 +161,12 @@ def apply_full_state(engine, weights: dict, moments: dict | None, opt_step: int)
         master = masters.get(id(p), p)  # the tensor the base optimizer steps (and keys its state by)
         if master is not p:
             master.copy_(value.view_as(master))
-        if moments is None:
-            continue
-        del value
-        whole_moments = moments[name]
-        for k in ADAM_KEYS:
-            v = shard(whole_moments.pop(k))
+        for k, v in (moment_shards or {}).items():
             if sharded_optimizer:
                 safe_set_full_optimizer_state(p, v.float(), k)
             else:
                 _optimizer_state_of(base, master, k).copy_(v.view_as(master))
+        del value, moment_shards  # before the next parameter is taken: the bound counts one in the caller's hands
 
 
 def _optimizer_state_owners(engine, base) -> list[tuple[dict, torch.Tensor]]:

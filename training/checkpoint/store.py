@@ -40,6 +40,7 @@ from .files import (FORMAT, FORMAT_VERSION, LATEST, MANIFEST, TMP_PREFIX, _check
 from ..memory import large_blocks_returned
 from .locate import resolve_checkpoint, resumable
 from .meta import META, Progress, _precision, check_compatible, model_meta, read_meta, same_layout, step_tag
+from .read_ahead import default_bucket_bytes
 from .reshard import _gpt_names, apply_full_state, read_full_state
 from .rng import rng_state, set_rng_state
 from .staging import nonfinite_entries
@@ -223,10 +224,10 @@ def load(engine, cfg, layout, path: Path, vocab_size: int, extra: dict | None = 
 def _load_checkpoint(engine, cfg, layout, path: Path, vocab_size: int, extra: dict, log) -> Progress:
     meta = read_meta(path)
     check_compatible(path, meta, cfg, vocab_size)
-    trust = cfg.checkpoint.trust_pickle
+    trust, bucket = cfg.checkpoint.trust_pickle, _reshard_bucket_bytes(cfg)
     if meta.get("kind") == "weights":  # from `skiptron-convert from-hf` and other tools: weights, a fresh optimizer
         weights = _load_weights_file(path, trust)
-        apply_full_state(engine, weights, None, 0)
+        apply_full_state(engine, weights, None, 0, bucket)
         _apply_buffers(engine, weights)
         return Progress()
     if same_layout(meta, cfg, layout, engine):
@@ -241,7 +242,7 @@ def _load_checkpoint(engine, cfg, layout, path: Path, vocab_size: int, extra: di
             log(f"resharding {path}: saved with tp={s['tp']} pp={s['pp']} dp={s['dp']} zero={s['zero_stage']} "
                 f"{s['precision']}, loading with tp={layout.tp} pp={layout.pp} dp={layout.dp} zero={cfg.zero.stage}")
         weights, moments, opt_step, extras = read_full_state(path, meta=meta, trust=trust)
-        apply_full_state(engine, weights, moments, opt_step)
+        apply_full_state(engine, weights, moments, opt_step, bucket)
         scheduler = engine.lr_scheduler
         scheduler.load_state_dict(extras["lr_scheduler"])
         for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):  # the LR of the next step
@@ -253,6 +254,14 @@ def _load_checkpoint(engine, cfg, layout, path: Path, vocab_size: int, extra: di
         _apply_buffers(engine, extras["buffers"])
     _agreed(lambda: _load_rank_state(path, meta, layout, extra, trust))
     return Progress(meta["step"], meta["consumed_samples"], meta["consumed_tokens"], meta.get("consumed_by_source", {}))
+
+
+def _reshard_bucket_bytes(cfg) -> int:
+    if cfg.checkpoint.reshard_bucket_mb is not None:
+        return cfg.checkpoint.reshard_bucket_mb * 2**20
+    from skiptron.parallel import launch
+
+    return default_bucket_bytes(launch.current().local_world_size)
 
 
 def _apply_buffers(engine, values: dict[str, torch.Tensor]) -> None:
