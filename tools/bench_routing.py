@@ -215,8 +215,8 @@ def _decode_tokens(args, batch: int, device) -> tuple[torch.Tensor, torch.Tensor
 def decode_bench(args) -> dict:
     """Tokens/s of `IncrementalDecoder` (KV cache, one new token per call after a prompt) at batch 1 and 8, dense
     against each router: untrained models, or trained checkpoints (`--checkpoints`) next to their validation loss,
-    which is what makes a pair of equal quality. The execution rates printed are a full forward's over the same
-    tokens (for threshold routers, the decisions decoding makes too)."""
+    which is what makes a pair of equal quality. The execution rates printed (routed layers only) are those of an
+    eval-mode forward over the same tokens, which decides as decoding does (Mixture-of-Depths: by its predictor)."""
     from skiptron.training.model import IncrementalDecoder
 
     device, _ = state.init_world("auto")
