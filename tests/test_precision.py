@@ -97,10 +97,13 @@ def test_bf16_checkpoint_of_every_zero_stage_reshards(pool2, tiny_data, tmp_path
     """A bf16 checkpoint of ZeRO stage s resumes under TP=2 and another ZeRO stage: the fp32 masters and Adam
     moments come over (from DeepSpeed's bf16 files; ZeRO-0's masters from its FP16_Optimizer state), so the run
     continues the original trajectory within bf16 tolerance (a resume that lost them would restart near the
-    initial loss, ~0.5 higher)."""
+    initial loss, ~0.5 higher). Into ZeRO-3 and ZeRO-0 the shards are read ahead in a background thread (a 1 MB
+    bucket) while the caller gathers ZeRO-3's parameters or fills FP16_Optimizer's masters; into 1 and 2, one at a
+    time."""
     after = {0: 1, 1: 0, 2: 3, 3: 2}[stage]
     full = bf16_runs[stage]["result"]
-    resumed = pool2.run(_ckpt_train, RUN + [f"zero.stage={after}", "parallel.tp=2",
+    read_ahead = "checkpoint.reshard_bucket_mb=" + ("1" if after in (0, 3) else "0")
+    resumed = pool2.run(_ckpt_train, RUN + [f"zero.stage={after}", "parallel.tp=2", read_ahead,
                                             f"resume={bf16_runs[stage]['checkpoint']}"], tiny_data, tmp_path / "run")
     assert resumed[0]["start"] == HALF
     ref, got = full[0]["losses"], resumed[0]["losses"]
