@@ -102,3 +102,27 @@ def test_sequence_parallel_collectives(pool2):
     shards = [torch.arange(24, dtype=torch.float32).reshape(2, 4, 3) * (r + 1) for r in range(2)]
     torch.testing.assert_close(emulated[0]["gather"][0], torch.cat(shards, dim=1))
     assert emulated[1]["reduce_scatter"][0].shape == (2, 4, 3)
+
+
+def test_kv_cache_appends_in_place_and_a_branch_from_an_older_state_copies():
+    """Decoding's KV cache writes each new token into its buffers (no copy of the cache per step), grows past its
+    capacity keeping its contents, and a state extended twice (a branch) leaves the other extension unchanged."""
+    from skiptron.training.layers import KVCache
+
+    def tokens(n, value):
+        k = torch.full((1, 2, n, 4), float(value))
+        return k, -k, torch.ones(1, n, dtype=torch.bool)
+
+    a = KVCache.extended(None, *tokens(3, 1))
+    b = KVCache.extended(a, *tokens(1, 2))
+    assert b.k_buf is a.k_buf and a.length == 3 and b.length == 4
+    c = KVCache.extended(a, *tokens(1, 3))  # from the older state: new buffers
+    assert c.k_buf is not a.k_buf
+    assert b.k[0, 0, :, 0].tolist() == [1, 1, 1, 2] and c.k[0, 0, :, 0].tolist() == [1, 1, 1, 3]
+    assert torch.equal(c.v, -c.k) and a.k.shape == (1, 2, 3, 4)
+    d = b
+    for i in range(100):
+        d = KVCache.extended(d, *tokens(1, i))
+    assert d.length == 104 and d.k_buf.shape[2] >= 104
+    assert d.k[0, 1, :5, 3].tolist() == [1, 1, 1, 2, 0] and d.k[0, 0, -1, 0] == 99 and bool(d.present.all())
+    assert b.k[0, 0, :, 0].tolist() == [1, 1, 1, 2]

@@ -291,13 +291,11 @@ class Attention(nn.Module):
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + x.shape[1], device=x.device)
         q, k, v = self._heads(x, positions)
-        if cache is not None:
-            k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
-            present = torch.cat([cache.present, present], dim=1)
-        keys = torch.arange(k.shape[2], device=x.device)
-        mask = (keys[None, :] <= positions[:, None])[None] & present[:, None, :]
-        y, _ = self.out(self._merge_heads(kernels.masked(q, k, v, mask)))
-        return y, KVCache(k, v, present)
+        cache = KVCache.extended(cache, k, v, present)
+        keys = torch.arange(cache.length, device=x.device)
+        mask = (keys[None, :] <= positions[:, None])[None] & cache.present[:, None, :]
+        y, _ = self.out(self._merge_heads(kernels.masked(q, cache.k, cache.v, mask)))
+        return y, cache
 
     def step_skipped(self, x: torch.Tensor, cache: KVCache | None, kv_all: bool) -> KVCache:
         """The cache after tokens x [b, n, hidden] that a routed layer skips, every one of them: with `kv_all` their
@@ -311,10 +309,7 @@ class Attention(nn.Module):
             k = x.new_zeros(b, self.local_kv_heads, n, self.head_dim)
             v = torch.zeros_like(k)
         present = torch.full((b, n), kv_all, dtype=torch.bool, device=x.device)
-        if cache is not None:
-            k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
-            present = torch.cat([cache.present, present], dim=1)
-        return KVCache(k, v, present)
+        return KVCache.extended(cache, k, v, present)
 
     def forward_selected(self, x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, kv_all: bool,
                          tokenwise=None) -> torch.Tensor:
@@ -340,18 +335,52 @@ class Attention(nn.Module):
         return self._merge_heads(y)[valid]
 
 
-@dataclass
+@dataclass(frozen=True)
 class KVCache:
     """Keys and values of the tokens decoded so far ([b, heads, t, hd]) and which of them are visible
-    (`present` [b, t]: a token a routed `kv: active` layer skipped is cached but masked)."""
+    (`present` [b, t]: a token a routed `kv: active` layer skipped is cached but masked).
 
-    k: torch.Tensor
-    v: torch.Tensor
-    present: torch.Tensor
+    They live in buffers with room to grow (capacity doubled when full), so a decoding step writes only its own
+    tokens rather than copying the whole cache (`torch.cat` took 18% of a routed model's decoding step at width 512).
+    `filled` is the buffers' filled length, shared by the caches made on them: a cache that is not the newest (a
+    caller that branches from an earlier state) copies into new buffers before it appends, so no state ever changes."""
+
+    k_buf: torch.Tensor
+    v_buf: torch.Tensor
+    present_buf: torch.Tensor
+    length: int
+    filled: list[int]
 
     @property
-    def length(self) -> int:
-        return self.k.shape[2]
+    def k(self) -> torch.Tensor:
+        return self.k_buf[:, :, :self.length]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.v_buf[:, :, :self.length]
+
+    @property
+    def present(self) -> torch.Tensor:
+        return self.present_buf[:, :self.length]
+
+    @staticmethod
+    def extended(cache: KVCache | None, k: torch.Tensor, v: torch.Tensor, present: torch.Tensor) -> KVCache:
+        """`cache` (None: empty) followed by the keys, values [b, heads, n, hd] and visibility [b, n] of n tokens."""
+        start = 0 if cache is None else cache.length
+        end = start + k.shape[2]
+        if cache is None or end > cache.k_buf.shape[2] or cache.filled[0] != start:
+            capacity = max(64, 2 * end)
+            b, heads, _, hd = k.shape
+            k_buf, v_buf = k.new_empty(b, heads, capacity, hd), v.new_empty(b, heads, capacity, hd)
+            present_buf = present.new_zeros(b, capacity)
+            if cache is not None:
+                k_buf[:, :, :start], v_buf[:, :, :start] = cache.k, cache.v
+                present_buf[:, :start] = cache.present
+            cache = KVCache(k_buf, v_buf, present_buf, start, [start])
+        cache.k_buf[:, :, start:end], cache.v_buf[:, :, start:end] = k, v
+        cache.present_buf[:, start:end] = present
+        cache.filled[0] = end
+        return KVCache(cache.k_buf, cache.v_buf, cache.present_buf, end, cache.filled)
 
 
 class SwiGLU(nn.Module):
