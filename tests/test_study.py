@@ -1,5 +1,5 @@
-"""skiptron-study isoflop: a micro study (1 dense + 1 routed arm x 2 seeds, two runs at a time) writes its table and
-PNG, and a study killed after its first result resumes without retraining the finished runs."""
+"""skiptron-study isoflop: a micro study (1 dense + 1 routed arm x 2 seeds) writes its table and PNG, and a study
+killed after its first result resumes without retraining the finished runs."""
 import json
 import os
 import re
@@ -22,7 +22,7 @@ def study_command(study: Path, data: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "skiptron.tools.study", "isoflop", "--dir", str(study), "--data", str(data),
             "--budgets", "2e8", "--family", "1x32,4x64", "--head-dim", "16", "--dense-arms", "1",
             "--no-default-routers", "--router", ROUTER, "--seeds", "2", "--seq-len", "32", "--batch", "4", "--micro-batch", "4",
-            "--eval-batches", "2", "--checkpoints", "2", "--tokens-per-param", "1", "--parallel", "2", *extra]
+            "--eval-batches", "2", "--checkpoints", "2", "--tokens-per-param", "1", *extra]
 
 
 def _env():
@@ -51,7 +51,7 @@ def test_study_writes_table_and_png_and_resumes_after_a_kill(tiny_data, tmp_path
 
     out = subprocess.run(study_command(study, tiny_data), capture_output=True, text=True, env=_env())
     assert out.returncode == 0, out.stdout + out.stderr
-    # a run killed after its final checkpoint but before its result counts as finished too (two train at a time)
+    # a run killed after its final checkpoint but before its result counts as finished too
     counted = int(re.search(r"(\d+) finished", out.stdout).group(1))
     assert len(finished) <= counted < 4, out.stdout
     for name, metrics in finished.items():  # not retrained: same history, not one more "done" line for it
