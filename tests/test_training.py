@@ -17,7 +17,8 @@ def _assert_same_weights(a, b, atol=1e-5):
 
 @pytest.mark.parametrize("stage", [0, 1])
 def test_dp2_equals_dp1_with_accumulation(pools, tiny_data, tmp_path, stage):
-    """DP=2 x micro-batch b updates the weights exactly as DP=1 with two accumulated micro-batches of b."""
+    """DP=2 x micro-batch b updates the weights exactly as DP=1 with two accumulated micro-batches of b. (At DP=1
+    ZeRO-1 runs as stage 0 with its gradient all-reduce skipped: engine.zero_stage, engine.gradient_sync.)"""
     ov = [f"zero.stage={stage}", "train.max_steps=3"]
     (ref_losses, ref_weights), = pools(1).run(_train, ov, tiny_data, tmp_path / "dp1")
     runs = pools(2).run(_train, ov, tiny_data, tmp_path / "dp2")
@@ -26,6 +27,22 @@ def test_dp2_equals_dp1_with_accumulation(pools, tiny_data, tmp_path, stage):
         _assert_same_weights(weights, ref_weights)
     initial = pools(1).run(_train, ov + ["train.max_steps=1", "optimizer.lr=1e-12"], tiny_data, tmp_path / "init")
     assert any((initial[0][1][n] - ref_weights[n]).abs().max() > 1e-4 for n in ref_weights), "weights never moved"
+
+
+@pytest.mark.parametrize("overrides, world, precision, ran", [
+    (["zero.stage=1"], 1, "fp32", 0), (["zero.stage=2", "parallel.tp=2"], 2, "fp32", 0),
+    (["zero.stage=1"], 2, "fp32", 1), (["zero.stage=2"], 1, "bf16", 2), (["zero.stage=3"], 1, "fp32", 3),
+    (["zero.stage=1", "parallel.pp=2"], 2, "fp32", 1),
+])
+def test_zero_over_one_dp_rank_in_fp32_runs_as_stage_0(overrides, world, precision, ran):
+    """ZeRO 1-2 partition nothing over one DP rank: fp32 without a pipeline runs DeepSpeed's stage 0 (the same
+    update, checked against a DP=2 ZeRO-1 run by test_dp2_equals_dp1_with_accumulation[1]); bf16 keeps its fp32
+    gradient accumulation, ZeRO-3 its partitioned construction, a pipeline its engine's ZeRO-1."""
+    from skiptron.training.config import load_config
+    from skiptron.training.engine import deepspeed_config
+
+    cfg = load_config("tiny", overrides)
+    assert deepspeed_config(cfg, world, precision)["zero_optimization"]["stage"] == ran
 
 
 def test_zero_stages_give_the_same_losses(pool2, tiny_data, tmp_path):

@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     fpt = config_flops_per_token(cfg.model, padded)
     result = {"config": args.config, "overrides": args.overrides, "device": str(device), "threads":
               torch.get_num_threads(), "tokens_per_step": tokens, "precision": precision,
-              "zero_stage": cfg.zero.stage, "compile": cfg.train.compile, "matmul_peak_gflops": peak / 1e9,
+              "zero_stage": engine.zero_optimization_stage(), "compile": cfg.train.compile, "matmul_peak_gflops": peak / 1e9,
               "flops_per_token": fpt, "skiptron_first_step_s": first_step_s}
     print(f"{args.config} {' '.join(args.overrides)} | {tokens} tokens/step | {torch.get_num_threads()} threads | "
           f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (torch.mm {args.matmul_size}^3) | skiptron's first step "

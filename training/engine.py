@@ -1,6 +1,7 @@
 """DeepSpeed engine for a model: ZeRO stage, precision, AdamW, warmup + cosine schedule, gradient clipping."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import deepspeed
@@ -98,15 +99,29 @@ def make_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) ->
     return torch.optim.AdamW(groups, fused=device.type in ("cuda", "cpu"), **kwargs)
 
 
+def zero_stage(cfg: Config, world_size: int, precision: str) -> int:
+    """The ZeRO stage DeepSpeed runs: `zero.stage`, except that ZeRO 1-2 over a single data-parallel rank in fp32
+    without a pipeline run as stage 0. With one DP rank they partition nothing, and DeepSpeed 0.19.8 still copies
+    every gradient into its reduction bucket, divides the bucket by the DP size and copies it again into the
+    partition's gradient buffer (10% of an 8 x 512 step on the CPU, docs/benchmarks.md); stage 0 steps the same
+    numbers with the same memory (fp32 weights are their own masters). bf16/fp16 keep the configured stage: stage 0
+    would accumulate gradients in the low precision instead of fp32."""
+    dp = world_size // (cfg.parallel.tp * cfg.parallel.pp)
+    if cfg.zero.stage in (1, 2) and dp == 1 and cfg.parallel.pp == 1 and precision == "fp32":
+        return 0
+    return cfg.zero.stage
+
+
 def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
     t = cfg.train
+    stage = zero_stage(cfg, world_size, precision)
     return {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps(world_size),
         "gradient_clipping": cfg.optimizer.grad_clip,
         "zero_optimization": {
-            "stage": cfg.zero.stage,
+            "stage": stage,
             "overlap_comm": cfg.zero.overlap_comm,
             "reduce_bucket_size": cfg.zero.reduce_bucket_size,
             "allgather_bucket_size": cfg.zero.reduce_bucket_size,
@@ -116,7 +131,7 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
         # bf16 under ZeRO 1-3: gradients accumulate over micro-batches in fp32, as in Megatron-LM (DeepSpeed's
         # BF16_Optimizer for stage 1, its ZeRO optimizers for 2-3). DeepSpeed 0.19.8 refuses that for stage 0, whose
         # FP16_Optimizer keeps fp32 master weights but accumulates bf16 gradients.
-        **({"data_types": {"grad_accum_dtype": "fp32"}} if precision == "bf16" and cfg.zero.stage >= 1 else {}),
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if precision == "bf16" and stage >= 1 else {}),
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -156,6 +171,15 @@ def build_engine(cfg: Config, model: torch.nn.Module, layout: Layout, guard=None
     if pipelined:
         engine.pipe_timer = PipeTimer(engine, layout.device)
     return engine, precision
+
+
+def gradient_sync(engine, dp: int):
+    """The context a backward runs in: DeepSpeed's reduction (ZeRO's buckets and partitions; stage 0 all-reduces
+    over DP), except that stage 0 over a single DP rank skips it (`engine.no_sync()`, DeepSpeed's public API): there
+    it only flattens every gradient into buckets and copies them back, a `cat` and a copy per bucket per step."""
+    if dp == 1 and not engine.zero_optimization():
+        return engine.no_sync()
+    return contextlib.nullcontext()
 
 
 def _undo_fp16_optimizer_init_step(engine) -> None:

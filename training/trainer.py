@@ -22,7 +22,7 @@ from . import construction
 from . import faults
 from .config import Config, ConfigError, save_config
 from . import numerics
-from .engine import PRECISION_DTYPES, build_engine, resolve_precision
+from .engine import PRECISION_DTYPES, build_engine, gradient_sync, resolve_precision
 from .guard import StepGuard
 from .flops import config_flops_per_token, peak_flops
 from .loader import BlendedStream, TokenLoader, check_sources
@@ -136,6 +136,12 @@ class Trainer:
         return self.layout.pp > 1
 
     # -- pieces of the loop -------------------------------------------------------------------------------------
+    def _zero_text(self) -> str:
+        """The ZeRO stage the engine runs, and the configured one where they differ (engine.zero_stage)."""
+        ran = self.engine.zero_optimization_stage()
+        configured = self.cfg.zero.stage
+        return str(ran) if ran == configured else f"{ran} (zero.stage={configured} partitions nothing over dp 1)"
+
     def loader(self, split: str, start_sample: int = 0, shuffle: bool | None = None, sources=None) -> TokenLoader:
         return TokenLoader(
             sources or self.cfg.data.sources(), split, self.cfg.train.micro_batch_size,
@@ -158,7 +164,8 @@ class Trainer:
             out = self.engine(tokens.to(self.layout.device, non_blocking=True), return_output=True)
             loss = faults.poison_loss(out.loss, self.engine.module, step, self.layout.rank)
             self.guard.observe_loss(loss)
-            self.engine.backward(loss)
+            with gradient_sync(self.engine, self.layout.dp):
+                self.engine.backward(loss)
             if i == len(batches) - 1:
                 self.guard.decide()  # collective, on every rank before the boundary's optimizer step
             self.engine.step()
@@ -306,7 +313,7 @@ class Trainer:
                             start_step=self.progress.step,
                             progress=cfg.logging.progress == "auto" and not launch.output_is_forwarded())
         log.log_text(
-            f"world {layout.world_size} = tp {layout.tp} x pp {layout.pp} x dp {layout.dp} | zero {cfg.zero.stage} | "
+            f"world {layout.world_size} = tp {layout.tp} x pp {layout.pp} x dp {layout.dp} | zero {self._zero_text()} | "
             f"{self.precision} on {layout.device.type}{' (tf32)' if cfg.train.tf32 and layout.device.type == 'cuda' else ''}"
             f"{' | deterministic' if cfg.train.deterministic else ''} | params/rank "
             f"{sum(p.numel() for p in self.engine.module.parameters()) / 1e6:.2f}M | grad accum {ga}")

@@ -122,10 +122,13 @@ def check_compatible(path: Path, meta: dict, cfg, vocab_size: int) -> None:
         raise CheckpointError(f"{path} was saved from a different model; differing keys: {'; '.join(diffs)}")
 
 
-def same_layout(meta: dict, cfg, layout, engine) -> bool:
+def same_layout(meta: dict, layout, engine) -> bool:
+    """Whether DeepSpeed can load the checkpoint's own shards: the same TP/PP/DP sizes, the ZeRO stage the engine
+    runs (`engine.zero_optimization_stage()`, which is 0 where `zero.stage` partitions nothing: engine.zero_stage)
+    and precision."""
     saved = meta["layout"]
     return (saved["tp"], saved["pp"], saved["dp"], saved["zero_stage"], saved["precision"]) == (
-        layout.tp, layout.pp, layout.dp, cfg.zero.stage, _precision(engine))
+        layout.tp, layout.pp, layout.dp, engine.zero_optimization_stage(), _precision(engine))
 
 
 def _precision(engine) -> str:

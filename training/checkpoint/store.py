@@ -110,7 +110,7 @@ def save(engine, cfg, layout, progress: Progress, vocab_size: int, extra: dict |
         "format": FORMAT, "version": FORMAT_VERSION, "kind": "training", **asdict(progress),
         "time": time.time(), "vocab_size": vocab_size, "health": health or {},
         "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "world_size": layout.world_size,
-                   "zero_stage": cfg.zero.stage, "precision": _precision(engine)},
+                   "zero_stage": engine.zero_optimization_stage(), "precision": _precision(engine)},
         **model_meta(engine, layout.tp, vocab_size),
     }
     if layout.is_writer:  # small files, written at once
@@ -230,7 +230,7 @@ def _load_checkpoint(engine, cfg, layout, path: Path, vocab_size: int, extra: di
         apply_full_state(engine, weights, None, 0, bucket)
         _apply_buffers(engine, weights)
         return Progress()
-    if same_layout(meta, cfg, layout, engine):
+    if same_layout(meta, layout, engine):
         _read_through_load_file(engine, trust)
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
@@ -240,7 +240,8 @@ def _load_checkpoint(engine, cfg, layout, path: Path, vocab_size: int, extra: di
         s = meta["layout"]
         if layout.is_writer and log:
             log(f"resharding {path}: saved with tp={s['tp']} pp={s['pp']} dp={s['dp']} zero={s['zero_stage']} "
-                f"{s['precision']}, loading with tp={layout.tp} pp={layout.pp} dp={layout.dp} zero={cfg.zero.stage}")
+                f"{s['precision']}, loading with tp={layout.tp} pp={layout.pp} dp={layout.dp} "
+                f"zero={engine.zero_optimization_stage()}")
         weights, moments, opt_step, extras = read_full_state(path, meta=meta, trust=trust)
         apply_full_state(engine, weights, moments, opt_step, bucket)
         scheduler = engine.lr_scheduler
