@@ -101,14 +101,15 @@ def run(args) -> dict:
     stall_s, write_s, overlapped_step_s = _async_saves(trainer, cfg, layout, args, batches, first_step=args.rounds + 1)
     params = sum(p.numel() for p in engine.module.parameters())
     fraction = save_s / (interval * full_step_s + save_s) if interval else None
-    result = {"config": args.config, "overrides": args.overrides, "params": params, "zero_stage": cfg.zero.stage,
+    result = {"config": args.config, "overrides": args.overrides, "params": params,
+              "zero_stage": engine.zero_optimization_stage(),
               "checkpoint_bytes": size, "save_s": save_s, "load_s": load_s, "step_s": full_step_s,
               "step_measured_on_sequences": sequences, "cold_load": args.cold, "interval": interval, "save_fraction": fraction,
               "save_mb_per_s": size / save_s / 1e6, "finite_check_s": check_s, "resume_verify_s": verify_s,
               "async_stall_s": stall_s, "async_stall_fraction_of_save": stall_s / save_s,
               "async_write_s": write_s, "step_s_during_async_write": overlapped_step_s,
               "measured_step_s": step_s}
-    print(f"{args.config}: {params / 1e6:.1f} M parameters, ZeRO-{cfg.zero.stage}, {precision}")
+    print(f"{args.config}: {params / 1e6:.1f} M parameters, ZeRO-{engine.zero_optimization_stage()}, {precision}")
     print(f"checkpoint {size / 1e6:.1f} MB | save {save_s:.2f} s ({size / save_s / 1e6:.0f} MB/s) | "
           f"load {load_s:.2f} s ({'cold' if args.cold else 'warm'} page cache) | resume's verification (sizes, "
           f"sha256) {verify_s:.2f} s before it")

@@ -255,7 +255,8 @@ class ParallelConfig(Section):
 
 
 class ZeroConfig(Section):
-    stage: int = Field(1, description="DeepSpeed ZeRO stage, 0-3")
+    stage: int = Field(1, description="DeepSpeed ZeRO stage, 0-3; 1-2 over a single DP rank in fp32 without a "
+                                      "pipeline run as stage 0, which steps the same numbers (engine.zero_stage)")
     overlap_comm: bool = False
     reduce_bucket_size: int = Field(50_000_000, ge=1)
 
