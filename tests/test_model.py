@@ -126,3 +126,38 @@ def test_kv_cache_appends_in_place_and_a_branch_from_an_older_state_copies():
     assert d.length == 104 and d.k_buf.shape[2] >= 104
     assert d.k[0, 1, :5, 3].tolist() == [1, 1, 1, 2, 0] and d.k[0, 0, -1, 0] == 99 and bool(d.present.all())
     assert b.k[0, 0, :, 0].tolist() == [1, 1, 1, 2]
+
+
+@pytest.mark.parametrize("positions", ["shared", "per_sequence"])
+def test_fused_projection_backwards_equal_autograd_of_the_split_ops(positions):
+    """`swiglu` and `heads_rotated` write the fused projection's gradient in one buffer instead of letting autograd
+    concatenate the pieces' gradients: their values and gradients are those of the split-then-compute ops (float64
+    gradcheck; fp32 to rounding), for grouped-query widths, parts left out of the loss and per-sequence positions."""
+    import torch.nn.functional as F
+
+    from skiptron.training.fused_projections import heads_rotated, swiglu
+    from skiptron.training.layers import Rotary
+
+    gen = torch.Generator().manual_seed(0)
+    gate_up = torch.randn(2, 5, 12, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(swiglu, (gate_up,))
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(swiglu(gate_up), F.silu(gate) * up, atol=0, rtol=0)
+
+    rotary, head_dim, widths = Rotary(8, 10000.0), 8, (4 * 8, 2 * 8, 2 * 8)
+    pos = torch.arange(5) if positions == "shared" else torch.tensor([[3, 4, 5, 6, 7], [0, 1, 2, 9, 11]])
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-6)):
+        t = torch.randn(2, 5, sum(widths), dtype=dtype, generator=gen, requires_grad=True)
+        cos, sin = rotary.angles(pos, dtype)
+        if dtype == torch.float64:
+            assert torch.autograd.gradcheck(lambda x: heads_rotated(x, cos, sin, widths, (True, True, False), 8), (t,))
+        fused = heads_rotated(t, cos, sin, widths, (True, True, False), head_dim)
+        split = [piece.view(2, 5, -1, head_dim).transpose(1, 2) for piece in t.split(widths, dim=-1)]
+        split = [rotary.rotate(split[0], cos, sin), rotary.rotate(split[1], cos, sin), split[2]]
+        for a, b in zip(fused, split):
+            torch.testing.assert_close(a, b, atol=tol, rtol=0)
+        weights = [torch.randn(a.shape, dtype=dtype, generator=gen) for a in fused]
+        for used in ((0, 1, 2), (0,), (1, 2)):  # a piece the loss does not use gets a zero gradient
+            got, = torch.autograd.grad(sum((fused[i] * weights[i]).sum() for i in used), t, retain_graph=True)
+            want, = torch.autograd.grad(sum((split[i] * weights[i]).sum() for i in used), t, retain_graph=True)
+            torch.testing.assert_close(got, want, atol=tol, rtol=0)

@@ -142,13 +142,17 @@ def cpu_seconds(fn) -> float:
 def alternate_timings(systems: dict, device: torch.device, warmup: int, rounds: int, steps: int,
                       progress=None) -> dict:
     """Seconds per call of each system, one list entry per round; rounds alternate between the systems so that
-    machine noise hits all of them alike. `progress(round, {name: seconds})` is called after each round."""
+    machine noise hits all of them alike, and each round starts with the next system, so that none always runs
+    right after the same neighbour (whose freed memory and evicted caches it would inherit). The order depends on
+    the round only, the same on every rank. `progress(round, {name: seconds})` is called after each round."""
     for run in systems.values():
         for _ in range(warmup):
             run()
     times = {name: [] for name in systems}
+    names = list(systems)
     for r in range(rounds):
-        for name, run in systems.items():
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            run = systems[name]
             times[name].append(synchronized_seconds(lambda: [run() for _ in range(steps)], device) / steps)
         if progress is not None:
             progress(r, {name: t[-1] for name, t in times.items()})

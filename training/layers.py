@@ -22,6 +22,7 @@ from skiptron.parallel.tensor_parallel import split_tp
 
 from . import attention as kernels
 from .config import ModelConfig, RopeScaling
+from .fused_projections import heads_rotated, swiglu
 
 try:
     from apex.normalization import FusedRMSNorm as _ApexRMSNorm
@@ -239,15 +240,10 @@ class Attention(nn.Module):
 
     def _split_heads(self, t: torch.Tensor, positions: torch.Tensor, parts: str = "qkv"):
         """The `parts` of a projection [b, s, q rows + k rows + v rows] as [b, heads, s, hd] each."""
-        b, s, _ = t.shape
         heads = {"q": self.local_heads, "k": self.local_kv_heads, "v": self.local_kv_heads}
-        pieces = t.split([heads[part] * self.head_dim for part in parts], dim=-1)
-        angles = self.rotary.angles(positions, t.dtype) if set(parts) & {"q", "k"} else None
-        out = []
-        for part, piece in zip(parts, pieces):
-            h = piece.view(b, s, heads[part], self.head_dim).transpose(1, 2)
-            out.append(self.rotary.rotate(h, *angles) if part in "qk" else h)
-        return out
+        cos, sin = self.rotary.angles(positions, t.dtype)
+        return heads_rotated(t, cos, sin, tuple(heads[part] * self.head_dim for part in parts),
+                             tuple(part in "qk" for part in parts), self.head_dim)
 
     def project(self, x: torch.Tensor, parts: str = "qkv") -> torch.Tensor:
         """The projection's `parts` ("qkv", "q" or "kv") for tokens x [..., hidden]. Routed layers project only some
@@ -403,8 +399,7 @@ class SwiGLU(nn.Module):
         if self.sequence_parallel:
             x = sp.gather_from_sequence(x)
         gate_up, _ = self.gate_up(x)
-        gate, up = gate_up.chunk(2, dim=-1)
-        y, _ = self.down(F.silu(gate) * up)
+        y, _ = self.down(swiglu(gate_up))
         return y
 
 
