@@ -161,3 +161,10 @@ def test_fused_projection_backwards_equal_autograd_of_the_split_ops(positions):
             got, = torch.autograd.grad(sum((fused[i] * weights[i]).sum() for i in used), t, retain_graph=True)
             want, = torch.autograd.grad(sum((split[i] * weights[i]).sum() for i in used), t, retain_graph=True)
             torch.testing.assert_close(got, want, atol=tol, rtol=0)
+    # a routed layer none of whose tokens execute projects 0 rows
+    empty = torch.zeros(2, 0, sum(widths), requires_grad=True)
+    cos, sin = rotary.angles(torch.zeros(2, 0, dtype=torch.long), empty.dtype)
+    pieces = heads_rotated(empty, cos, sin, widths, (True, True, False), head_dim)
+    assert [tuple(p.shape) for p in pieces] == [(2, 4, 0, 8), (2, 2, 0, 8), (2, 2, 0, 8)]
+    sum(p.sum() for p in pieces).backward()
+    assert empty.grad.shape == empty.shape

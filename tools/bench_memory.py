@@ -106,11 +106,11 @@ def _to_hf(rank: int, world: int, port: int, preset: str, overrides: list[str], 
 
 
 def _reshard(rank: int, world: int, port: int, preset: str, overrides: list[str], vocab: int, directory: str,
-             mode: str, results) -> None:
-    """`mode` "save": train one step at TP=2 and save. "reshard": build a fresh DP=2 engine, load that checkpoint
-    into it, train one step; "fresh": the same without the load. Puts (rank, RSS before the load, peak RSS of the
-    load, peak anonymous RSS growth of the load, whole state at 12 bytes/parameter, the process's peak RSS over its
-    life, step included, the load's seconds)."""
+             mode: str, stage: int, results) -> None:
+    """`mode` "save": train one step at TP=2 (ZeRO-1) and save. "reshard": build a fresh DP=2 engine at ZeRO
+    `stage`, load that checkpoint into it, train one step; "fresh": the same without the load. Puts (rank, RSS
+    before the load, peak RSS of the load, peak anonymous RSS growth of the load, whole state at 12 bytes/parameter,
+    the process's peak RSS over its life, step included, the load's seconds)."""
     layout = _init(rank, world, port, 2 if mode == "save" else 1)
     import torch
     import torch.distributed as dist
@@ -120,7 +120,8 @@ def _reshard(rank: int, world: int, port: int, preset: str, overrides: list[str]
     from skiptron.training.memory import AnonPeak, current_rss_bytes, peak_rss_bytes, reset_peak_rss
     from skiptron.training.trainer import Trainer, build_model, seed_everything
 
-    cfg = _config(preset, overrides + [f"parallel.tp={layout.tp}", f"checkpoint.dir={directory}"], 1)
+    cfg = _config(preset, overrides + [f"parallel.tp={layout.tp}", f"checkpoint.dir={directory}"],
+                  1 if mode == "save" else stage)
     seed_everything(0)  # built as training builds it, so both runs step under the same host allocator policy
     engine, precision = build_engine(cfg, build_model(cfg, vocab, layout.device), layout)
     trainer = Trainer(cfg, layout, engine, precision, vocab, manifest={})
@@ -228,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-to-hf", action="store_true", help="do not measure to-hf and from-hf")
     p.add_argument("--reshard-presets", default="125m,350m",
                    help="presets whose TP=2 -> DP=2 resharding is measured ('' for none; default: %(default)s)")
+    p.add_argument("--reshard-stage", type=int, choices=(1, 3), default=1,
+                   help="ZeRO stage of the DP=2 run the TP=2 checkpoint is resharded into, and of the fresh run it is "
+                        "compared with (3 halves the target's weights and gradients too: how a model whose DP=2 "
+                        "ZeRO-1 run does not fit this machine is measured; default: %(default)s)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value config overrides for every model, e.g. "
+                                                "train.cpu_heap=release")
     verbosity.add_argument(p)
     return p
 
@@ -235,9 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from skiptron.training import verbosity
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     verbosity.configure(args.verbose or None)
-    common = [f"model.seq_len={args.seq_len}", f"model.max_position_embeddings={args.seq_len}"]
+    common = [f"model.seq_len={args.seq_len}", f"model.max_position_embeddings={args.seq_len}", *args.overrides]
     print(f"{'model':>6} {'what':>14} {'whole MB':>9} {'share MB':>9} {'RSS peak MB':>12} {'RSS growth MB':>14} "
           f"{'allocated MB':>13} {'target MB':>10}")
     for preset in args.presets.split(","):
@@ -251,19 +258,21 @@ def main(argv=None) -> int:
                       f"{peak / MB:12.0f} {(peak - before) / MB:14.0f} {allocated / MB:13.0f} {target}", flush=True)
         if preset in args.reshard_presets.split(","):
             with tempfile.TemporaryDirectory() as directory:
-                _spawn(_reshard, 2, preset, common, args.vocab_size, directory, "save")
-                fresh = _spawn(_reshard, 2, preset, common, args.vocab_size, directory, "fresh")
+                _spawn(_reshard, 2, preset, common, args.vocab_size, directory, "save", args.reshard_stage)
+                fresh = _spawn(_reshard, 2, preset, common, args.vocab_size, directory, "fresh", args.reshard_stage)
                 for bucket in args.reshard_buckets.split(","):
                     chosen = [] if bucket == "auto" else [f"checkpoint.reshard_bucket_mb={bucket}"]
-                    resharded = _spawn(_reshard, 2, preset, common + chosen, args.vocab_size, directory, "reshard")
+                    resharded = _spawn(_reshard, 2, preset, common + chosen, args.vocab_size, directory, "reshard",
+                                       args.reshard_stage)
                     for (rank, before, peak, anon_growth, whole_state, life, load_s), (*_, fresh_life, _) in zip(
                             resharded, fresh):
-                        moments_share = whole_state * 2 / 3 / 2  # ZeRO-1 DP=2: half of the two Adam moments
+                        moments_share = whole_state * 2 / 3 / 2  # ZeRO-1/3 at DP=2: half of the two Adam moments
                         print(f"{preset:>6} {f'reshard rank {rank}':>14} {whole_state / 3 / MB:9.0f} "
                               f"{moments_share / MB:9.0f} {peak / MB:12.0f} {(peak - before) / MB:14.0f} {'':>13} "
-                              f"{0.15 * whole_state / MB:10.0f}  bucket {bucket}: load {load_s:.2f} s, anonymous "
-                              f"growth {anon_growth / MB:.0f}; peak with a step {life / MB:.0f} vs a fresh run's "
-                              f"{fresh_life / MB:.0f}: extra {(life - fresh_life) / MB:.0f}", flush=True)
+                              f"{0.15 * whole_state / MB:10.0f}  ZeRO-{args.reshard_stage}, bucket {bucket}: load "
+                              f"{load_s:.2f} s, anonymous growth {anon_growth / MB:.0f}; peak with a step "
+                              f"{life / MB:.0f} vs a fresh run's {fresh_life / MB:.0f}: extra "
+                              f"{(life - fresh_life) / MB:.0f}", flush=True)
         if not args.skip_to_hf:
             [(_, rows)] = _spawn(_to_hf, 1, preset, common, args.vocab_size)
             for what, before, peak, allocated in rows:

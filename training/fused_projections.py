@@ -57,8 +57,8 @@ class _HeadsRotated(torch.autograd.Function):
         ctx.widths, ctx.rotated, ctx.head_dim = widths, rotated, head_dim
         b, s, _ = projected.shape
         outputs = []
-        for piece, rotate in zip(projected.split(widths, dim=-1), rotated):
-            heads = piece.view(b, s, -1, head_dim).transpose(1, 2)
+        for piece, width, rotate in zip(projected.split(widths, dim=-1), widths, rotated):
+            heads = piece.view(b, s, width // head_dim, head_dim).transpose(1, 2)  # s may be 0: no -1
             if rotate:
                 out = torch.empty_like(heads)
                 _rotate_into(out, heads, cos, sin, 1.0)
@@ -71,8 +71,8 @@ class _HeadsRotated(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         b, _, s, _ = next(g for g in grads if g is not None).shape
         grad_projected = grads[0].new_empty(b, s, sum(ctx.widths))
-        for slot, grad, rotate in zip(grad_projected.split(ctx.widths, dim=-1), grads, ctx.rotated):
-            slot_heads = slot.view(b, s, -1, ctx.head_dim).transpose(1, 2)
+        for slot, width, grad, rotate in zip(grad_projected.split(ctx.widths, dim=-1), ctx.widths, grads, ctx.rotated):
+            slot_heads = slot.view(b, s, width // ctx.head_dim, ctx.head_dim).transpose(1, 2)
             if grad is None:
                 slot_heads.zero_()
             elif rotate:
