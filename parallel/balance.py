@@ -265,12 +265,26 @@ class BalancedTokens:
         return out[0] if single else tuple(out)
 
 
-def balance(x, group=None, min_imbalance: float = 1.0) -> BalancedTokens:
+def gather_counts(n: int, group, device: torch.device) -> tuple[int, ...]:
+    """Every rank's row count n over `group` (one all_gather; (n,) without a process group)."""
+    world = 1 if not dist.is_initialized() else dist.get_world_size(group)
+    if world == 1:
+        return (int(n),)
+    local = torch.tensor([n], dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local, group=group)
+    return tuple(int(v) for v in torch.cat(gathered).tolist())
+
+
+def balance(x, group=None, min_imbalance: float = 1.0, counts: tuple[int, ...] | None = None) -> BalancedTokens:
     """Balance active tokens over `group` (default: the world). Collective: every rank of the group must call it.
 
     x: a tensor [n_local, ...] or a sequence of tensors sharing the first dim n_local (any dtypes, same device),
     moved together. See the module notes for the plan, which tokens move, and autograd. No token moves when the
     imbalance (max / mean of the gathered counts) is below `min_imbalance`: every rank decides from the same counts.
+    `counts`: every rank's n_local when the caller already has them, the same tuple on every rank (`gather_counts`
+    of an earlier call on the same rows, or a routing rule that gathered its decisions): no collective then, unless
+    tokens move. A collective skipped is a synchronization point less, per routed layer and micro-batch.
     """
     single = isinstance(x, torch.Tensor)
     xs = [x] if single else list(x)
@@ -285,14 +299,13 @@ def balance(x, group=None, min_imbalance: float = 1.0) -> BalancedTokens:
             raise ValueError(f"all tensors must be on one device, got {[str(t.device) for t in xs]}")
 
     world = 1 if not dist.is_initialized() else dist.get_world_size(group)
-    if world == 1:
-        counts = (int(n),)
-    else:
-        local = torch.tensor([n], dtype=torch.int64, device=device)
-        gathered = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(gathered, local, group=group)
-        counts = tuple(int(v) for v in torch.cat(gathered).tolist())
     rank = 0 if world == 1 else dist.get_rank(group)
+    if counts is None:
+        counts = gather_counts(n, group, device)
+    elif len(counts) != world or counts[rank] != n:
+        raise ValueError(f"balance: counts {tuple(counts)} given for a group of {world} ranks, but rank {rank} has "
+                         f"{n} rows")
+    counts = tuple(int(c) for c in counts)
 
     moves = plan_moves(counts) if world > 1 and _imbalance(counts) >= min_imbalance else []
     send_splits, recv_splits = [0] * world, [0] * world

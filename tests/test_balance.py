@@ -349,3 +349,10 @@ def _no_grad(counts):
 def test_no_grad_and_weight_only_grad(pool4):
     results = pool4.run(_no_grad, [9, 0, 2, 1])
     assert [m for m, _ in results] == [3, 3, 3, 3]
+
+
+def test_balance_takes_known_counts_and_refuses_ones_that_do_not_match_its_rows():
+    x = torch.randn(5, 3)
+    assert balance(x, counts=(5,)).num_tokens == 5
+    with pytest.raises(ValueError, match="rank 0 has 5 rows"):
+        balance(x, counts=(4,))

@@ -103,6 +103,37 @@ def test_balancing_is_exact_under_zero(pool2, tiny_data, tmp_path, stage):
         torch.testing.assert_close(on[0][1][name], w, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def _all_gathers_per_forward(mode):
+    """all_gather calls during one forward of a 2-layer routed model on skewed tokens (balancer on), and what moved."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    model = _model(1, mode=mode)
+    tokens = _skewed_tokens(model, hot=ps.get_data_parallel_rank() == 0)
+    calls, original = [], dist.all_gather
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("group"))
+        return original(*args, **kwargs)
+
+    dist.all_gather = counted
+    try:
+        model(tokens)
+    finally:
+        dist.all_gather = original
+    return len(calls), len(model.routing_records()), sum(r.balance["tokens_moved"] for r in
+                                                         model.routing_records().values())
+
+
+def test_a_routed_layer_synchronizes_the_ranks_once_per_forward(pool2):
+    """Each collective is a point where every rank waits for the slowest: a threshold layer gathers the ranks'
+    counts once for all its balanced computations (two in `layer` granularity), a capacity layer reads them from the
+    scores it gathers anyway. One all_gather per routed layer either way, with tokens moving."""
+    for mode in ("threshold", "capacity"):
+        for gathers, layers, moved in pool2.run(_all_gathers_per_forward, mode):
+            assert layers == 2 and gathers == layers and moved > 0, (mode, gathers, layers, moved)
+
+
 def _capacity_counts(rate):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps

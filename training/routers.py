@@ -57,11 +57,15 @@ class Decision:
     # needs the skipped tokens' branch, which the block computes without grad. None: skipped tokens need nothing.
     skipped_gate: torch.Tensor | None = None
     agreement: torch.Tensor | None = None  # mod: fraction of tokens on which predictor and top-k agree (detached)
+    # every DP rank's count of active tokens [world] when the rule already gathered them (capacity), else None
+    rank_counts: torch.Tensor | None = None
 
 
-def capacity_mask(p: torch.Tensor, rate: float, group) -> torch.Tensor:
+def capacity_mask(p: torch.Tensor, rate: float, group) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Exactly round(rate x global tokens) tokens execute across the DP group: the highest p, ties to the lower
-    global index. Every rank sees the same gathered scores, so all derive the same split."""
+    global index. Every rank sees the same gathered scores, so all derive the same split. Returns (this rank's mask,
+    every rank's count of executing tokens [world] on p's device, which the DP balancer then need not gather; None
+    over one rank)."""
     world = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
     flat = p.detach().flatten()
     if world > 1:
@@ -73,7 +77,8 @@ def capacity_mask(p: torch.Tensor, rate: float, group) -> torch.Tensor:
     k = round(rate * everything.numel())
     chosen = torch.zeros_like(everything, dtype=torch.bool)
     chosen[torch.argsort(-everything, stable=True)[:k]] = True
-    return chosen[rank * flat.numel():(rank + 1) * flat.numel()].view_as(p)
+    counts = chosen.view(world, -1).sum(1) if world > 1 else None
+    return chosen[rank * flat.numel():(rank + 1) * flat.numel()].view_as(p), counts
 
 
 def sequence_capacity(capacity: float, seq_len: int) -> int:
@@ -132,15 +137,17 @@ class Router(nn.Module):
     def decide(self, x: torch.Tensor) -> Decision:
         logits = self.logits(x)
         p = torch.sigmoid(logits + self.offset)
+        rank_counts = None
         if self.skip.mode == "capacity":
-            active = capacity_mask(p, self.skip.target_rate, state.dp_group_or_none())
+            active, rank_counts = capacity_mask(p, self.skip.target_rate, state.dp_group_or_none())
         else:
             active = p > 0.5
         hard = active.float()
         rate = (hard + p - p.detach()).mean()
         return Decision(active=active, gate=p, aux_loss=self.skip.aux_loss_weight * (rate - self.skip.target_rate) ** 2,
                         rate=hard.mean().detach(),
-                        quantile=torch.quantile(logits.detach().flatten(), 1 - self.skip.target_rate))
+                        quantile=torch.quantile(logits.detach().flatten(), 1 - self.skip.target_rate),
+                        rank_counts=rank_counts)
 
     def decide_step(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(active [b, n] bool, gate [b, n]) for decoding: threshold mode only, since a token's router sees only its

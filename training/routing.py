@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from skiptron.parallel import state
-from skiptron.parallel.balance import BalanceStats, balance
+from skiptron.parallel.balance import BalanceStats, balance, gather_counts
 from skiptron.parallel.timing import Stopwatch
 
 from .config import SkipConfig
@@ -71,11 +71,16 @@ def pack_positions(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class TokenExchanges:
     """The position-wise computations of one routed forward (`tokenwise`), balanced over the DP group when the
-    balancer is on; made per forward and read into its `RoutingRecord` (an explicit context, not module state)."""
+    balancer is on; made per forward and read into its `RoutingRecord` (an explicit context, not module state).
 
-    def __init__(self, group, min_imbalance: float | None, device: torch.device):
+    Every computation of one forward runs on the same active rows, so the ranks' counts are gathered once, at the
+    first, and reused (or taken from the routing rule when it gathered its decisions: `rank_counts`)."""
+
+    def __init__(self, group, min_imbalance: float | None, device: torch.device,
+                 rank_counts: torch.Tensor | None = None):
         self.group = group if min_imbalance is not None else None
         self.min_imbalance = min_imbalance
+        self.rank_counts = rank_counts
         self.computed: list[int] = []
         self.stats: list[BalanceStats] = []
         self.watch = Stopwatch(device)
@@ -87,7 +92,11 @@ class TokenExchanges:
             self.computed.append(rows[0].shape[0])
             return fn(*rows)
         with self.watch.region("exchange"):
-            work = balance(rows, self.group, self.min_imbalance)
+            if self.rank_counts is None:
+                self.rank_counts = gather_counts(rows[0].shape[0], self.group, rows[0].device)
+            elif isinstance(self.rank_counts, torch.Tensor):  # read back only when a balance needs them
+                self.rank_counts = tuple(self.rank_counts.tolist())
+            work = balance(rows, self.group, self.min_imbalance, self.rank_counts)
         y = fn(*work.tokens)
         with self.watch.region("exchange"):
             y = work.restore(y)
@@ -198,7 +207,7 @@ class RoutedBlock(nn.Module):
             base = x + self.block.attn(self.block.attn_norm(x), positions)
         rows = active.flatten().nonzero().squeeze(1)
         gate = decision.gate.flatten()[rows].to(x.dtype)[:, None]
-        tokenwise = TokenExchanges(state.dp_group_or_none(), self.balance, x.device)
+        tokenwise = TokenExchanges(state.dp_group_or_none(), self.balance, x.device, decision.rank_counts)
         out = base.reshape(b * s, d).index_add(0, rows, gate * self._branch(x, base, active, tokenwise))
         if decision.skipped_gate is not None:
             # gumbel in training: the soft path's gradient for a skipped token needs its branch, multiplied by a
