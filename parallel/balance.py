@@ -16,6 +16,12 @@ and one in each `restore` (and one each in backward). Several per-token tensors 
 packed as bytes. When the counts are already balanced (no moves), no all_to_all happens; a group of size 1 makes no
 collective at all.
 
+When to exchange (`min_tokens`): an exchange shortens the step by the tokens the most loaded rank sheds (its load
+minus the highest target), and costs a fixed latency per collective (two there and back in the forward, two in the
+backward), on which every rank waits for the slowest. `balance` exchanges only when the most loaded rank would shed
+at least `min_tokens` tokens; 0 exchanges whenever the counts are uneven (exact balance). Every rank decides from the
+same gathered counts, so all skip together.
+
 Rules (every rank derives the same plan from the same all-gathered counts):
 * Targets: with total T over W ranks, q, r = divmod(T, W), every rank ends with q or q + 1 tokens. The r ranks
   that end with q + 1 are chosen first among the ranks holding more than q tokens (lowest rank first), then among
@@ -46,7 +52,8 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["plan_targets", "plan_moves", "plan_transfers", "BalanceStats", "BalancedTokens", "balance"]
+__all__ = ["plan_targets", "plan_moves", "plan_transfers", "shed_tokens", "BalanceStats", "BalancedTokens", "balance",
+           "gather_counts"]
 
 
 # --------------------------------------------------------------------------------------------------------- planning
@@ -276,12 +283,17 @@ def gather_counts(n: int, group, device: torch.device) -> tuple[int, ...]:
     return tuple(int(v) for v in torch.cat(gathered).tolist())
 
 
-def balance(x, group=None, min_imbalance: float = 1.0, counts: tuple[int, ...] | None = None) -> BalancedTokens:
+def shed_tokens(counts: Sequence[int]) -> int:
+    """How many tokens the most loaded rank's load drops by when `counts` are balanced: what an exchange saves."""
+    return max(counts) - max(plan_targets(counts)) if counts else 0
+
+
+def balance(x, group=None, min_tokens: int = 0, counts: tuple[int, ...] | None = None) -> BalancedTokens:
     """Balance active tokens over `group` (default: the world). Collective: every rank of the group must call it.
 
     x: a tensor [n_local, ...] or a sequence of tensors sharing the first dim n_local (any dtypes, same device),
-    moved together. See the module notes for the plan, which tokens move, and autograd. No token moves when the
-    imbalance (max / mean of the gathered counts) is below `min_imbalance`: every rank decides from the same counts.
+    moved together. See the module notes for the plan, which tokens move, and autograd. No token moves when the most
+    loaded rank would shed fewer than `min_tokens` tokens (`shed_tokens`; 0: balance any unevenness).
     `counts`: every rank's n_local when the caller already has them, the same tuple on every rank (`gather_counts`
     of an earlier call on the same rows, or a routing rule that gathered its decisions): no collective then, unless
     tokens move. A collective skipped is a synchronization point less, per routed layer and micro-batch.
@@ -307,7 +319,9 @@ def balance(x, group=None, min_imbalance: float = 1.0, counts: tuple[int, ...] |
                          f"{n} rows")
     counts = tuple(int(c) for c in counts)
 
-    moves = plan_moves(counts) if world > 1 and _imbalance(counts) >= min_imbalance else []
+    if min_tokens < 0:
+        raise ValueError(f"balance: min_tokens must be >= 0, got {min_tokens}")
+    moves = plan_moves(counts) if world > 1 and shed_tokens(counts) >= min_tokens else []
     send_splits, recv_splits = [0] * world, [0] * world
     for src, dst, k in moves:
         if src == rank:

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from skiptron.parallel.balance import balance, plan_moves, plan_targets, plan_transfers
+from skiptron.parallel.balance import balance, plan_moves, plan_targets, plan_transfers, shed_tokens
 
 COUNTS = st.lists(st.integers(0, 10**5), min_size=1, max_size=64)
 
@@ -356,3 +356,29 @@ def test_balance_takes_known_counts_and_refuses_ones_that_do_not_match_its_rows(
     assert balance(x, counts=(5,)).num_tokens == 5
     with pytest.raises(ValueError, match="rank 0 has 5 rows"):
         balance(x, counts=(4,))
+
+
+def test_shed_tokens_is_what_the_most_loaded_rank_drops():
+    assert shed_tokens([6, 2, 1, 3]) == 3  # targets 3, 3, 3, 3
+    assert shed_tokens([5, 5, 3]) == 0  # targets 5, 4, 4: moving a token would not shorten the slowest rank
+    assert shed_tokens([7, 7]) == 0 and shed_tokens([]) == 0
+
+
+def _exchanges_at(min_tokens):
+    import torch.distributed as dist
+
+    n = [6, 2, 1, 3][dist.get_rank()]
+    x = torch.randn(n, 8, requires_grad=True)
+    bt = balance(x, min_tokens=min_tokens)
+    out = bt.restore(bt.tokens * 2)
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 2.0))
+    return bt.stats.tokens_moved, bt.stats.loads_after
+
+
+def test_min_tokens_exchanges_only_when_the_most_loaded_rank_sheds_that_many(pool4):
+    """Counts 6, 2, 1, 3: the most loaded rank sheds 3 tokens; every rank decides alike from the gathered counts."""
+    assert pool4.run(_exchanges_at, 3) == [(3, (3, 3, 3, 3))] * 4
+    assert pool4.run(_exchanges_at, 4) == [(0, (6, 2, 1, 3))] * 4
+    with pytest.raises(ValueError, match="min_tokens must be >= 0"):
+        balance(torch.zeros(3, 2), min_tokens=-1)

@@ -37,7 +37,8 @@ def test_the_check_catches_a_tensor_made_without_device(pool2):
 
 @pytest.mark.parametrize("overrides", [
     [],
-    ["model.skip.enabled=true", "model.skip.mode=capacity", "parallel.balance_tokens=true"],
+    ["model.skip.enabled=true", "model.skip.mode=capacity", "parallel.balance_tokens=true",
+     "parallel.balance_min_tokens=0"],
     ["model.skip.enabled=true", "parallel.pp=2", "train.micro_batch_size=1"],
     ["parallel.tp=2", "parallel.sequence_parallel=true", "zero.stage=1"],
 ], ids=["dense-dp2", "routed-balanced-dp2", "routed-pp2", "sp-tp2"])

@@ -153,7 +153,7 @@ GUMBEL = {"router": "gumbel"}
 MOD = {"router": "mod", "layers": "all", "target_rate": 0.25}  # both layers routed (the paper's every:2 is the default)
 
 
-def _model(tp, balance=1.0, **skip):
+def _model(tp, balance=0, **skip):
     from skiptron.parallel.state import init_model_parallel
     from skiptron.training.config import ModelConfig
     from skiptron.training.model import GPT

@@ -7,7 +7,7 @@ from runs import train_run
 VOCAB = 64
 
 
-def _model(tp, balance=1.0, **skip):
+def _model(tp, balance=0, **skip):
     from skiptron.parallel.state import init_model_parallel
     from skiptron.training.config import ModelConfig
     from skiptron.training.model import GPT
@@ -37,7 +37,7 @@ def _skewed_tokens(model, hot: bool, n=(4, 33), share=0.9):
 
 
 def _loss_and_grads(tp, balance, granularity, kv, mode="threshold"):
-    """balance: the balancer's min imbalance, or None for off."""
+    """balance: the balancer's `min_tokens`, or None for off."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -66,7 +66,7 @@ def _loss_and_grads(tp, balance, granularity, kv, mode="threshold"):
                                             ("attention", "all")])
 def test_balancing_is_exact_dp2(pool2, granularity, kv):
     off = pool2.run(_loss_and_grads, 1, None, granularity, kv)
-    on = pool2.run(_loss_and_grads, 1, 1.0, granularity, kv)
+    on = pool2.run(_loss_and_grads, 1, 0, granularity, kv)
     stats = on[0][2]
     assert stats["imbalance_before"] > 1.4, stats  # the skew is real
     assert stats["imbalance_after"] < 1.02 and stats["tokens_moved"] > 0, stats
@@ -78,8 +78,8 @@ def test_balancing_is_exact_dp2(pool2, granularity, kv):
 
 def test_balancing_is_exact_tp2_dp2(pool4):
     off = pool4.run(_loss_and_grads, 2, None, "layer", "all")
-    on = pool4.run(_loss_and_grads, 2, 1.0, "layer", "all", "capacity")
-    on_threshold = pool4.run(_loss_and_grads, 2, 1.0, "layer", "all")
+    on = pool4.run(_loss_and_grads, 2, 0, "layer", "all", "capacity")
+    on_threshold = pool4.run(_loss_and_grads, 2, 0, "layer", "all")
     assert on_threshold[0][2]["tokens_moved"] > 0
     for (loss_off, grads_off, _), (loss_on, grads_on, _) in zip(off, on_threshold):
         torch.testing.assert_close(loss_on, loss_off, atol=1e-5, rtol=0)
@@ -93,7 +93,7 @@ def test_balancing_is_exact_under_zero(pool2, tiny_data, tmp_path, stage):
     """Whole DeepSpeed ZeRO-2/3 steps: the same losses and updated weights with the balancer on and off (ZeRO-3
     also checks that the routed block gathers the QKV weight it slices)."""
     skip = ["model.skip.enabled=true", f"zero.stage={stage}", "train.max_steps=3", "model.skip.mode=capacity",
-            "model.skip.target_rate=0.4"]
+            "model.skip.target_rate=0.4", "parallel.balance_min_tokens=0"]
     keys = ("loss", "skip/tokens_moved")
     off = pool2.run(train_run, skip + ["parallel.balance_tokens=false"], tiny_data, tmp_path / "off", keys)
     on = pool2.run(train_run, skip, tiny_data, tmp_path / "on", keys)
@@ -148,13 +148,18 @@ def _capacity_counts(rate):
 
 
 def test_balancer_skips_the_exchange_below_its_threshold(pool2):
-    """parallel.balance_min_imbalance: every rank sees the same counts, so all skip the exchange together."""
+    """parallel.balance_min_tokens: the exchange runs when the most loaded rank would shed at least that many tokens;
+    every rank sees the same counts, so all skip together, and skipping changes nothing but who computes."""
     off = pool2.run(_loss_and_grads, 1, None, "layer", "all")
-    high = pool2.run(_loss_and_grads, 1, 3.0, "layer", "all")
-    low = pool2.run(_loss_and_grads, 1, 1.2, "layer", "all")
-    assert high[0][2]["tokens_moved"] == 0 and high[0][2]["imbalance_before"] > 1.4
-    assert low[0][2]["tokens_moved"] > 0
-    torch.testing.assert_close(high[0][0], off[0][0], atol=1e-6, rtol=0)
+    exact = pool2.run(_loss_and_grads, 1, 0, "layer", "all")
+    shed = exact[0][2]["shed_tokens"]
+    assert shed > 10, exact[0][2]  # the skew is real
+    at = pool2.run(_loss_and_grads, 1, shed, "layer", "all")
+    above = pool2.run(_loss_and_grads, 1, shed + 1, "layer", "all")
+    assert at[0][2]["tokens_moved"] == exact[0][2]["tokens_moved"] > 0
+    assert above[0][2]["tokens_moved"] == 0 and above[0][2]["imbalance_before"] > 1.4
+    torch.testing.assert_close(above[0][0], off[0][0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(at[0][0], off[0][0], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("rate", [0.25, 0.5, 0.9])

@@ -76,7 +76,7 @@ def compute(args) -> dict:
     if not layout.is_writer:
         return result
     print(f"world {layout.world_size} (DP), token balancer "
-          f"{'off' if base.parallel.token_balance is None else f'on at imbalance {base.parallel.token_balance}'}")
+          f"{'off' if base.parallel.token_balance is None else f'on, exchanging at {base.parallel.token_balance} tokens shed'}")
     for name in step:
         print(f"{name:27s} step {step[name] * 1e3:8.1f} ms | ratio to dense {ratio[name]:.3f} | FLOP ratio "
               f"{flop_ratio[name]:.3f} | time / FLOP ratio {ratio[name] / flop_ratio[name]:.3f}")
@@ -104,7 +104,7 @@ def _skewed_model(cfg, vocab: int, rate: float, balance: bool, tokens: torch.Ten
     """A routed model whose router offsets make this rank execute `rate` of its tokens in every routed layer."""
     seed_everything(cfg.train.seed)
     model = GPT(cfg.model.model_copy(update={"skip": cfg.model.skip.model_copy(
-        update={"target_rate": rate, "controller_rate": 1.0})}), vocab, 1, balance=1.0 if balance else None)
+        update={"target_rate": rate, "controller_rate": 1.0})}), vocab, 1, balance=0 if balance else None)
     with torch.no_grad():
         for _ in range(3):  # each layer's input depends on the layers before it
             model(tokens)

@@ -356,7 +356,7 @@ def _free_port() -> int:
 
 def multi_process_checks(plan: Plan, data: Path) -> list[Row]:
     steps = 4 if plan.quick else 10
-    balanced = ROUTED + ["model.skip.mode=capacity", "parallel.balance_tokens=true"]
+    balanced = ROUTED + ["model.skip.mode=capacity", "parallel.balance_tokens=true", "parallel.balance_min_tokens=0"]
     per_rank = ["train.micro_batch_size=2", "train.global_batch_size=4"] if plan.device == "cpu" else \
         ["train.micro_batch_size=8", "train.global_batch_size=16"]
     if plan.device == "cpu" and plan.quick:  # one multi-process run: the world, DP=2 and the balancer at once

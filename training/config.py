@@ -224,13 +224,15 @@ class ParallelConfig(Section):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     init_timeout_s: int = Field(600, ge=1)
     balance_tokens: bool = Field(True, description="even out routed tokens across data-parallel ranks")
-    balance_min_imbalance: float = Field(
-        1.0, ge=1.0, description="exchange only when max / mean active tokens over DP reaches this")
+    balance_min_tokens: int = Field(
+        128, ge=0, description="exchange only when the most loaded DP rank would shed at least this many active tokens "
+                               "(an exchange costs four collectives' latency per routed computation); 0: exact balance "
+                               "at any unevenness")
 
     @property
-    def token_balance(self) -> float | None:
-        """The balancer's trigger (min imbalance), None when balancing is off."""
-        return self.balance_min_imbalance if self.balance_tokens else None
+    def token_balance(self) -> int | None:
+        """The balancer's trigger (`balance_min_tokens`), None when balancing is off."""
+        return self.balance_min_tokens if self.balance_tokens else None
     partition: Literal["uniform", "parameters"] = Field(
         "uniform", description="pipeline stages: uniform = equal numbers of blocks, parameters = balanced parameter "
                                "counts; the embedding is always on the first stage, the head on the last")

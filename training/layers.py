@@ -316,10 +316,15 @@ class Attention(nn.Module):
         tokens alone. No s x s mask is built (`training/attention.py`). The selected rows' projection is
         position-wise: `tokenwise(fn, rows)` runs it (a routed block balances it across DP ranks; default: here)."""
         tokenwise = tokenwise or (lambda fn, rows: fn(rows))
-        picked = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))[valid]
+        b, n = valid.shape
+        # Index copies, not boolean masks: masked_select/masked_scatter (and their backwards) cost several times as
+        # much over the [b, n, width] rows. slots: the valid entries' places in [b * n], row-major.
+        slots = valid.flatten().nonzero().squeeze(1)
+        rows = (index + torch.arange(b, device=x.device)[:, None] * x.shape[1]).flatten().index_select(0, slots)
+        picked = x.reshape(b * x.shape[1], x.shape[-1]).index_select(0, rows)
 
         def padded(rows: torch.Tensor) -> torch.Tensor:
-            return rows.new_zeros(*valid.shape, rows.shape[-1]).masked_scatter(valid[..., None], rows)
+            return rows.new_zeros(b * n, rows.shape[-1]).index_copy_(0, slots, rows).view(b, n, rows.shape[-1])
 
         if kv_all:
             q, = self._split_heads(padded(tokenwise(lambda rows: self.project(rows, "q"), picked)), index, "q")
@@ -328,7 +333,7 @@ class Attention(nn.Module):
         else:
             q, k, v = self._split_heads(padded(tokenwise(lambda rows: self.project(rows[None])[0], picked)), index)
             y = kernels.causal(q, k, v)  # packed rows: causal among them is causal among the selected tokens
-        return self._merge_heads(y)[valid]
+        return self._merge_heads(y).reshape(b * n, self.local_heads * self.head_dim).index_select(0, slots)
 
 
 @dataclass(frozen=True)

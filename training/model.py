@@ -94,7 +94,7 @@ def seeded(seed: int, build):
         return build()
 
 
-def layer_sequence(cfg: ModelConfig, vocab_size: int, tp: int, balance: float | None = 1.0,
+def layer_sequence(cfg: ModelConfig, vocab_size: int, tp: int, balance: int | None = 0,
                    base_seed: int | None = None, sequence_parallel: bool = False) -> list[tuple[str, object]]:
     """GPT's flat layer sequence: (name in GPT, builder) for the embedding, each block and the head. `GPT` and the
     pipeline module (`training/pipeline.py`) are both built from it. `base_seed` defaults to a draw from torch's RNG
@@ -199,7 +199,7 @@ class GPT(nn.Module):
     `last_lm_loss` and `routing_records()` show the latest forward's (or `logits` call's) outputs for interactive
     inspection and tests; nothing in training reads them."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, tp: int, balance: float | None = 1.0,
+    def __init__(self, cfg: ModelConfig, vocab_size: int, tp: int, balance: int | None = 0,
                  checkpoint_blocks: set[int] | frozenset = frozenset(), sequence_parallel: bool = False):
         super().__init__()
         self.cfg = cfg

@@ -196,7 +196,7 @@ def _meta_param_count(spec: LayerSpec) -> int:
 class GPTPipe(PipelineModule):
     """GPT as a DeepSpeed pipeline: one stage's layers on each pipeline rank, the rest never built."""
 
-    def __init__(self, cfg: Config, vocab_size: int, device: torch.device, balance: float | None = 1.0):
+    def __init__(self, cfg: Config, vocab_size: int, device: torch.device, balance: int | None = 0):
         """`device`: this rank's device (the layout's), where the start-up collectives' tensors live."""
         mc, par = cfg.model, cfg.parallel
         tp, pp = par.tp, par.pp

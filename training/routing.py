@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from skiptron.parallel import state
-from skiptron.parallel.balance import BalanceStats, balance, gather_counts
+from skiptron.parallel.balance import BalanceStats, balance, gather_counts, shed_tokens
 from skiptron.parallel.timing import Stopwatch
 
 from .config import SkipConfig
@@ -31,7 +31,7 @@ from .layers import Block
 from .routers import Decision, build_router
 
 
-BALANCE_KEYS = ("imbalance_before", "imbalance_after", "tokens_moved", "bytes_moved", "exchange_ms")
+BALANCE_KEYS = ("imbalance_before", "imbalance_after", "shed_tokens", "tokens_moved", "bytes_moved", "exchange_ms")
 
 
 class RoutingRecord(NamedTuple):
@@ -76,10 +76,10 @@ class TokenExchanges:
     Every computation of one forward runs on the same active rows, so the ranks' counts are gathered once, at the
     first, and reused (or taken from the routing rule when it gathered its decisions: `rank_counts`)."""
 
-    def __init__(self, group, min_imbalance: float | None, device: torch.device,
+    def __init__(self, group, min_tokens: int | None, device: torch.device,
                  rank_counts: torch.Tensor | None = None):
-        self.group = group if min_imbalance is not None else None
-        self.min_imbalance = min_imbalance
+        self.group = group if min_tokens is not None else None
+        self.min_tokens = min_tokens
         self.rank_counts = rank_counts
         self.computed: list[int] = []
         self.stats: list[BalanceStats] = []
@@ -96,7 +96,7 @@ class TokenExchanges:
                 self.rank_counts = gather_counts(rows[0].shape[0], self.group, rows[0].device)
             elif isinstance(self.rank_counts, torch.Tensor):  # read back only when a balance needs them
                 self.rank_counts = tuple(self.rank_counts.tolist())
-            work = balance(rows, self.group, self.min_imbalance, self.rank_counts)
+            work = balance(rows, self.group, self.min_tokens, self.rank_counts)
         y = fn(*work.tokens)
         with self.watch.region("exchange"):
             y = work.restore(y)
@@ -105,11 +105,13 @@ class TokenExchanges:
         return y
 
     def metrics(self) -> dict:
-        """This forward's exchanges together: the loads are the same for each, the traffic adds up."""
+        """This forward's exchanges together: the loads are the same for each, the traffic adds up. `shed_tokens`:
+        what balancing takes off the most loaded rank (exchanged or not: compare with `balance_min_tokens`)."""
         if not self.stats:
             return {}
         first = self.stats[0]
         return {"imbalance_before": first.imbalance_before, "imbalance_after": first.imbalance_after,
+                "shed_tokens": shed_tokens(first.counts),
                 "tokens_moved": sum(s.tokens_moved for s in self.stats),
                 "bytes_moved": sum(s.bytes_moved for s in self.stats)}
 
@@ -119,12 +121,12 @@ class RoutedBlock(nn.Module):
     picks. `forward(x, positions) -> (out, RoutingRecord)`; `step(x, cache) -> (out, cache)` for decoding."""
 
     def __init__(self, block: Block, skip: SkipConfig, hidden: int, eps: float, init_std: float,
-                 balance: float | None):
+                 balance: int | None):
         super().__init__()
         self.block = block
         self.router = build_router(skip, hidden, eps, init_std)
         self.skip = skip
-        self.balance = balance  # min imbalance that triggers the DP exchange; None: never
+        self.balance = balance  # tokens the most loaded DP rank must shed for the exchange to run; None: never
         # Queries of `kv: all` layers are projected with slices of the fused QKV weight, outside that module's
         # forward: ZeRO-3 must gather it for this block's forward.
         for param in block.attn.projection_parameters() if isinstance(block, Block) else ():
@@ -179,12 +181,13 @@ class RoutedBlock(nn.Module):
         delta = a + self._mlp_rows(x + a, active)
         return x + torch.where(active, gate * delta, 0.0), cache
 
-    def _branch(self, x: torch.Tensor, base: torch.Tensor, active: torch.Tensor, tokenwise) -> torch.Tensor:
-        """The branch the gate multiplies, for the rows of `active` [n, d]: the block's F(x) - x, its MLP (granularity
-        mlp, on `base` = x + attention) or its attention output (granularity attention)."""
+    def _branch(self, x: torch.Tensor, base: torch.Tensor, active: torch.Tensor, rows: torch.Tensor,
+                tokenwise) -> torch.Tensor:
+        """The branch the gate multiplies, for the rows of `active` [n, d] (`rows`: their indices in [b * s]): the
+        block's F(x) - x, its MLP (granularity mlp, on `base` = x + attention) or its attention output (granularity
+        attention)."""
         b, s, d = x.shape
         flat = x.reshape(b * s, d)
-        rows = active.flatten().nonzero().squeeze(1)
         if not isinstance(self.block, Block):  # SRU++: the whole layer over each sequence's active tokens, packed
             index, valid = pack_positions(active)
             return self.block.forward_selected(x, index, valid) - flat[rows]
@@ -208,15 +211,15 @@ class RoutedBlock(nn.Module):
         rows = active.flatten().nonzero().squeeze(1)
         gate = decision.gate.flatten()[rows].to(x.dtype)[:, None]
         tokenwise = TokenExchanges(state.dp_group_or_none(), self.balance, x.device, decision.rank_counts)
-        out = base.reshape(b * s, d).index_add(0, rows, gate * self._branch(x, base, active, tokenwise))
+        out = base.reshape(b * s, d).index_add(0, rows, gate * self._branch(x, base, active, rows, tokenwise))
         if decision.skipped_gate is not None:
             # gumbel in training: the soft path's gradient for a skipped token needs its branch, multiplied by a
             # forward value of exactly 0; computed without grad (balanced like the executed work, not recorded)
             skipped = ~active
-            with torch.no_grad():
-                branch = self._branch(x, base, skipped, TokenExchanges(state.dp_group_or_none(), self.balance,
-                                                                       x.device))
             others = skipped.flatten().nonzero().squeeze(1)
+            with torch.no_grad():
+                branch = self._branch(x, base, skipped, others, TokenExchanges(state.dp_group_or_none(),
+                                                                               self.balance, x.device))
             out = out.index_add(0, others, decision.skipped_gate.flatten()[others].to(x.dtype)[:, None] * branch)
         out = out.view(b, s, d)
         if transformer and self.skip.granularity == "attention":

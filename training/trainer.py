@@ -479,7 +479,7 @@ def _merge_stage_routing(metrics: dict[str, float]) -> dict[str, float]:
         out.update(agreement)
         out["skip/predictor_agreement"] = sum(agreement.values()) / len(agreement)
     out["skip/aux_loss"] = sum(p.get("skip/aux_loss", 0.0) for p in parts)
-    for key in ("imbalance_before", "imbalance_after", "tokens_moved", "bytes_moved"):
+    for key in ("imbalance_before", "imbalance_after", "shed_tokens", "tokens_moved", "bytes_moved"):
         values = [p[f"skip/{key}"] for p in parts if f"skip/{key}" in p]
         if values:
             out[f"skip/{key}"] = sum(values) / len(values)
