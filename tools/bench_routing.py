@@ -7,9 +7,10 @@ steers to 0.5), with `kv: all` and `kv: active`; each routed step time (the slow
 (training/flops.py at the rates measured).
 
 balance (torchrun, 2 or more processes, one thread each): forward + backward + the DP gradient all-reduce of a routed
-model whose ranks are deliberately skewed (rank 0 executes 90% of its tokens in every routed layer, the others 10%:
-each rank's router offset is set for that; benchmark only, training keeps offsets equal) with the balancer off and
-on, against the ideal where every rank holds the mean load (50%). Also prints the bytes the token exchange moves per
+model whose ranks are deliberately skewed (rank 0 executes 0.5 + `--skew` of its tokens in every routed layer, the
+others 0.5 - skew, default 90% and 10%: each rank's router offset is set for that; benchmark only, training keeps
+offsets equal) with the balancer off and on (exact: `balance_min_tokens` 0), against the ideal where every rank holds
+the mean load. Also prints the bytes the token exchange moves per
 step next to the gradient all-reduce's bytes.
 
 decode (one process): `IncrementalDecoder` tokens/s (KV cache) of the dense model and of each router at batch 1 and 8,
@@ -123,10 +124,13 @@ def balance_bench(args) -> dict:
     g = torch.Generator().manual_seed(layout.rank)
     tokens = torch.randint(0, args.vocab_size, (cfg.train.micro_batch_size, cfg.model.seq_len + 1),
                            generator=g).to(device)
-    hot = 0.9 if layout.rank == 0 else 0.1
-    models = {"unbalanced": _skewed_model(cfg, args.vocab_size, hot, False, tokens),
-              "balanced": _skewed_model(cfg, args.vocab_size, hot, True, tokens),
-              "ideal": _skewed_model(cfg, args.vocab_size, 0.5, False, tokens)}
+    if not 0 < args.skew < 0.5:
+        raise SystemExit(f"--skew must be in (0, 0.5), got {args.skew}")
+    rate = 0.5 + args.skew if layout.rank == 0 else 0.5 - args.skew
+    mean_rate = 0.5 - args.skew + 2 * args.skew / layout.world_size
+    models = {"unbalanced": _skewed_model(cfg, args.vocab_size, rate, False, tokens),
+              "balanced": _skewed_model(cfg, args.vocab_size, rate, True, tokens),
+              "ideal": _skewed_model(cfg, args.vocab_size, mean_rate, False, tokens)}
     exchange_bytes = {}
 
     def step(name):
@@ -143,16 +147,19 @@ def balance_bench(args) -> dict:
     for name, t in times.items():
         step_s[name] = _slowest(statistics.median(t), device)
     rates = {i: r.exec_rate for i, r in models["unbalanced"].routing_records().items()}
+    shed = [r.balance["shed_tokens"] for r in models["balanced"].routing_records().values() if r.balance]
     params = sum(p.numel() * p.element_size() for p in models["ideal"].parameters())
     grad_bytes = 2 * (layout.world_size - 1) / layout.world_size * params
     result = {"granularity": args.granularity, "world": layout.world_size, "step_s": step_s,
               "balanced_vs_ideal": step_s["balanced"] / step_s["ideal"],
               "unbalanced_vs_balanced": step_s["unbalanced"] / step_s["balanced"],
               "exchange_bytes_per_step_rank0": exchange_bytes["balanced"], "grad_allreduce_bytes_per_rank": grad_bytes,
-              "rank0_exec_rates": rates}
+              "rank0_exec_rates": rates, "shed_tokens_per_layer": statistics.mean(shed) if shed else 0.0}
     if layout.is_writer:
         for name, s in step_s.items():
             print(f"{name:10s} step {s * 1e3:8.1f} ms (slowest rank)")
+        print(f"skew: rank 0 executes {0.5 + args.skew:.2f} of its tokens, the others {0.5 - args.skew:.2f}; the "
+              f"exchange takes {result['shed_tokens_per_layer']:.0f} tokens per routed layer off rank 0")
         print(f"balanced / ideal: {result['balanced_vs_ideal']:.3f} (target <= 1.15); "
               f"unbalanced / balanced: {result['unbalanced_vs_balanced']:.3f} (target >= 1.5)")
         print(f"token exchange: {exchange_bytes['balanced'] / 1e6:.2f} MB/step on rank 0 (forward + backward) | "
@@ -259,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="tiny", help="YAML file or preset name (tiny, 125m, 350m, 1.3b, 6.7b)")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the model (default: %(default)s)")
     p.add_argument("--granularity", default="mlp", choices=["layer", "mlp"], help="balance mode")
+    p.add_argument("--skew", type=float, default=0.4, help="balance: rank 0 executes 0.5 + skew of its tokens, the "
+                                                           "others 0.5 - skew (default: %(default)s)")
     p.add_argument("--modes", default="capacity", help="compute mode: routing modes to time, comma-separated "
                                                        "(capacity, threshold)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per round (default: %(default)s)")
