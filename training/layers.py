@@ -308,14 +308,19 @@ class Attention(nn.Module):
         return KVCache.extended(cache, k, v, present)
 
     def forward_selected(self, x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, kv_all: bool,
-                         tokenwise=None) -> torch.Tensor:
+                         tokenwise=None, norm=None) -> torch.Tensor:
         """Attention context rows [selected tokens, local heads x hd] (before the output projection, `project_out`)
         of the selected tokens only, in row-major order of `valid`: `index` [b, n] holds their positions, ascending
         and left-aligned (`valid` marks real entries; `routing.pack_positions`). Keys and values come from every
         token (`kv_all`: K and V are projected for every token, Q for the selected ones) or from the selected
         tokens alone. No s x s mask is built (`training/attention.py`). The selected rows' projection is
-        position-wise: `tokenwise(fn, rows)` runs it (a routed block balances it across DP ranks; default: here)."""
+        position-wise: `tokenwise(fn, rows)` runs it (a routed block balances it across DP ranks; default: here).
+        `norm`: the pre-attention norm of x (default: x comes normed), applied only to the tokens that are projected:
+        every token with `kv_all`, else the selected ones, within `tokenwise`."""
         tokenwise = tokenwise or (lambda fn, rows: fn(rows))
+        norm = norm or (lambda t: t)
+        if kv_all:
+            x = norm(x)
         b, n = valid.shape
         # Index copies, not boolean masks: masked_select/masked_scatter (and their backwards) cost several times as
         # much over the [b, n, width] rows. slots: the valid entries' places in [b * n], row-major.
@@ -331,7 +336,8 @@ class Attention(nn.Module):
             k, v = self._split_heads(self.project(x, "kv"), torch.arange(x.shape[1], device=x.device), "kv")
             y = kernels.at_positions(q, index, k, v, self.kv_all_kernel)
         else:
-            q, k, v = self._split_heads(padded(tokenwise(lambda rows: self.project(rows[None])[0], picked)), index)
+            q, k, v = self._split_heads(padded(tokenwise(lambda rows: self.project(norm(rows[None]))[0], picked)),
+                                        index)
             y = kernels.causal(q, k, v)  # packed rows: causal among them is causal among the selected tokens
         return self._merge_heads(y).reshape(b * n, self.local_heads * self.head_dim).index_select(0, slots)
 

@@ -194,8 +194,8 @@ class RoutedBlock(nn.Module):
         if self.skip.granularity == "mlp":
             return tokenwise(self._mlp, base.reshape(b * s, d)[rows])
         index, valid = pack_positions(active)
-        context = self.block.attn.forward_selected(self.block.attn_norm(x), index, valid, self.skip.kv == "all",
-                                                   tokenwise)
+        context = self.block.attn.forward_selected(x, index, valid, self.skip.kv == "all", tokenwise,
+                                                   self.block.attn_norm)
         if self.skip.granularity == "attention":
             return tokenwise(self.block.attn.project_out, context)
         return tokenwise(self._attn_out_and_mlp, context, flat[rows])
