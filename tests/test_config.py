@@ -19,6 +19,7 @@ def test_overrides_are_typed_and_dotted():
 
 @pytest.mark.parametrize("overrides,world,key", [
     (["model.hidden_sise=8"], 1, "model.hidden_sise: unknown key"),
+    (["parallel.balance_min_imbalance=1.0"], 1, "unknown key, replaced by parallel.balance_min_tokens"),
     (["model.num_heads=3", "model.hidden_size=96", "parallel.tp=2"], 2, "model.num_heads: 3 attention heads"),
     (["parallel.tp=2"], 3, "world size 3 is not divisible"),
     (["train.global_batch_size=24"], 2, "train.global_batch_size"),

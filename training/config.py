@@ -587,11 +587,18 @@ def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
     raise ConfigError(f"config file {name_or_path} not found (presets: {presets})")
 
 
+# Keys earlier versions wrote into run directories' config.yaml, and what replaced them.
+REPLACED_KEYS = {"parallel.balance_min_imbalance": "parallel.balance_min_tokens (the least tokens the most loaded DP "
+                                                   "rank must shed for an exchange; 0 is the old 1.0)"}
+
+
 def _format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        if key in REPLACED_KEYS:
+            msg += f", replaced by {REPLACED_KEYS[key]}"
         if isinstance(e.get("ctx", {}).get("error"), ConfigError):
             lines.append(str(e["ctx"]["error"]))
         else:
