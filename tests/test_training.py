@@ -82,11 +82,14 @@ def _train_counting_graphs(overrides, data, run_dir):
     return losses, weights, counters["stats"]["unique_graphs"] - before
 
 
-def test_compiled_blocks_train_like_eager(pools, tiny_data, tmp_path):
-    """train.compile=true (torch.compile of each block) follows eager's losses and weights to fp32 tolerance. With
-    the aot_eager backend (graph capture and AOT autograd, no code generation: inductor's C++ build takes minutes on
-    these 2 cores; skiptron-bench measures inductor)."""
-    ov = ["train.max_steps=2", "model.num_layers=1", "train.compile_backend=aot_eager"]
+@pytest.mark.parametrize("model", [[], ["model.num_layers=2", "model.skip.enabled=true", "model.skip.kv=active"]],
+                         ids=["dense", "routed"])
+def test_compiled_blocks_train_like_eager(pools, tiny_data, tmp_path, model):
+    """train.compile=true (torch.compile of each block) follows eager's losses and weights to fp32 tolerance, dense
+    and routed (the active-token counts change every step: dynamic shapes). With the aot_eager backend (graph capture
+    and AOT autograd, no code generation: inductor's C++ build takes minutes on these 2 cores; skiptron-bench
+    measures inductor)."""
+    ov = ["train.max_steps=3", "model.num_layers=1", "train.compile_backend=aot_eager"] + model
     (eager, eager_weights, none), = pools(1).run(_train_counting_graphs, ov, tiny_data, tmp_path / "eager")
     (compiled, weights, graphs), = pools(1).run(_train_counting_graphs, ov + ["train.compile=true"], tiny_data,
                                                 tmp_path / "compiled")
