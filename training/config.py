@@ -301,8 +301,9 @@ class TrainConfig(Section):
                                 "last train.spike_window accepted steps; None = no spike guard")
     spike_window: int = Field(100, ge=1, description="accepted steps in the spike guard's running mean")
     compile: bool = Field(
-        False, description="torch.compile each block (the embedding, head, loss and optimizer stay eager); off by "
-                           "default: on CPU it has not measured faster (docs/benchmarks.md, issue 15)")
+        False, description="torch.compile each block (of a routed block its router, norms and MLP; the embedding, "
+                           "head, loss and optimizer stay eager); off by default: on CPU it has not measured faster "
+                           "(docs/benchmarks.md, issue 15)")
     compile_backend: str = Field(
         "inductor", description="torch.compile backend for train.compile: inductor (generated kernels) or e.g. "
                                 "aot_eager (the same captured graphs run by eager kernels: no code generation, fast to "

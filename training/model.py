@@ -267,13 +267,27 @@ BLOCK_TYPES = (Block, RoutedBlock, SRUppBlock)
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> list[str]:
     """`train.compile`: torch.compile each block's forward in place (`nn.Module.compile`, so parameter names, hooks
     and the module tree stay as they are: checkpoints, ZeRO, the step guard and the pipeline see the same model).
-    Only the outermost block modules are compiled (a routed block with its inner block is one unit); embedding, head,
-    loss and optimizer stay eager. Returns the compiled modules' names."""
-    names = []
+    Embedding, head, loss and optimizer stay eager. A routed block stays eager where its shapes follow its decisions
+    (selecting, packing and balancing the active tokens: inductor failed on those frames' symbolic sizes, torch
+    2.13); its router and, in a transformer block, the norms and the MLP are compiled, for any number of rows
+    (`dynamic=True`). Returns the compiled modules' names."""
+    names, done = [], []
     for name, module in model.named_modules():
-        if isinstance(module, BLOCK_TYPES) and not any(name.startswith(f"{done}.") for done in names):
+        if any(name.startswith(f"{d}.") for d in done):
+            continue
+        if isinstance(module, RoutedBlock):
+            parts = {"router": module.router}
+            if isinstance(module.block, Block):
+                parts.update({"block.attn_norm": module.block.attn_norm, "block.mlp_norm": module.block.mlp_norm,
+                              "block.mlp": module.block.mlp})
+            for part, sub in parts.items():
+                sub.compile(backend=backend, dynamic=True)
+                names.append(f"{name}.{part}")
+            done.append(name)
+        elif isinstance(module, BLOCK_TYPES):
             module.compile(backend=backend)
             names.append(name)
+            done.append(name)
     return names
 
 
