@@ -76,8 +76,9 @@ def compute(args) -> dict:
               "token_balance": base.parallel.token_balance}
     if not layout.is_writer:
         return result
+    balancer = base.parallel.token_balance
     print(f"world {layout.world_size} (DP), token balancer "
-          f"{'off' if base.parallel.token_balance is None else f'on, exchanging at {base.parallel.token_balance} tokens shed'}")
+          f"{'off' if balancer is None else f'on, exchanging at {balancer} tokens shed'}")
     for name in step:
         print(f"{name:27s} step {step[name] * 1e3:8.1f} ms | ratio to dense {ratio[name]:.3f} | FLOP ratio "
               f"{flop_ratio[name]:.3f} | time / FLOP ratio {ratio[name] / flop_ratio[name]:.3f}")
