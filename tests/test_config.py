@@ -65,3 +65,18 @@ def test_resolved_config_round_trips(tmp_path):
 def test_missing_config_file_lists_presets():
     with pytest.raises(ConfigError, match="tiny"):
         load_config("no-such-config")
+
+
+def test_a_saved_config_with_a_replaced_key_still_loads(tmp_path):
+    """Checkpoints of earlier versions keep loading: their config.yaml's parallel.balance_min_imbalance (1.0 = exchange
+    at any imbalance) reads as balance_min_tokens 0; another ratio gives way to the default, with a warning."""
+    from skiptron.training.config import load_config, save_config
+
+    saved = tmp_path / "config.yaml"
+    save_config(load_config("tiny"), saved)
+    text = saved.read_text().replace("balance_min_tokens: 128", "balance_min_imbalance: 1.0")
+    saved.write_text(text)
+    assert load_config(saved).parallel.balance_min_tokens == 0
+    saved.write_text(text.replace("balance_min_imbalance: 1.0", "balance_min_imbalance: 1.3"))
+    with pytest.warns(UserWarning, match="balance_min_imbalance=1.3 has no equivalent"):
+        assert load_config(saved).parallel.balance_min_tokens == 128

@@ -6,6 +6,7 @@ command line. Everything is validated before any process group exists, and every
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -588,9 +589,24 @@ def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
     raise ConfigError(f"config file {name_or_path} not found (presets: {presets})")
 
 
-# Keys earlier versions wrote into run directories' config.yaml, and what replaced them.
+# Keys earlier versions wrote into run directories' config.yaml, and what replaced them: a file that has one is
+# upgraded on reading (`_upgrade_saved`), so its checkpoints still load; an override that names one is refused.
 REPLACED_KEYS = {"parallel.balance_min_imbalance": "parallel.balance_min_tokens (the least tokens the most loaded DP "
                                                    "rank must shed for an exchange; 0 is the old 1.0)"}
+
+
+def _upgrade_saved(tree: dict, file: Path) -> dict:
+    """A saved config with a replaced key, in today's keys. `parallel.balance_min_imbalance` 1.0 (exchange at any
+    imbalance) becomes `balance_min_tokens` 0; another ratio has no token equivalent and gives way to the default."""
+    parallel = tree.get("parallel")
+    if isinstance(parallel, dict) and "balance_min_imbalance" in parallel:
+        old = parallel.pop("balance_min_imbalance")
+        if old == 1.0:
+            parallel.setdefault("balance_min_tokens", 0)
+        else:
+            warnings.warn(f"{file}: parallel.balance_min_imbalance={old} has no equivalent in "
+                          f"{REPLACED_KEYS['parallel.balance_min_imbalance']}; using the default", stacklevel=3)
+    return tree
 
 
 def _format_validation_error(err: ValidationError) -> str:
@@ -622,6 +638,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         tree = _read_yaml(file) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{file}: the top level must be a mapping of sections")
+        tree = _upgrade_saved(tree, file)
     for item in overrides:
         key, value = _parse_override(item)
         _set_dotted(tree, key, value)
