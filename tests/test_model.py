@@ -168,3 +168,34 @@ def test_fused_projection_backwards_equal_autograd_of_the_split_ops(positions):
     assert [tuple(p.shape) for p in pieces] == [(2, 4, 0, 8), (2, 2, 0, 8), (2, 2, 0, 8)]
     sum(p.sum() for p in pieces).backward()
     assert empty.grad.shape == empty.shape
+
+
+def test_rms_norm_equals_torchs_and_its_gradients():
+    """`norms.RMSNorm` (the CPU fp32 path: its own backward) gives torch's `F.rms_norm` values and gradients: float64
+    gradcheck of the function, fp32 to rounding through the module, and rows of 0 tokens (a routed layer whose
+    tokens all skip)."""
+    import torch.nn.functional as F
+
+    from skiptron.training.norms import RMSNorm, _RMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 16, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = (torch.rand(16, dtype=torch.float64, generator=gen) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNorm.apply(a, b, 1e-5), (x, w))
+
+    norm = RMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(16, generator=gen) + 0.5)
+    for shape in ((3, 4, 16), (2, 0, 16)):
+        a = (torch.randn(shape, generator=gen) * 3).requires_grad_()
+        b = a.detach().clone().requires_grad_()
+        weight = norm.weight.detach().clone().requires_grad_()
+        out, want = norm(a), F.rms_norm(b, (16,), weight, 1e-5)
+        torch.testing.assert_close(out, want, atol=2e-6, rtol=1e-6)
+        grad = torch.randn(shape, generator=gen)
+        out.backward(grad)
+        want.backward(grad)
+        torch.testing.assert_close(a.grad, b.grad, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(norm.weight.grad, weight.grad, atol=1e-5, rtol=1e-5)
+        norm.weight.grad = None
+    assert set(norm.state_dict()) == {"weight"}  # checkpoints keep torch's key

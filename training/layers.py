@@ -23,6 +23,7 @@ from skiptron.parallel.tensor_parallel import split_tp
 from . import attention as kernels
 from .config import ModelConfig, RopeScaling
 from .fused_projections import heads_rotated, swiglu
+from .norms import RMSNorm
 
 try:
     from apex.normalization import FusedRMSNorm as _ApexRMSNorm
@@ -31,10 +32,10 @@ except ImportError:
 
 
 def rms_norm(size: int, eps: float) -> nn.Module:
-    """apex's fused RMSNorm on GPU when importable, torch's otherwise (identical math)."""
+    """apex's fused RMSNorm on GPU when importable, `norms.RMSNorm` otherwise (identical math)."""
     if _ApexRMSNorm is not None and torch.cuda.is_available():
         return _ApexRMSNorm(size, eps=eps)
-    return nn.RMSNorm(size, eps=eps)
+    return RMSNorm(size, eps=eps)
 
 
 def megatron_config(tp: int) -> ModelParallelConfig:
