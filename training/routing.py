@@ -145,7 +145,7 @@ class RoutedBlock(nn.Module):
         rows = active.flatten().nonzero().squeeze(1)
         out = torch.zeros_like(flat)
         if rows.numel():
-            out.index_copy_(0, rows, self._mlp(flat[rows]))
+            out.index_copy_(0, rows, self._mlp(flat.index_select(0, rows)))
         return out.view_as(h)
 
     def _attn_out_and_mlp(self, context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -190,15 +190,15 @@ class RoutedBlock(nn.Module):
         flat = x.reshape(b * s, d)
         if not isinstance(self.block, Block):  # SRU++: the whole layer over each sequence's active tokens, packed
             index, valid = pack_positions(active)
-            return self.block.forward_selected(x, index, valid) - flat[rows]
+            return self.block.forward_selected(x, index, valid) - flat.index_select(0, rows)
         if self.skip.granularity == "mlp":
-            return tokenwise(self._mlp, base.reshape(b * s, d)[rows])
+            return tokenwise(self._mlp, base.reshape(b * s, d).index_select(0, rows))
         index, valid = pack_positions(active)
         context = self.block.attn.forward_selected(x, index, valid, self.skip.kv == "all", tokenwise,
                                                    self.block.attn_norm)
         if self.skip.granularity == "attention":
             return tokenwise(self.block.attn.project_out, context)
-        return tokenwise(self._attn_out_and_mlp, context, flat[rows])
+        return tokenwise(self._attn_out_and_mlp, context, flat.index_select(0, rows))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, RoutingRecord]:
         b, s, d = x.shape
@@ -208,8 +208,9 @@ class RoutedBlock(nn.Module):
         base = x
         if transformer and self.skip.granularity == "mlp":
             base = x + self.block.attn(self.block.attn_norm(x), positions)
+        # rows move by index_select: its backward is an index_add, an advanced index's an accumulating index_put
         rows = active.flatten().nonzero().squeeze(1)
-        gate = decision.gate.flatten()[rows].to(x.dtype)[:, None]
+        gate = decision.gate.flatten().index_select(0, rows).to(x.dtype)[:, None]
         tokenwise = TokenExchanges(state.dp_group_or_none(), self.balance, x.device, decision.rank_counts)
         out = base.reshape(b * s, d).index_add(0, rows, gate * self._branch(x, base, active, rows, tokenwise))
         if decision.skipped_gate is not None:
@@ -220,7 +221,8 @@ class RoutedBlock(nn.Module):
             with torch.no_grad():
                 branch = self._branch(x, base, skipped, others, TokenExchanges(state.dp_group_or_none(),
                                                                                self.balance, x.device))
-            out = out.index_add(0, others, decision.skipped_gate.flatten()[others].to(x.dtype)[:, None] * branch)
+            out = out.index_add(0, others,
+                                decision.skipped_gate.flatten().index_select(0, others).to(x.dtype)[:, None] * branch)
         out = out.view(b, s, d)
         if transformer and self.skip.granularity == "attention":
             out = out + self.block.mlp(self.block.mlp_norm(out))
