@@ -128,3 +128,36 @@ def test_which_launchers_forward_the_output():
     assert output_is_forwarded({"SLURM_STEP_ID": "0", "SLURM_PROCID": "3"})
     assert not output_is_forwarded({"SLURM_STEP_ID": "0", "SLURM_PTY_PORT": "4242"})  # srun --pty: a real terminal
     assert not output_is_forwarded({"TORCHELASTIC_RUN_ID": "x", "RANK": "0", "WORLD_SIZE": "2"})
+
+
+def test_bench_interval_of_the_rounds_median():
+    """`skiptron-bench`'s bootstrap interval: a shift every round shows lies outside it, noise around parity inside."""
+    from skiptron.tools.bench import median_interval
+
+    faster = [1.04, 1.06, 1.05, 1.07, 1.03, 1.05, 1.06, 1.04]
+    low, high = median_interval(faster)
+    assert 1.0 < low <= 1.05 <= high < 1.07
+    low, high = median_interval([0.93, 1.08, 0.97, 1.05, 1.01, 0.95, 1.04, 0.99])
+    assert low < 1.0 < high
+    assert median_interval([1.2]) == (1.2, 1.2)
+
+
+def test_bench_times_skiptron_against_transformers_llama(tmp_path):
+    """Two rounds of `skiptron-bench` on a toy shape: both systems step, the JSON holds the ratio,
+    the rounds' ratios and their interval."""
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "-m", "skiptron.tools.bench", "--config", "tiny", "model.num_layers=1",
+                          "model.hidden_size=64", "model.num_heads=2", "model.seq_len=32", "train.micro_batch_size=2",
+                          "train.global_batch_size=2", "--vocab-size", "256", "--rounds", "2", "--steps", "1",
+                          "--warmup", "1", "--no-plain", "--matmul-size", "64", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    import json
+
+    result = json.loads(out.read_text())
+    assert len(result["ratio_llama_per_round"]) == 2 and result["ratio_llama"] > 0
+    low, high = result["ratio_llama_median_of_rounds_95"]
+    assert low <= result["ratio_llama_median_of_rounds"] <= high
+    assert result["skiptron"]["tokens_per_s"] > 0 and result["llama"]["tokens_per_s"] > 0
+    assert "95% bootstrap interval" in run.stdout
