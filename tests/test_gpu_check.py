@@ -21,6 +21,12 @@ def test_gpu_check_cpu_quick_passes(tmp_path):
     assert set(rows["routed tiny"]["numbers"]["ratio_vs_dense"]) == {
         "dense", "routed kv=all", "routed kv=active", "routed threshold kv=all", "routed threshold kv=active"}
     assert rows["sdpa"]["numbers"]["kernels"]["dense"]  # the dense path always runs an SDPA kernel
+    assert {"vs llama", "decode"} <= ran and rows["vs llama compiled"]["status"] == "skip"
+    low, high = rows["vs llama"]["numbers"]["ratio_llama_median_of_rounds_95"]
+    assert 0 < low <= rows["vs llama"]["numbers"]["ratio_llama_median_of_rounds"] <= high
+    for batch in ("batch1", "batch8"):
+        assert set(rows["decode"]["numbers"][batch]["tokens_per_s"]) == {
+            "dense", "routed sigmoid kv=all", "routed sigmoid kv=active", "routed gumbel", "mod (every 2nd layer)"}
     assert "all checks passed" in done.stdout
 
 

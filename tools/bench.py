@@ -205,8 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
+def run(args: argparse.Namespace) -> dict:
+    """The comparison for parsed arguments (this parser's); prints the report and returns it. Needs a world of one
+    process (started here unless it is already); leaves it up."""
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.overrides)
@@ -302,6 +303,11 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+    return result
+
+
+def main(argv=None) -> int:
+    run(build_parser().parse_intermixed_args(argv))
     state.shutdown()
     return 0
 

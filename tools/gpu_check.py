@@ -6,6 +6,9 @@ converter), and prints one table (and writes `<out>/gpu_check.json`):
     world          the trainer on a process group of every visible device (NCCL; one GPU: a world of one)
     dense 125m     bf16 training, 30 steps: tokens/s, TFLOP/s, MFU, peak memory; 1.3b too when memory allows
     routed 125m    skiptron-bench-routing compute: threshold and capacity, kv all / active, step time vs dense
+    vs llama       skiptron-bench: the 125m step against transformers' Llama + torch's fused AdamW (fp32/TF32), the
+                   ratio with its 95% interval; again with train.compile ("vs llama compiled", GPU only)
+    decode         skiptron-bench-routing decode: KV-cache decoding tokens/s at batch 1 and 8, dense vs each router
     srupp kernel   skiptron-bench-srupp: the fused kernel (Triton on GPUs) against the reference, outputs and
                    gradients, and its speed-up
     resume         deterministic mode: N steps == N/2 + resume from the checkpoint + N/2, bitwise (loss, weights)
@@ -176,6 +179,54 @@ def check_routed(plan: Plan) -> Row:
     bad = [n for n, r in ratios.items() if not math.isfinite(r)]
     detail = ", ".join(f"{n.removeprefix('routed ')} {r:.2f}x" for n, r in ratios.items() if n != "dense")
     return Row(f"routed {plan.dense_config}", "FAIL" if bad else "ok", f"step time vs dense: {detail}", result)
+
+
+def check_vs_llama(plan: Plan, compiled: bool) -> Row:
+    """skiptron-bench: skiptron's step against transformers' LlamaForCausalLM + torch's fused AdamW on the same model,
+    in fp32 (TF32 matmuls on GPUs, for both: the bench compares fp32 steps), eager or with `train.compile` (Llama
+    stays eager). A measurement, not a pass/fail on speed: it fails only when a step does not finish or its time is
+    not finite."""
+    from skiptron.tools import bench
+
+    name = "vs llama" + (" compiled" if compiled else "")
+    if compiled and plan.device == "cpu":
+        return Row(name, "skip", "inductor's C++ build takes minutes on the CPU rehearsal (tests/test_training.py "
+                                 "compiles blocks with it)")
+    sizes = (["--vocab-size", "512", "--rounds", "1", "--steps", "1", "--warmup", "1", "--matmul-size", "256"]
+             if plan.quick else ["--vocab-size", "32000", "--rounds", "3", "--steps", "3", "--warmup", "2"])
+    result = bench.run(bench.build_parser().parse_intermixed_args(
+        ["--config", plan.dense_config, "--threads", "0", "--no-plain", *sizes, *plan.dense_overrides,
+         "train.precision=fp32", f"train.compile={str(compiled).lower()}"]))
+    low, high = result["ratio_llama_median_of_rounds_95"]
+    numbers = {k: result[k] for k in ("ratio_llama", "ratio_llama_median_of_rounds", "ratio_llama_per_round",
+                                      "cpu_ratio_llama", "matmul_peak_gflops", "skiptron_first_step_s")}
+    numbers.update(ratio_llama_median_of_rounds_95=[low, high], skiptron=result["skiptron"], llama=result["llama"])
+    finite = all(math.isfinite(v) for v in (result["skiptron"]["step_s"], result["llama"]["step_s"]))
+    return Row(name, "ok" if finite else "FAIL",
+               f"skiptron / Llama {result['ratio_llama']:.3f} (median of rounds "
+               f"{result['ratio_llama_median_of_rounds']:.3f}, 95% [{low:.3f}, {high:.3f}]), skiptron "
+               f"{result['skiptron']['tokens_per_s']:.0f} tok/s, {100 * result['skiptron']['peak_fraction']:.0f}% of "
+               f"the measured matmul peak; first step {result['skiptron_first_step_s']:.1f} s", numbers)
+
+
+def check_decode(plan: Plan) -> Row:
+    """skiptron-bench-routing decode: `IncrementalDecoder` tokens/s with the KV cache at batch 1 and 8, the dense
+    model against each router (untrained models: their routers' decoding decisions set the rates shown)."""
+    from skiptron.tools import bench_routing
+
+    sizes = (["--vocab-size", "512", "--rounds", "1", "--warmup", "1", "--prompt", "8", "--new-tokens", "8"]
+             if plan.quick else ["--vocab-size", "32000", "--rounds", "2", "--warmup", "1", "--prompt", "128",
+                                 "--new-tokens", "64"])
+    result = bench_routing.decode_bench(bench_routing.build_parser().parse_intermixed_args(
+        ["decode", "--config", plan.dense_config, *sizes, *plan.dense_overrides]))
+    parts, finite = [], True
+    for batch in ("batch1", "batch8"):
+        per_s = result[batch]["tokens_per_s"]
+        finite &= all(math.isfinite(v) and v > 0 for v in per_s.values())
+        relative = [v / per_s["dense"] for n, v in per_s.items() if n != "dense"]
+        parts.append(f"{batch.removeprefix('batch')}: dense {per_s['dense']:.0f} tok/s, routed "
+                     f"{min(relative):.2f}-{max(relative):.2f}x")
+    return Row("decode", "ok" if finite else "FAIL", "batch " + "; batch ".join(parts), result)
 
 
 def check_srupp(plan: Plan) -> Row:
@@ -409,6 +460,9 @@ def run_checks(plan: Plan) -> list[Row]:
     attempt(f"dense {plan.dense_config}", check_dense, plan, data, plan.dense_config, plan.dense_overrides)
     attempt("dense 1.3b", check_large, plan, data)
     attempt(f"routed {plan.dense_config}", check_routed, plan)
+    attempt("vs llama", check_vs_llama, plan, False)
+    attempt("vs llama compiled", check_vs_llama, plan, True)
+    attempt("decode", check_decode, plan)
     attempt("srupp kernel", check_srupp, plan)
     attempt("resume", check_resume_and_reshard, plan, small_data)
     attempt("hf export", check_export, plan)
