@@ -47,4 +47,3 @@ class RMSNorm(nn.RMSNorm):
             eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
             return _RMSNorm.apply(x, self.weight, eps)
         return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
-
