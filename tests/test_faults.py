@@ -3,6 +3,7 @@ newest checkpoint to the bitwise result of an uninterrupted run (torchrun restar
 steps never reach the weights or a checkpoint; one writer per run directory. Faults are injected with
 SKIPTRON_FAULTS (training/faults.py) into real processes."""
 import json
+import math
 import os
 import random
 import shutil
@@ -335,3 +336,27 @@ def test_sigterm_to_the_torchrun_script_saves_and_exits_75(tiny_data, tmp_path):
     found = ckpt.find_resumable(run / "checkpoints", log=None)
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert found.name == ckpt.step_tag(steps[-1])
+
+
+def test_guard_flags_a_step_whose_gradients_hold_any_non_finite_value():
+    """One running sum of the gradients' sums: NaN, +inf, and +inf in one gradient with -inf in another (whose sum
+    is NaN, not a cancellation) all reject the step; finite gradients and losses pass it."""
+    from skiptron.training.guard import StepGuard
+
+    def verdict(poison: dict[int, float]):
+        layers = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+        params = list(layers.parameters())
+        for i, value in poison.items():  # before the guard's hooks, which then see the poisoned gradient
+            params[i].register_hook(lambda g, v=value: g.index_fill(-1, torch.tensor([0]), v))
+        guard = StepGuard(torch.device("cpu"))
+        guard.watch(layers)
+        loss = layers(torch.randn(3, 4)).square().mean()
+        guard.observe_loss(loss)
+        loss.backward()
+        return guard.decide()
+
+    clean = verdict({})
+    assert clean.apply and not clean.nonfinite and math.isfinite(clean.loss)
+    for poison in ({0: float("nan")}, {2: float("inf")}, {0: float("inf"), 2: float("-inf")}):
+        got = verdict(poison)
+        assert got.nonfinite and not got.apply and math.isnan(got.loss), poison

@@ -37,7 +37,7 @@ class StepGuard:
     def __init__(self, device: torch.device, spike_factor: float | None = None, spike_window: int = 100):
         self.device = device
         self.spike_factor, self.spike_window = spike_factor, spike_window
-        self._bad = torch.zeros((), dtype=torch.float32, device=device)
+        self._gradient_sum = torch.zeros((), dtype=torch.float32, device=device)
         self._loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         self._loss_count = 0
         self._verdict: Verdict | None = None
@@ -53,9 +53,10 @@ class StepGuard:
                 p.register_hook(self._mark_gradient)
 
     def _mark_gradient(self, grad: torch.Tensor) -> None:
-        # One reduction, no per-element masks: a sum is non-finite when any element is NaN or infinite (or when finite
-        # elements overflow it, |sum| > 3e38, a gradient no step should apply either).
-        self._bad.add_(grad.sum(dtype=torch.float32).isfinite().logical_not().to(self._bad.dtype))
+        # Two kernels per gradient, no per-element masks: the running sum of every gradient's sum is non-finite when
+        # any element was NaN or infinite (NaN and inf propagate through the sums, and through the all-reduce in
+        # `decide`), or when finite sums overflow fp32 (|sum| > 3e38: gradients no step should apply either).
+        self._gradient_sum.add_(grad.sum(dtype=torch.float32))
 
     def gate(self, optimizer: torch.optim.Optimizer) -> None:
         """Make `optimizer.step()` do nothing in a step `decide()` rejected (an instance attribute, as torch's LR
@@ -77,20 +78,19 @@ class StepGuard:
 
     # -- one step -------------------------------------------------------------------------------------------------
     def observe_loss(self, loss: torch.Tensor) -> None:
-        loss = loss.detach().float()
-        self._bad.add_((~torch.isfinite(loss)).to(self._bad.dtype))
-        self._loss_sum.add_(loss)
+        self._loss_sum.add_(loss.detach().float())  # a non-finite loss makes the sum non-finite
         self._loss_count += 1
 
     def decide(self) -> Verdict:
         """This step's verdict, the same on every rank (collective over the world, once per step)."""
         if self._verdict is not None:
             return self._verdict
-        summed = torch.stack([self._bad, self._loss_sum, torch.tensor(float(self._loss_count), device=self.device)])
+        summed = torch.stack([self._gradient_sum, self._loss_sum,
+                              torch.tensor(float(self._loss_count), device=self.device)])
         if dist.is_initialized():
             dist.all_reduce(summed)
-        bad, loss_sum, count = summed.tolist()
-        nonfinite = bad > 0 or not math.isfinite(loss_sum)
+        gradient_sum, loss_sum, count = summed.tolist()
+        nonfinite = not (math.isfinite(gradient_sum) and math.isfinite(loss_sum))
         loss = loss_sum / count if count and not nonfinite else float("nan")
         spike = (not nonfinite and self.spike_factor is not None and len(self.recent) == self.spike_window
                  and loss > self.spike_factor * (sum(self.recent) / len(self.recent)))
@@ -116,7 +116,7 @@ class StepGuard:
             self.streak = 0
             if verdict is not None and math.isfinite(verdict.loss):
                 self.recent.append(verdict.loss)
-        self._bad.zero_()
+        self._gradient_sum.zero_()
         self._loss_sum.zero_()
         self._loss_count, self._verdict = 0, None
         return {"train/skipped": float(skipped), **{f"train/skipped_{k}": float(v) for k, v in self.totals.items()}}
