@@ -199,3 +199,38 @@ def test_rms_norm_equals_torchs_and_its_gradients():
         torch.testing.assert_close(norm.weight.grad, weight.grad, atol=1e-5, rtol=1e-5)
         norm.weight.grad = None
     assert set(norm.state_dict()) == {"weight"}  # checkpoints keep torch's key
+
+
+def test_score_linear_equals_a_one_output_linear():
+    """`ScoreLinear` (the routers' w . x + b as a matrix-vector product) gives nn.Linear(d, 1)'s values and
+    gradients, keeps its parameter names and initialization, and takes rows of 0 tokens and bf16."""
+    import torch.nn.functional as F
+
+    from skiptron.training.layers import NormalLinear, ScoreLinear
+
+    torch.manual_seed(0)
+    score = ScoreLinear(16, bias=True, std=0.5)
+    torch.manual_seed(0)
+    reference = NormalLinear(16, 1, bias=True, std=0.5)
+    assert score.state_dict().keys() == reference.state_dict().keys()
+    torch.testing.assert_close(score.weight, reference.weight, atol=0, rtol=0)
+    with torch.no_grad():
+        score.bias.fill_(0.25)
+    gen = torch.Generator().manual_seed(1)
+    for shape in ((3, 5, 16), (2, 0, 16), (7, 16)):
+        x = torch.randn(shape, generator=gen, requires_grad=True)
+        y = x.detach().clone().requires_grad_()
+        w, b = score.weight.detach().clone().requires_grad_(), score.bias.detach().clone().requires_grad_()
+        out, want = score(x), F.linear(y, w, b)
+        assert out.shape == want.shape
+        torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+        grad = torch.randn(want.shape, generator=gen)
+        out.backward(grad)
+        want.backward(grad)
+        torch.testing.assert_close(x.grad, y.grad, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(score.weight.grad, w.grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(score.bias.grad, b.grad, atol=1e-5, rtol=1e-5)
+        score.zero_grad()
+    half = ScoreLinear(16, bias=True, std=0.5).to(torch.bfloat16)
+    x = torch.randn(4, 16, generator=gen).to(torch.bfloat16)
+    torch.testing.assert_close(half(x), F.linear(x, half.weight, half.bias), atol=2e-2, rtol=2e-2)

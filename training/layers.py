@@ -79,6 +79,20 @@ class NormalLinear(nn.Linear):
             nn.init.zeros_(self.bias)
 
 
+class ScoreLinear(NormalLinear):
+    """A one-output NormalLinear (a router's score w . x + b), computed as a matrix-vector product. As a [n, d] x
+    [d, 1] matmul its backward runs a K = 1 and an N = 1 GEMM, which the CPU's BLAS does at 2-5 GFLOP/s: 15 ms of a
+    routed step at `tiny` with 8 layers (docs/benchmarks.md); gemv and the outer product its backward takes are
+    memory-bound passes. A module, so ZeRO-3's hooks gather its parameters as for any linear."""
+
+    def __init__(self, in_features: int, bias: bool, std: float):
+        super().__init__(in_features, 1, bias=bias, std=std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        score = torch.mv(x.reshape(-1, x.shape[-1]), self.weight.squeeze(0)).view(*x.shape[:-1], 1)
+        return score if self.bias is None else score + self.bias
+
+
 class SequenceParallelRowLinear(mtp.RowParallelLinear):
     """A RowParallelLinear whose output is reduce-scattered along the sequence ([b, s, d] partial sums -> this
     rank's [b, s/tp, d]) instead of all-reduced. Same parameters and initialization; a subclass, so ZeRO-3's module
@@ -266,7 +280,7 @@ class Attention(nn.Module):
 
     def project_out(self, context: torch.Tensor) -> torch.Tensor:
         """The row-parallel output projection of attention context rows [n, local heads x hd] -> [n, hidden]."""
-        return self.out(context[None])[0][0]
+        return self.out(context[None])[0].squeeze(0)
 
     def _merge_heads(self, y: torch.Tensor) -> torch.Tensor:
         """[b, heads, n, hd] -> [b, n, heads x hd]"""
@@ -337,8 +351,8 @@ class Attention(nn.Module):
             k, v = self._split_heads(self.project(x, "kv"), torch.arange(x.shape[1], device=x.device), "kv")
             y = kernels.at_positions(q, index, k, v, self.kv_all_kernel)
         else:
-            q, k, v = self._split_heads(padded(tokenwise(lambda rows: self.project(norm(rows[None]))[0], picked)),
-                                        index)
+            projected = tokenwise(lambda rows: self.project(norm(rows[None])).squeeze(0), picked)
+            q, k, v = self._split_heads(padded(projected), index)
             y = kernels.causal(q, k, v)  # packed rows: causal among them is causal among the selected tokens
         return self._merge_heads(y).reshape(b * n, self.local_heads * self.head_dim).index_select(0, slots)
 

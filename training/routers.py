@@ -41,7 +41,7 @@ from torch import nn
 from skiptron.parallel import state
 
 from .config import SkipConfig
-from .layers import NormalLinear, rms_norm
+from .layers import ScoreLinear, rms_norm
 
 
 @dataclass
@@ -123,7 +123,7 @@ class Router(nn.Module):
         super().__init__()
         self.skip = skip
         self.norm = rms_norm(hidden, eps)
-        self.proj = NormalLinear(hidden, 1, bias=True, std=init_std)
+        self.proj = ScoreLinear(hidden, bias=True, std=init_std)
         self.register_buffer("offset", torch.zeros(()))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -235,9 +235,7 @@ class MoDRouter(nn.Module):
         super().__init__()
         self.skip = skip
         self.norm = rms_norm(hidden, eps)
-        self.proj = nn.Linear(hidden, 1)
-        nn.init.normal_(self.proj.weight, std=init_std)
-        nn.init.zeros_(self.proj.bias)
+        self.proj = ScoreLinear(hidden, bias=True, std=init_std)
         self.predictor = DecisionPredictor(hidden, skip.predictor_hidden, init_std)
 
     def decide(self, x: torch.Tensor) -> Decision:

@@ -136,7 +136,7 @@ class RoutedBlock(nn.Module):
         self.router.update_controller(logit_quantile)
 
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
-        return self.block.mlp(self.block.mlp_norm(h[None]))[0]
+        return self.block.mlp(self.block.mlp_norm(h[None])).squeeze(0)  # a squeeze's backward is a view, a select's a copy
 
     def _mlp_rows(self, h: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """The MLP of `h` [b, t, d] at the rows `active` [b, t, 1] marks, zero elsewhere: decoding runs it only for
