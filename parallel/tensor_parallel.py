@@ -1,9 +1,11 @@
-"""Whole tensors from tensor-parallel shards, using the layout megatron-core records on each parameter."""
+"""Whole tensors from tensor-parallel shards, using the layout megatron-core records on each parameter; megatron's
+region functions with the TP group passed."""
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel as mtp
 
 
 def tp_layout(param: torch.Tensor) -> tuple[int, int] | None:
@@ -41,3 +43,14 @@ def full_tensor(param: torch.Tensor, value: torch.Tensor | None = None) -> torch
     value = param.detach() if value is None else value
     layout = tp_layout(param)
     return value.clone() if layout is None else gather_tp(value, *layout)
+
+
+def copy_to_tp_region(x: torch.Tensor) -> torch.Tensor:
+    """Identity forward, gradient summed over TP backward (megatron's, with the TP group passed: without one,
+    megatron-core (0.16.1) looks the group up and issues a deprecation warning on every call)."""
+    return mtp.copy_to_tensor_model_parallel_region(x, ps.get_tensor_model_parallel_group())
+
+
+def reduce_from_tp_region(x: torch.Tensor) -> torch.Tensor:
+    """Sum over TP forward, identity backward (megatron's, with the TP group passed)."""
+    return mtp.reduce_from_tensor_model_parallel_region(x, ps.get_tensor_model_parallel_group())

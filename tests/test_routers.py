@@ -146,7 +146,7 @@ def test_router_flops():
 
 
 # -- routed models on real process groups ----------------------------------------------------------------------------
-from runs import BASE, train_run  # noqa: E402
+from runs import train_run  # noqa: E402
 
 VOCAB = 64
 GUMBEL = {"router": "gumbel"}

@@ -18,7 +18,7 @@ from megatron.core import tensor_parallel as mtp
 from torch import nn
 
 from skiptron.parallel import sequence_parallel as sp
-from skiptron.parallel.tensor_parallel import split_tp
+from skiptron.parallel.tensor_parallel import copy_to_tp_region, split_tp
 
 from . import attention as kernels
 from .config import ModelConfig, RopeScaling
@@ -196,14 +196,14 @@ class KVProjection(nn.Module):
     def _local(self, param: torch.Tensor | None) -> torch.Tensor | None:
         if param is None or not self.replicated:
             return param
-        whole = mtp.copy_to_tensor_model_parallel_region(param)
+        whole = copy_to_tp_region(param)
         return torch.cat([whole[rows] for rows in self.rows])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., hidden] -> this rank's [K; V] [..., 2 x local kv heads x head dim]. With sequence parallelism x is
         the gathered sequence, whose backward already sums the input gradient over TP."""
         if not self.sequence_parallel:
-            x = mtp.copy_to_tensor_model_parallel_region(x)
+            x = copy_to_tp_region(x)
         return F.linear(x, self._local(self.weight), self._local(self.bias))
 
 
@@ -276,7 +276,7 @@ class Attention(nn.Module):
         bias = self.qkv.bias[rows] if self.qkv.bias is not None else None
         # a masked layer (mask finetuning) multiplies by W * mask: its slices must be of that, not of W
         weight = self.qkv.effective_weight() if hasattr(self.qkv, "effective_weight") else self.qkv.weight
-        return F.linear(mtp.copy_to_tensor_model_parallel_region(x), weight[rows], bias)
+        return F.linear(copy_to_tp_region(x), weight[rows], bias)
 
     def project_out(self, context: torch.Tensor) -> torch.Tensor:
         """The row-parallel output projection of attention context rows [n, local heads x hd] -> [n, hidden]."""

@@ -60,7 +60,7 @@ def import_megatron(prefix: str | Path, out_dir: str | Path, tokenizer: str | Pa
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: give the Megatron dataset prefix (without .bin/.idx)")
     if not 0.0 < val_fraction < 1.0 or seq_len < 1 or samples_per_shard < 1:
-        raise ValueError(f"need 0 < val_fraction < 1, seq_len >= 1, samples_per_shard >= 1")
+        raise ValueError("need 0 < val_fraction < 1, seq_len >= 1, samples_per_shard >= 1")
     index = read_index(idx_path)
     dtype, lengths, pointers = index["dtype"], index["lengths"].astype(np.int64), index["pointers"]
     expected = np.concatenate([[0], np.cumsum(lengths)[:-1]]) * dtype.itemsize

@@ -33,6 +33,7 @@ from megatron.core import tensor_parallel as mtp
 from torch import nn
 
 from skiptron.parallel import sequence_parallel as sp
+from skiptron.parallel.tensor_parallel import copy_to_tp_region, reduce_from_tp_region
 
 from .config import ModelConfig
 from .layers import Block, megatron_config, normal_init, rms_norm, shard_local
@@ -69,14 +70,14 @@ class Embedding(nn.Module):
         outside = (local < 0) | (local >= self.codes.shape[0])
         codes = F.embedding(local.masked_fill(outside, 0), self.codes).masked_fill(outside[..., None], 0.0)
         # k-wide all-reduce (cheaper than d-wide), then the replicated decoder
-        return F.linear(mtp.reduce_from_tensor_model_parallel_region(codes), self.decoder)
+        return F.linear(reduce_from_tp_region(codes), self.decoder)
 
     def output_weight(self) -> torch.Tensor:
         """This TP rank's vocabulary rows of the embedding matrix [V / tp, d]. Factorized: local codes @ decoder.T,
         the decoder entering through megatron's copy region so its gradient from every rank's rows is summed."""
         if self.rank is None:
             return self.tokens.weight
-        return self.codes @ mtp.copy_to_tensor_model_parallel_region(self.decoder).T
+        return self.codes @ copy_to_tp_region(self.decoder).T
 
 
 def vocab_padding(vocab_size: int, padded_vocab: int, tp: int) -> torch.Tensor:
@@ -162,7 +163,7 @@ class Head(nn.Module):
         if self.sequence_parallel:
             h = sp.gather_from_sequence(h)  # its backward sums over TP, so no linear below does
         elif self.output is None:
-            h = mtp.copy_to_tensor_model_parallel_region(h)  # the untied ColumnParallelLinear does this itself
+            h = copy_to_tp_region(h)  # the untied ColumnParallelLinear does this itself
         logits = self.output(h)[0] if self.output is not None else F.linear(h, embedding_weight)
         if self.has_padding:
             logits = logits.masked_fill(self.padding, float("-inf"))

@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron.core import parallel_state as ps
-from megatron.core import tensor_parallel as mtp
 from torch import nn
+
+from skiptron.parallel.tensor_parallel import copy_to_tp_region
 
 from .config import Config
 from .model import layer_sequence, lm_loss, run_block, vocab_padding
@@ -140,7 +141,7 @@ class HeadStage(_Stage):
 def tied_logits(embedding: EmbeddingStage, inputs):
     """The output layer with the embedding's weight (this TP rank's vocabulary slice)."""
     h, aux = _unpack(inputs)
-    logits = F.linear(mtp.copy_to_tensor_model_parallel_region(h), embedding.layer.tokens.weight)
+    logits = F.linear(copy_to_tp_region(h), embedding.layer.tokens.weight)
     return _pack(logits, aux)
 
 

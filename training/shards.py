@@ -51,7 +51,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
 
 
-def split_documents(documents: Sequence[DocRef], val_fraction: float, seed: int) -> dict[str, list[Document]]:
+def split_documents(documents: Sequence[DocRef], val_fraction: float, seed: int) -> dict[str, list[DocRef]]:
     """Deterministic train/val split by a seeded hash of each document's name.
 
     Hashing the name (not the position) keeps a document on the same side when
