@@ -20,6 +20,10 @@ def test_gpu_check_cpu_quick_passes(tmp_path):
             "world dp2 balanced"} <= ran, rows.keys()
     assert set(rows["routed tiny"]["numbers"]["ratio_vs_dense"]) == {
         "dense", "routed kv=all", "routed kv=active", "routed threshold kv=all", "routed threshold kv=active"}
+    routed = rows["routed tiny"]["numbers"]
+    for name, (low, high) in routed["overhead_vs_flops_median_of_rounds_95"].items():
+        rounds = routed["overhead_vs_flops_per_round"][name]
+        assert 0 < low <= high and len(rounds) == 1 and low == high == rounds[0], name  # --quick: one round
     assert rows["sdpa"]["numbers"]["kernels"]["dense"]  # the dense path always runs an SDPA kernel
     assert {"vs llama", "decode"} <= ran and rows["vs llama compiled"]["status"] == "skip"
     low, high = rows["vs llama"]["numbers"]["ratio_llama_median_of_rounds_95"]

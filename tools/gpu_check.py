@@ -175,9 +175,10 @@ def check_routed(plan: Plan) -> Row:
                               warmup=1, rounds=1 if plan.quick else 3, steps=1 if plan.quick else 3,
                               modes="capacity,threshold")
     result = bench_routing.compute(args)
-    ratios = result["ratio_vs_dense"]
+    ratios, overheads = result["ratio_vs_dense"], result["overhead_vs_flops"]
     bad = [n for n, r in ratios.items() if not math.isfinite(r)]
-    detail = ", ".join(f"{n.removeprefix('routed ')} {r:.2f}x" for n, r in ratios.items() if n != "dense")
+    detail = ", ".join(f"{n.removeprefix('routed ')} {r:.2f}x ({overheads[n]:.2f} of its FLOP ratio)"
+                       for n, r in ratios.items() if n != "dense")
     return Row(f"routed {plan.dense_config}", "FAIL" if bad else "ok", f"step time vs dense: {detail}", result)
 
 
