@@ -7,7 +7,8 @@ settings (lr, betas, eps, weight decay groups, gradient clipping), on random tok
 runs it (DeepSpeed engine, the configured ZeRO stage, megatron-core layers, the step guard). Timing rounds alternate
 between the systems so that machine noise hits all alike. Prints tokens/s, achieved GFLOP/s (training/flops.py), the
 fraction of this machine's matmul peak (a large torch.mm in the model's dtype, measured in every round) and the
-ratios skiptron / Llama and skiptron / plain. `--profile` adds a torch.profiler table per system.
+ratios skiptron / Llama and skiptron / plain, and each system's step peak memory (what one step allocates above
+what lives between steps). `--profile` adds a torch.profiler table per system.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from skiptron.training.config import Config, load_config
 from skiptron.training.engine import build_engine, param_groups
 from skiptron.training.flops import config_flops_per_token
 from skiptron.training.guard import StepGuard
+from skiptron.training.memory import AllocationMeter
 from skiptron.training.trainer import Trainer, build_model, seed_everything
 
 
@@ -131,6 +133,22 @@ def matmul_seconds(device: torch.device, dtype: torch.dtype, n: int, reps: int) 
     out = torch.empty(n, n, device=device, dtype=dtype)
     torch.mm(a, b, out=out)
     return min(synchronized_seconds(lambda: torch.mm(a, b, out=out), device) for _ in range(reps))
+
+
+def step_peak_bytes(fn, device: torch.device) -> int:
+    """Peak bytes of tensor memory one call of `fn` allocated beyond what was alive before it: the step's activations,
+    logits and temporaries (and gradients or optimizer state it creates anew). CUDA: the caching allocator's peak;
+    CPU: every storage the step's ops create (`AllocationMeter`)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with AllocationMeter() as meter:
+        fn()
+    return meter.peak
 
 
 def cpu_seconds(fn) -> float:
@@ -248,6 +266,7 @@ def run(args: argparse.Namespace) -> dict:
     systems["matmul"] = lambda: matmul_seconds(device, torch.float32, args.matmul_size, 3)
     # process CPU seconds of every step as well: on a machine shared with other jobs a step's wall time includes
     # the time its threads waited for a core, its CPU time much less so (both are reported)
+    steps = dict(systems)
     cpu = {name: [] for name in systems if name != "matmul"}
     for name in cpu:
         systems[name] = (lambda fn, store: lambda: store.append(cpu_seconds(fn)))(systems[name], cpu[name])
@@ -263,6 +282,7 @@ def run(args: argparse.Namespace) -> dict:
     peak = 2 * args.matmul_size ** 3 / min(times["matmul"] + [matmul_seconds(device, torch.float32, args.matmul_size,
                                                                               5)])
 
+    peaks = {name: step_peak_bytes(steps[name], device) for name in cpu}
     tokens = cfg.train.global_batch_size * seq
     fpt = config_flops_per_token(cfg.model, padded)
     result = {"config": args.config, "overrides": args.overrides, "device": str(device), "threads":
@@ -279,9 +299,10 @@ def run(args: argparse.Namespace) -> dict:
         cpu_step = statistics.median(cpu[name])
         result[name] = {"step_s": step, "tokens_per_s": tokens / step, "gflops": gflops,
                         "peak_fraction": gflops * 1e9 / peak, "rounds_s": times[name], "cpu_step_s": cpu_step,
-                        "cpu_steps_s": cpu[name]}
+                        "cpu_steps_s": cpu[name], "step_peak_bytes": peaks[name]}
         print(f"{name:9s} step {step * 1e3:8.1f} ms | {tokens / step:9.0f} tok/s | {gflops:7.1f} GFLOP/s | "
-              f"{gflops * 1e9 / peak:6.1%} of matmul peak | CPU {cpu_step:.2f} s/step")
+              f"{gflops * 1e9 / peak:6.1%} of matmul peak | CPU {cpu_step:.2f} s/step | step peak "
+              f"{peaks[name] / 2**20:.0f} MiB")
     for name in peers:
         cpu_ratio = statistics.median(cpu[name]) / statistics.median(cpu["skiptron"])
         result[f"cpu_ratio_{name}"] = cpu_ratio

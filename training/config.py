@@ -309,6 +309,9 @@ class TrainConfig(Section):
         "inductor", description="torch.compile backend for train.compile: inductor (generated kernels) or e.g. "
                                 "aot_eager (the same captured graphs run by eager kernels: no code generation, fast to "
                                 "build; for debugging and the tests)")
+    loss_chunk_tokens: int = Field(
+        1024, ge=1, description="the loss takes this many tokens at a time, the output layer and cross entropy fused: "
+                                "the logits are never held whole (docs/benchmarks.md, issue 15: peak memory)")
     cpu_heap: Literal["reuse", "release"] = Field(
         "reuse", description="training on the CPU: reuse keeps freed host blocks in the process, so each step's "
                              "large buffers (DeepSpeed's gradient buckets, the logits) land on resident pages (about "

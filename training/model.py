@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import deepspeed
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -36,6 +37,7 @@ from skiptron.parallel import sequence_parallel as sp
 from skiptron.parallel.tensor_parallel import copy_to_tp_region, reduce_from_tp_region
 
 from .config import ModelConfig
+from .fused_loss import chunked_cross_entropy
 from .layers import Block, megatron_config, normal_init, rms_norm, shard_local
 from .routing import RoutedBlock
 from .srupp import SRUppBlock
@@ -96,11 +98,12 @@ def seeded(seed: int, build):
 
 
 def layer_sequence(cfg: ModelConfig, vocab_size: int, tp: int, balance: int | None = 0,
-                   base_seed: int | None = None, sequence_parallel: bool = False) -> list[tuple[str, object]]:
+                   base_seed: int | None = None, sequence_parallel: bool = False,
+                   loss_chunk_tokens: int = 1024) -> list[tuple[str, object]]:
     """GPT's flat layer sequence: (name in GPT, builder) for the embedding, each block and the head. `GPT` and the
     pipeline module (`training/pipeline.py`) are both built from it. `base_seed` defaults to a draw from torch's RNG
     (the same on every rank after `seed_everything`). `sequence_parallel` covers dense blocks only (the config
-    refuses it with routing, SRU++ blocks and pipeline parallelism)."""
+    refuses it with routing, SRU++ blocks and pipeline parallelism). `loss_chunk_tokens`: the head's (`train.loss_chunk_tokens`)."""
     if base_seed is None:
         base_seed = int(torch.randint(0, 2**31 - 1, (), device="cpu").item())  # also under torch.device("meta")
     mcfg = megatron_config(tp)
@@ -119,7 +122,8 @@ def layer_sequence(cfg: ModelConfig, vocab_size: int, tp: int, balance: int | No
     seq = [("embedding", lambda: seeded(base_seed, lambda: Embedding(cfg, mcfg, padded)))]
     seq += [(f"blocks.{i}", (lambda i=i: seeded(base_seed + 1 + i, lambda: block(i)))) for i in range(cfg.num_layers)]
     seq.append(("head", lambda: seeded(base_seed + 1 + cfg.num_layers,
-                                       lambda: Head(cfg, mcfg, vocab_size, padded, sequence_parallel))))
+                                       lambda: Head(cfg, mcfg, vocab_size, padded, sequence_parallel,
+                                                    loss_chunk_tokens))))
     return seq
 
 
@@ -138,45 +142,62 @@ class Head(nn.Module):
 
     Padded vocabulary entries get logits of -inf before the softmax, so they carry no probability and the loss is
     the same for every TP size and vocabulary size. With sequence parallelism the final norm runs on this rank's
-    tokens, which are then gathered for the (column-parallel) logits."""
+    tokens, which are then gathered for the (column-parallel) logits. The loss (`forward`) is computed in chunks of
+    tokens with the output layer fused in (`training/fused_loss.py`), `loss_chunk_tokens` at a time; `logits` gives them
+    whole."""
 
     def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig, vocab_size: int, padded_vocab: int,
-                 sequence_parallel: bool = False):
+                 sequence_parallel: bool = False, loss_chunk_tokens: int = 1024):
         super().__init__()
         self.norm = rms_norm(cfg.hidden_size, cfg.norm_eps)
         self.vocab_size = vocab_size
         self.sequence_parallel = sequence_parallel
+        self.loss_chunk_tokens = loss_chunk_tokens
+        self.vocab_start = ps.get_tensor_model_parallel_rank() * (padded_vocab // mcfg.tensor_model_parallel_size)
         self.output = None
         if not cfg.tie_embeddings:
             self.output = mtp.ColumnParallelLinear(
                 cfg.hidden_size, padded_vocab, config=mcfg, init_method=normal_init(cfg.init_std), bias=False,
                 gather_output=False, disable_grad_reduce=sequence_parallel)
+            # the loss uses the weight outside `output`'s forward: ZeRO-3 must gather it for this module's
+            deepspeed.zero.register_external_parameter(self, self.output.weight)
         if sequence_parallel:
             shard_local(*self.norm.parameters())
         self.register_buffer("padding", vocab_padding(vocab_size, padded_vocab, mcfg.tensor_model_parallel_size),
                              persistent=False)
         self.has_padding = bool(self.padding.any())  # read once here: per forward it is a host sync on GPUs
 
-    def logits(self, h: torch.Tensor, embedding_weight: torch.Tensor | None) -> torch.Tensor:
-        """This TP rank's slice of the logits, padded entries at -inf (for the whole sequence)."""
+    def _tp_input(self, h: torch.Tensor) -> torch.Tensor:
+        """The final norm, then the entry into the TP region of the (column-parallel) output layer."""
         h = self.norm(h)
         if self.sequence_parallel:
-            h = sp.gather_from_sequence(h)  # its backward sums over TP, so no linear below does
-        elif self.output is None:
-            h = copy_to_tp_region(h)  # the untied ColumnParallelLinear does this itself
-        logits = self.output(h)[0] if self.output is not None else F.linear(h, embedding_weight)
+            return sp.gather_from_sequence(h)  # its backward sums over TP, so no linear below does
+        return copy_to_tp_region(h)
+
+    def logits(self, h: torch.Tensor, embedding_weight: torch.Tensor | None) -> torch.Tensor:
+        """This TP rank's slice of the logits, padded entries at -inf (for the whole sequence)."""
+        logits = F.linear(self._tp_input(h), self._weight(embedding_weight))
         if self.has_padding:
             logits = logits.masked_fill(self.padding, float("-inf"))
         return logits
 
+    def _weight(self, embedding_weight: torch.Tensor | None) -> torch.Tensor:
+        return self.output.weight if self.output is not None else embedding_weight
+
     def forward(self, h: torch.Tensor, labels: torch.Tensor, embedding_weight: torch.Tensor | None) -> torch.Tensor:
-        return lm_loss(self.logits(h, embedding_weight), labels)
+        """Mean cross entropy of the logits of h [b, s, d] against labels [b, s], computed in chunks."""
+        h = self._tp_input(h)
+        weight = self._weight(embedding_weight)
+        group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+        return chunked_cross_entropy(h.flatten(0, 1), weight, labels.flatten(), self.loss_chunk_tokens,
+                                     self.padding if self.has_padding else None, self.vocab_start, group)
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross entropy of this TP rank's vocabulary slice of the logits [b, s, V / tp] (fp32) against labels
-    [b, s]. At TP=1 torch's fused log-softmax + NLL (one pass over the logits each way); at TP > 1 megatron's
-    vocab-parallel form (max, normalizer and target logit all-reduced over TP), which takes several passes."""
+    """Mean cross entropy of this TP rank's vocabulary slice of whole logits [b, s, V / tp] (fp32) against labels
+    [b, s], for the pipeline's last stage (`Head.forward` fuses the output layer instead). At TP=1 torch's fused
+    log-softmax + NLL; at TP > 1 megatron's vocab-parallel form (max, normalizer and target logit all-reduced over
+    TP)."""
     if ps.get_tensor_model_parallel_world_size() == 1:
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
     return mtp.vocab_parallel_cross_entropy(logits.float(), labels).mean()
@@ -201,13 +222,15 @@ class GPT(nn.Module):
     inspection and tests; nothing in training reads them."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, tp: int, balance: int | None = 0,
-                 checkpoint_blocks: set[int] | frozenset = frozenset(), sequence_parallel: bool = False):
+                 checkpoint_blocks: set[int] | frozenset = frozenset(), sequence_parallel: bool = False,
+                 loss_chunk_tokens: int = 1024):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.checkpoint_blocks = set(checkpoint_blocks)
         self.sequence_parallel = sequence_parallel
-        seq = layer_sequence(cfg, vocab_size, tp, balance, sequence_parallel=sequence_parallel)
+        seq = layer_sequence(cfg, vocab_size, tp, balance, sequence_parallel=sequence_parallel,
+                             loss_chunk_tokens=loss_chunk_tokens)
         self.embedding = seq[0][1]()
         self.blocks = nn.ModuleList(build() for _, build in seq[1:-1])
         self.head = seq[-1][1]()

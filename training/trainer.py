@@ -443,7 +443,7 @@ def build_model(cfg: Config, vocab_size: int, device: torch.device, partition: b
     def build() -> GPT:
         return GPT(cfg.model, vocab_size, cfg.parallel.tp, balance=cfg.parallel.token_balance,
                    checkpoint_blocks=cfg.parallel.checkpointed_blocks(cfg.model.num_layers),
-                   sequence_parallel=cfg.parallel.sequence_parallel)
+                   sequence_parallel=cfg.parallel.sequence_parallel, loss_chunk_tokens=cfg.train.loss_chunk_tokens)
 
     with large_blocks_returned(reuse_after=device.type == "cpu" and cfg.train.cpu_heap == "reuse"):
         if cfg.parallel.pp > 1:

@@ -1,0 +1,91 @@
+"""The chunked, fused output layer + cross entropy gives the loss and gradients of whole logits and torch's cross
+entropy: for any chunk size, with padded vocabulary entries, in bf16, and split over TP ranks."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from skiptron.training.fused_loss import chunked_cross_entropy
+
+
+def _reference(h, weight, labels, padding=None):
+    logits = F.linear(h, weight).float()
+    if padding is not None:
+        logits = logits.masked_fill(padding, float("-inf"))
+    return F.cross_entropy(logits, labels)
+
+
+def _inputs(n=23, d=16, vocab=40, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=gen).to(dtype)
+    weight = torch.randn(vocab, d, generator=gen).to(dtype)
+    labels = torch.randint(0, vocab - 3, (n,), generator=gen)  # the last 3 entries are padding below
+    return h, weight, labels
+
+
+def _loss_and_grads(fn, h, weight, scale=1.0):
+    h, weight = h.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = fn(h, weight)
+    (loss * scale).backward()
+    return loss.detach(), h.grad, weight.grad
+
+
+@pytest.mark.parametrize("rows", [1, 5, 23, 64])
+def test_chunked_cross_entropy_equals_whole_logits(rows):
+    h, weight, labels = _inputs()
+    padding = torch.arange(weight.shape[0]) >= weight.shape[0] - 3
+    for pad in (None, padding):
+        want = _loss_and_grads(lambda a, b: _reference(a, b, labels, pad), h, weight, scale=3.0)
+        got = _loss_and_grads(lambda a, b: chunked_cross_entropy(a, b, labels, rows, pad), h, weight, scale=3.0)
+        for x, y in zip(got, want):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    assert got[2][-3:].abs().max() == 0  # padded rows get no gradient
+
+
+def test_chunked_cross_entropy_without_gradients_and_in_bf16():
+    h, weight, labels = _inputs(dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_cross_entropy(h, weight, labels, 4), _reference(h, weight, labels))
+    want = _loss_and_grads(lambda a, b: _reference(a, b, labels), h, weight)
+    got = _loss_and_grads(lambda a, b: chunked_cross_entropy(a, b, labels, 4), h, weight)
+    assert got[1].dtype == got[2].dtype == torch.bfloat16
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x.float(), y.float(), atol=2e-2, rtol=2e-2)
+    only_h = h.clone().requires_grad_()
+    chunked_cross_entropy(only_h, weight, labels, 4).backward()  # a weight without grad (frozen)
+    torch.testing.assert_close(only_h.grad, want[1])
+
+
+def test_a_mismatched_label_count_is_named():
+    h, weight, labels = _inputs()
+    with pytest.raises(ValueError, match="23 hidden rows but 22 labels"):
+        chunked_cross_entropy(h, weight, labels[:-1], 4)
+
+
+def _tp_loss_and_grads(vocab: int, rows: int):
+    """Each of 2 ranks holds half of the vocabulary rows; the input gradient is summed over them (what the TP
+    region's backward does in the model)."""
+    import torch.distributed as dist
+
+    h, weight, labels = _inputs(vocab=vocab)
+    padding = torch.arange(vocab) >= vocab - 3
+    rank, per_rank = dist.get_rank(), vocab // 2
+    part = slice(rank * per_rank, (rank + 1) * per_rank)
+    h = h.clone().requires_grad_()
+    weight_slice = weight[part].clone().requires_grad_()
+    loss = chunked_cross_entropy(h, weight_slice, labels, rows, padding[part], rank * per_rank, dist.group.WORLD)
+    loss.backward()
+    dist.all_reduce(h.grad)
+    whole = [torch.empty_like(weight_slice.grad) for _ in range(2)]
+    dist.all_gather(whole, weight_slice.grad)
+    return loss.detach(), h.grad, torch.cat(whole)
+
+
+@pytest.mark.parametrize("rows", [4, 64])
+def test_vocab_parallel_chunked_cross_entropy_equals_whole_logits(pool2, rows):
+    vocab = 40
+    h, weight, labels = _inputs(vocab=vocab)
+    padding = torch.arange(vocab) >= vocab - 3
+    want = _loss_and_grads(lambda a, b: _reference(a, b, labels, padding), h, weight)
+    for got in pool2.run(_tp_loss_and_grads, vocab, rows):
+        for x, y in zip(got, want):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
