@@ -82,11 +82,15 @@ class Embedding(nn.Module):
         return self.codes @ copy_to_tp_region(self.decoder).T
 
 
+def vocab_start(padded_vocab: int, tp: int) -> int:
+    """The first vocabulary entry of this TP rank's slice."""
+    return ps.get_tensor_model_parallel_rank() * (padded_vocab // tp)
+
+
 def vocab_padding(vocab_size: int, padded_vocab: int, tp: int) -> torch.Tensor:
     """Which entries of this TP rank's vocabulary slice are padding (their logits are set to -inf)."""
-    tp_rank = ps.get_tensor_model_parallel_rank()
-    per_rank = padded_vocab // tp
-    return torch.arange(tp_rank * per_rank, (tp_rank + 1) * per_rank) >= vocab_size
+    start = vocab_start(padded_vocab, tp)
+    return torch.arange(start, start + padded_vocab // tp) >= vocab_size
 
 
 def seeded(seed: int, build):
@@ -153,7 +157,7 @@ class Head(nn.Module):
         self.vocab_size = vocab_size
         self.sequence_parallel = sequence_parallel
         self.loss_chunk_tokens = loss_chunk_tokens
-        self.vocab_start = ps.get_tensor_model_parallel_rank() * (padded_vocab // mcfg.tensor_model_parallel_size)
+        self.vocab_start = vocab_start(padded_vocab, mcfg.tensor_model_parallel_size)
         self.output = None
         if not cfg.tie_embeddings:
             self.output = mtp.ColumnParallelLinear(
@@ -167,7 +171,7 @@ class Head(nn.Module):
                              persistent=False)
         self.has_padding = bool(self.padding.any())  # read once here: per forward it is a host sync on GPUs
 
-    def _tp_input(self, h: torch.Tensor) -> torch.Tensor:
+    def tp_input(self, h: torch.Tensor) -> torch.Tensor:
         """The final norm, then the entry into the TP region of the (column-parallel) output layer."""
         h = self.norm(h)
         if self.sequence_parallel:
@@ -176,31 +180,27 @@ class Head(nn.Module):
 
     def logits(self, h: torch.Tensor, embedding_weight: torch.Tensor | None) -> torch.Tensor:
         """This TP rank's slice of the logits, padded entries at -inf (for the whole sequence)."""
-        logits = F.linear(self._tp_input(h), self._weight(embedding_weight))
+        logits = F.linear(self.tp_input(h), self.output_weight(embedding_weight))
         if self.has_padding:
             logits = logits.masked_fill(self.padding, float("-inf"))
         return logits
 
-    def _weight(self, embedding_weight: torch.Tensor | None) -> torch.Tensor:
+    def output_weight(self, embedding_weight: torch.Tensor | None) -> torch.Tensor:
         return self.output.weight if self.output is not None else embedding_weight
 
     def forward(self, h: torch.Tensor, labels: torch.Tensor, embedding_weight: torch.Tensor | None) -> torch.Tensor:
         """Mean cross entropy of the logits of h [b, s, d] against labels [b, s], computed in chunks."""
-        h = self._tp_input(h)
-        weight = self._weight(embedding_weight)
-        group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
-        return chunked_cross_entropy(h.flatten(0, 1), weight, labels.flatten(), self.loss_chunk_tokens,
-                                     self.padding if self.has_padding else None, self.vocab_start, group)
+        return head_loss(self.tp_input(h), self.output_weight(embedding_weight), labels, self.loss_chunk_tokens,
+                         self.padding if self.has_padding else None, self.vocab_start)
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross entropy of this TP rank's vocabulary slice of whole logits [b, s, V / tp] (fp32) against labels
-    [b, s], for the pipeline's last stage (`Head.forward` fuses the output layer instead). At TP=1 torch's fused
-    log-softmax + NLL; at TP > 1 megatron's vocab-parallel form (max, normalizer and target logit all-reduced over
-    TP)."""
-    if ps.get_tensor_model_parallel_world_size() == 1:
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-    return mtp.vocab_parallel_cross_entropy(logits.float(), labels).mean()
+def head_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
+              padding: torch.Tensor | None, vocab_start: int) -> torch.Tensor:
+    """Mean cross entropy of the logits `h @ weight.T` (h [b, s, d] inside the output layer's TP region, weight this
+    TP rank's vocabulary rows from `vocab_start`) against labels [b, s], `chunk_tokens` tokens at a time: `Head` and
+    the pipeline's last stage."""
+    group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+    return chunked_cross_entropy(h.flatten(0, 1), weight, labels.flatten(), chunk_tokens, padding, vocab_start, group)
 
 
 class ModelOutput(NamedTuple):

@@ -5,10 +5,11 @@ Stage layers wrap the very modules `GPT` is made of (built by the same builders,
 
     EmbeddingStage   tokens [b, s] -> h                         (first stage)
     BlockStage       h -> h, one block (plain, routed or SRU++), optionally recomputed in the backward
-    HeadStage        h -> final norm (tied) or vocab-parallel logits (untied)
-    tied logits      the embedding again, on the last stage, as the output layer (TiedLayerSpec "embed"):
+    HeadStage        h -> final norm (tied), or the output layer's input and its own weight (untied)
+    tied output      the embedding again, on the last stage, handing its weight to the loss (TiedLayerSpec "embed"):
                      DeepSpeed all-reduces its gradient between the first and last stage, so both copies stay equal
-    PipeLoss         the vocab-parallel cross entropy (padded vocabulary at -inf), on the last stage
+    PipeLoss         the output layer fused with the vocab-parallel cross entropy (`model.head_loss`: chunks of
+                     tokens, the logits never held whole; padded vocabulary at -inf), on the last stage
 
 With routed blocks the activations between stages are (h, aux): each routed block adds its weighted budget loss to
 `aux`, which travels with h through the pipeline, and the loss is LM + aux, so every stage's aux loss reaches the
@@ -26,7 +27,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron.core import parallel_state as ps
@@ -35,7 +35,7 @@ from torch import nn
 from skiptron.parallel.tensor_parallel import copy_to_tp_region
 
 from .config import Config
-from .model import layer_sequence, lm_loss, run_block, vocab_padding
+from .model import head_loss, layer_sequence, run_block, vocab_padding, vocab_start
 
 
 class MappingError(RuntimeError):
@@ -127,7 +127,8 @@ class BlockStage(_Stage):
 
 
 class HeadStage(_Stage):
-    """Final norm, and the logits when the head has its own output weight."""
+    """Final norm; when the head has its own output weight, also the entry into its TP region and that weight, for
+    the loss: (h, weight[, aux])."""
 
     def __init__(self, gpt_name: str, build, tied: bool):
         super().__init__(gpt_name, build)
@@ -135,14 +136,19 @@ class HeadStage(_Stage):
 
     def forward(self, inputs):
         h, aux = _unpack(inputs)
-        return _pack(self.layer.norm(h) if self.tied else self.layer.logits(h, None), aux)
+        if self.tied:
+            return _pack(self.layer.norm(h), aux)
+        return _loss_inputs(self.layer.tp_input(h), self.layer.output_weight(None), aux)
 
 
-def tied_logits(embedding: EmbeddingStage, inputs):
-    """The output layer with the embedding's weight (this TP rank's vocabulary slice)."""
+def tied_output(embedding: EmbeddingStage, inputs):
+    """The output layer's input in its TP region and the embedding's weight (this TP rank's vocabulary slice)."""
     h, aux = _unpack(inputs)
-    logits = F.linear(copy_to_tp_region(h), embedding.layer.tokens.weight)
-    return _pack(logits, aux)
+    return _loss_inputs(copy_to_tp_region(h), embedding.layer.tokens.weight, aux)
+
+
+def _loss_inputs(h, weight, aux):
+    return (h, weight) if aux is None else (h, weight, aux)
 
 
 @dataclass
@@ -160,26 +166,25 @@ class StepCollector:
 
 
 class PipeLoss:
-    """Vocab-parallel cross entropy on the last stage, padded vocabulary entries at -inf; + the carried aux loss.
-    The LM part of each micro-batch's loss goes to the step's collector (for logging)."""
+    """The output layer and vocab-parallel cross entropy on the last stage (`model.head_loss`), padded vocabulary
+    entries at -inf; + the carried aux loss. The LM part of each micro-batch's loss goes to the step's collector (for
+    logging)."""
 
     __name__ = "PipeLoss"
 
-    def __init__(self, padding: torch.Tensor):
-        self.padding = padding
-        self.has_padding = bool(padding.any())  # read once here, not per micro-batch (a host sync on GPUs)
+    def __init__(self, padding: torch.Tensor, vocab_start: int, chunk_tokens: int):
+        self.padding = padding if bool(padding.any()) else None  # read once here (a host sync on GPUs)
+        self.vocab_start, self.chunk_tokens = vocab_start, chunk_tokens
         self.collector: StepCollector | None = None
 
     def __call__(self, outputs, labels):
-        logits, aux = _unpack(outputs)
-        if self.has_padding:
-            if self.padding.device != logits.device:  # moved once: the loss is no module, DeepSpeed does not move it
-                self.padding = self.padding.to(logits.device)
-            logits = logits.masked_fill(self.padding, float("-inf"))
-        lm = lm_loss(logits, labels)
+        h, weight, *aux = outputs
+        if self.padding is not None and self.padding.device != h.device:
+            self.padding = self.padding.to(h.device)  # moved once: the loss is no module, DeepSpeed does not move it
+        lm = head_loss(h, weight, labels, self.chunk_tokens, self.padding, self.vocab_start)
         if self.collector is not None:
             self.collector.lm_losses.append(lm.detach())
-        return lm if aux is None else lm + aux.sum()
+        return lm + aux[0].sum() if aux else lm
 
 
 def _meta_param_count(spec: LayerSpec) -> int:
@@ -215,7 +220,7 @@ class GPTPipe(PipelineModule):
                   for i, (name, build) in enumerate(blocks)]
         specs.append(LayerSpec(HeadStage, head_name, head_build, tied))
         if tied:
-            specs.append(TiedLayerSpec("embed", EmbeddingStage, emb_name, emb_build, carry, forward_fn=tied_logits,
+            specs.append(TiedLayerSpec("embed", EmbeddingStage, emb_name, emb_build, carry, forward_fn=tied_output,
                                        tied_weight_attr=attr))
         import deepspeed
 
@@ -223,7 +228,7 @@ class GPTPipe(PipelineModule):
         topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
         coords = check_rank_mapping(topology, device)
         padded = mc.padded_vocab_size(vocab_size)
-        loss = PipeLoss(vocab_padding(vocab_size, padded, tp))
+        loss = PipeLoss(vocab_padding(vocab_size, padded, tp), vocab_start(padded, tp), cfg.train.loss_chunk_tokens)
         method = "type:^BlockStage$" if par.partition == "uniform" else "parameters"
         super().__init__(layers=specs, topology=topology, loss_fn=loss, partition_method=method)
         self.rank_coordinates = coords
