@@ -8,6 +8,7 @@ converter), and prints one table (and writes `<out>/gpu_check.json`):
     routed 125m    skiptron-bench-routing compute: threshold and capacity, kv all / active, step time vs dense
     vs llama       skiptron-bench: the 125m step against transformers' Llama + torch's fused AdamW (fp32/TF32), the
                    ratio with its 95% interval; again with train.compile ("vs llama compiled", GPU only)
+    fused loss     the chunked output layer + cross entropy against whole logits (loss, gradients, peak memory)
     decode         skiptron-bench-routing decode: KV-cache decoding tokens/s at batch 1 and 8, dense vs each router
     srupp kernel   skiptron-bench-srupp: the fused kernel (Triton on GPUs) against the reference, outputs and
                    gradients, and its speed-up
@@ -207,7 +208,57 @@ def check_vs_llama(plan: Plan, compiled: bool) -> Row:
                f"skiptron / Llama {result['ratio_llama']:.3f} (median of rounds "
                f"{result['ratio_llama_median_of_rounds']:.3f}, 95% [{low:.3f}, {high:.3f}]), skiptron "
                f"{result['skiptron']['tokens_per_s']:.0f} tok/s, {100 * result['skiptron']['peak_fraction']:.0f}% of "
-               f"the measured matmul peak; first step {result['skiptron_first_step_s']:.1f} s", numbers)
+               f"the measured matmul peak; first step {result['skiptron_first_step_s']:.1f} s; step peak "
+               f"{result['skiptron']['step_peak_bytes'] / 2**20:.0f} vs {result['llama']['step_peak_bytes'] / 2**20:.0f}"
+               f" MiB", numbers)
+
+
+def check_loss(plan: Plan) -> Row:
+    """The fused, chunked loss (`training/fused_loss.py`) against whole logits and torch's cross entropy, in the
+    training precision on the device: loss and gradients agree, and the peak memory of each (Llama 3's 128k
+    vocabulary at 8k tokens, hidden 4096, on GPUs)."""
+    import torch
+    import torch.nn.functional as F
+
+    from skiptron.tools.bench import step_peak_bytes
+    from skiptron.training.fused_loss import chunked_cross_entropy
+
+    device = torch.device(plan.device)
+    dtype = torch.bfloat16 if plan.precision == "bf16" else torch.float16
+    tokens, hidden, vocab = (256, 64, 1000) if plan.quick else (8192, 4096, 128256)
+    gen = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(tokens, hidden, device=device, generator=gen).to(dtype)
+    weight = (0.02 * torch.randn(vocab, hidden, device=device, generator=gen)).to(dtype)
+    labels = torch.randint(0, vocab, (tokens,), device=device, generator=gen)
+    def measure(loss_fn) -> tuple:
+        """(loss, input gradient, weight gradient, peak bytes of the forward and backward), as fp32."""
+        a, b = h.clone().requires_grad_(), weight.clone().requires_grad_()
+        losses = []
+
+        def step():
+            loss = loss_fn(a, b)
+            loss.backward()
+            losses.append(loss.detach().float())
+
+        peak = step_peak_bytes(step, device)
+        return losses[0], a.grad.float(), b.grad.float(), peak
+
+    results = {}
+    for name, loss_fn in (("whole", lambda a, b: F.cross_entropy(F.linear(a, b).float(), labels)),
+                          ("fused", lambda a, b: chunked_cross_entropy(a, b, labels, 1024))):
+        results[name] = measure(loss_fn)
+        release_memory()
+    (loss, grad_h, grad_w, fused_peak), (want, want_h, want_w, whole_peak) = results["fused"], results["whole"]
+    errors = {"loss": float((loss - want).abs()),
+              "grad_h": float((grad_h - want_h).abs().max() / want_h.abs().max()),
+              "grad_w": float((grad_w - want_w).abs().max() / want_w.abs().max())}
+    numbers = {"errors": errors, "fused_peak_bytes": fused_peak, "whole_peak_bytes": whole_peak,
+               "tokens": tokens, "hidden": hidden, "vocab": vocab}
+    good = errors["loss"] <= 1e-3 * float(want.abs()) + 1e-3 and max(errors["grad_h"], errors["grad_w"]) <= 2e-2
+    return Row("fused loss", "ok" if good else "FAIL",
+               f"{tokens} tokens x vocab {vocab}: loss error {errors['loss']:.1e}, gradients "
+               f"{max(errors['grad_h'], errors['grad_w']):.1e} (relative to their max); peak {fused_peak / 2**20:.0f} "
+               f"vs {whole_peak / 2**20:.0f} MiB with whole logits", numbers)
 
 
 def check_decode(plan: Plan) -> Row:
@@ -463,6 +514,7 @@ def run_checks(plan: Plan) -> list[Row]:
     attempt(f"routed {plan.dense_config}", check_routed, plan)
     attempt("vs llama", check_vs_llama, plan, False)
     attempt("vs llama compiled", check_vs_llama, plan, True)
+    attempt("fused loss", check_loss, plan)
     attempt("decode", check_decode, plan)
     attempt("srupp kernel", check_srupp, plan)
     attempt("resume", check_resume_and_reshard, plan, small_data)
