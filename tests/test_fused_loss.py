@@ -55,6 +55,16 @@ def test_chunked_cross_entropy_without_gradients_and_in_bf16():
     torch.testing.assert_close(only_h.grad, want[1])
 
 
+def test_a_label_outside_the_vocabulary_is_never_a_finite_loss():
+    h, weight, labels = _inputs()
+    padding = torch.arange(weight.shape[0]) >= weight.shape[0] - 3
+    for bad, want in ((weight.shape[0], "nan"), (-1, "nan"), (weight.shape[0] - 1, "inf")):  # the last: padding
+        wrong = labels.clone()
+        wrong[7] = bad
+        loss = chunked_cross_entropy(h, weight, wrong, 5, padding)
+        assert (torch.isnan(loss) if want == "nan" else torch.isinf(loss)), (bad, loss)
+
+
 def test_a_mismatched_label_count_is_named():
     h, weight, labels = _inputs()
     with pytest.raises(ValueError, match="23 hidden rows but 22 labels"):

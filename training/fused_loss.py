@@ -18,18 +18,18 @@ import torch
 import torch.distributed as dist
 
 
-def _normalizer(stats: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log-sum-exp, target logit, this slice's max) per row from this rank's [3, n] (max, sum of exp(logit - max),
-    target logit or 0), combined over the TP group."""
+def _normalizer(stats: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-sum-exp, target logit, this slice's max, how many slices hold the label) per row, from this rank's [4, n]
+    (max, sum of exp(logit - max), target logit or 0, 1 if its slice holds the label), combined over the TP group."""
     local_max = stats[0]
     if group is None or dist.get_world_size(group) == 1:
-        return local_max + stats[1].log(), stats[2], local_max
+        return local_max + stats[1].log(), stats[2], local_max, stats[3]
     parts = [torch.empty_like(stats) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, stats, group=group)
-    every = torch.stack(parts)  # [tp, 3, n]
+    every = torch.stack(parts)  # [tp, 4, n]
     top = every[:, 0].amax(0)
     total = (every[:, 1] * (every[:, 0] - top).exp()).sum(0)
-    return top + total.log(), every[:, 2].sum(0), local_max
+    return top + total.log(), every[:, 2].sum(0), local_max, every[:, 3].sum(0)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -53,8 +53,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)  # a slice of padding only
             target = torch.where(mine, logits.gather(1, local).squeeze(1), 0.0)
             probs = logits.sub_(row_max[:, None]).exp_()  # in place: the chunk's exp(logit - max)
-            lse, target, row_max = _normalizer(torch.stack([row_max, probs.sum(1), target]), group)
-            losses[start:start + rows] = lse - target
+            lse, target, row_max, holders = _normalizer(
+                torch.stack([row_max, probs.sum(1), target, mine.to(row_max.dtype)]), group)
+            # a label outside the vocabulary makes the loss NaN (the step guard stops on it), never a finite guess
+            losses[start:start + rows] = torch.where(holders == 1, lse - target, float("nan"))
             if not grads:
                 continue
             probs.mul_(((row_max - lse).exp() / n)[:, None])  # softmax / n
@@ -85,7 +87,8 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.T
 
     h [n, d]; weight [V_slice, d], this rank's vocabulary rows from `vocab_start`; labels [n] ids in the whole
     vocabulary; padding [V_slice] bool, entries that get a logit of -inf; group: the TP group the vocabulary is split
-    over (None: not split)."""
+    over (None: not split). A label outside the vocabulary gives a NaN loss (checked without a host sync); one on a
+    padded entry an infinite one."""
     if h.shape[0] != labels.shape[0]:
         raise ValueError(f"chunked_cross_entropy: {h.shape[0]} hidden rows but {labels.shape[0]} labels")
     return _ChunkedCrossEntropy.apply(h, weight, labels, padding, vocab_start, rows, group)
