@@ -1,11 +1,11 @@
 """The output layer and its cross entropy in one pass over chunks of tokens, never holding the whole logits.
 
 The logits [tokens, vocab] are the largest activation of most models: 64 MiB at 2048 tokens and an 8k vocabulary, 4
-GiB at 8k tokens and Llama 3's 128k. Computed whole, each pass over them (the softmax, its backward, the cast) goes
-through memory. Here the forward takes the tokens a chunk at a time: the chunk's logits, its loss and at once its
-gradient (softmax minus one-hot, scaled by 1 / tokens), which the two GEMMs of the input and weight gradients consume
-while it is still in cache. The logits are never stored; the backward only scales the stored gradients by the
-upstream gradient (a scalar). Same numbers as logits followed by torch's cross entropy, to fp32 rounding.
+GiB at 8k tokens and Llama 3's 128k, plus their gradient and, in bf16, their fp32 copy. Here the forward takes the
+tokens a chunk at a time: the chunk's logits, its loss and at once its gradient (softmax minus one-hot), which the two
+GEMMs of the input and weight gradients consume straight away. The logits are never stored; the backward only scales
+the stored gradients (fp32) by the upstream gradient (a scalar: with fp16 the loss scale) over the number of tokens,
+then casts them. Same numbers as logits followed by torch's cross entropy, to fp32 rounding.
 
 Vocabulary-parallel (TP > 1): each rank holds a slice of the vocabulary. Per chunk one all_gather over TP of each
 row's (max, sum of exponentials, target logit) gives every rank the full normalizer, as megatron's
@@ -37,7 +37,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, labels, padding, vocab_start, rows, group):
         n = h.shape[0]
         grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        # gradients of the summed loss (softmax - one-hot, not yet / n) kept in fp32 until the backward scales them by
+        # grad_loss / n: in fp16 the loss scale must multiply before the cast, or small entries would flush to zero
+        grad_h = torch.empty_like(h, dtype=torch.float32) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         losses = torch.empty(n, dtype=torch.float32, device=h.device)
         vocab_slice = weight.shape[0]
@@ -59,25 +61,31 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             losses[start:start + rows] = torch.where(holders == 1, lse - target, float("nan"))
             if not grads:
                 continue
-            probs.mul_(((row_max - lse).exp() / n)[:, None])  # softmax / n
-            probs.scatter_add_(1, local, torch.where(mine, -1.0 / n, 0.0)[:, None])
+            probs.mul_((row_max - lse).exp()[:, None])  # softmax over the whole vocabulary
+            probs.scatter_add_(1, local, torch.where(mine, -1.0, 0.0)[:, None])
             g = probs.to(h.dtype)
+            fp32 = g.dtype == torch.float32
             if grad_h is not None:
-                torch.mm(g, weight, out=grad_h[start:start + rows])
+                if fp32:
+                    torch.mm(g, weight, out=grad_h[start:start + rows])
+                else:
+                    grad_h[start:start + rows] = g @ weight
             if grad_w is not None:
-                if grad_w.dtype == g.dtype:
+                if fp32:
                     grad_w.addmm_(g.t(), h_c)
                 else:  # bf16 / fp16: each chunk's product accumulated in fp32
                     grad_w += g.t() @ h_c
-        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+        ctx.n, ctx.dtypes = n, (h.dtype, weight.dtype)
+        ctx.grads = (grad_h, grad_w)
         return losses.mean()
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.grads
         del ctx.grads  # the buffers are scaled in place and handed over: a second backward has nothing to use
-        return (None if grad_h is None else grad_h.mul_(grad_loss.to(grad_h.dtype)),
-                None if grad_w is None else grad_w.mul_(grad_loss.to(grad_w.dtype)),
+        scale = grad_loss.float() / ctx.n
+        return (None if grad_h is None else grad_h.mul_(scale).to(ctx.dtypes[0]),
+                None if grad_w is None else grad_w.mul_(scale).to(ctx.dtypes[1]),
                 None, None, None, None, None)
 
 
