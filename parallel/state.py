@@ -143,3 +143,28 @@ def all_reduce_mean(value: torch.Tensor, group=None) -> torch.Tensor:
     out = value.detach().clone()
     dist.all_reduce(out, group=group)
     return out / dist.get_world_size(group)
+
+
+class PendingGather:
+    """An all_gather in flight (`all_gather_async`): the caller computes something else meanwhile and `wait()`s
+    for the result only when it needs it, so a rank that arrives early works instead of waiting for the others."""
+
+    def __init__(self, parts: list[torch.Tensor], work=None):
+        self.parts = parts
+        self.work = work
+
+    def wait(self) -> torch.Tensor:
+        """Every rank's tensor concatenated along dim 0, in rank order."""
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts)
+
+
+def all_gather_async(value: torch.Tensor, group=None) -> PendingGather:
+    """Start gathering `value` from every rank of `group` (None or one rank: nothing to gather)."""
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return PendingGather([value])
+    value = value.contiguous()
+    parts = [torch.empty_like(value) for _ in range(dist.get_world_size(group))]
+    return PendingGather(parts, dist.all_gather(parts, value, group=group, async_op=True))

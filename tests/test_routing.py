@@ -238,9 +238,9 @@ def _selected_vs_dense():
     dense = attn(x, torch.arange(16))
     active = torch.rand(3, 16, generator=torch.Generator().manual_seed(0)) < 0.5
     index, valid = pack_positions(active)
-    picked = attn.project_out(attn.forward_selected(x, index, valid, kv_all=True))
+    picked = attn.project_out(attn.forward_selected(x, index, valid, keys_values=attn.keys_values(x)))
     everything = attn.project_out(
-        attn.forward_selected(x, *pack_positions(torch.ones(3, 16, dtype=torch.bool)), kv_all=False))
+        attn.forward_selected(x, *pack_positions(torch.ones(3, 16, dtype=torch.bool))))
     return dense.detach(), active, picked.detach(), everything.detach()
 
 
@@ -334,11 +334,11 @@ def _routed_kernels():
             out = {}
             for kernel in ("sdpa", "flex"):  # the mask-free ones
                 attn.kv_all_kernel = kernel
-                out[kernel] = attn.project_out(attn.forward_selected(x, index, valid, kv_all=True))
-            out["active"] = attn.project_out(attn.forward_selected(x, index, valid, kv_all=False))
+                out[kernel] = attn.project_out(attn.forward_selected(x, index, valid, keys_values=attn.keys_values(x)))
+            out["active"] = attn.project_out(attn.forward_selected(x, index, valid))
             kernel_calls = list(calls)
             attn.kv_all_kernel = "mask"
-            out["mask"] = attn.project_out(attn.forward_selected(x, index, valid, kv_all=True))
+            out["mask"] = attn.project_out(attn.forward_selected(x, index, valid, keys_values=attn.keys_values(x)))
             ref_active = torch.cat([attn(x[i, active[i]][None], active[i].nonzero()[:, 0])[0] for i in range(3)])
     finally:
         F.scaled_dot_product_attention = sdpa

@@ -1,4 +1,5 @@
-"""`skiptron-bench-routing compute|balance`: what skip routing saves, and what the DP token balancer buys.
+"""`skiptron-bench-routing compute|balance|topk|decode`: what skip routing saves, what the DP token balancer buys,
+what capacity routing's group-wide top-k costs, and decoding speed.
 
 compute (one process, or DP ranks under torchrun with the token balancer as configured): a whole train step
 (DeepSpeed engine, AdamW) of the dense model against the same model with every layer routed at execution rate 0.5
@@ -12,6 +13,11 @@ others 0.5 - skew, default 90% and 10%: each rank's router offset is set for tha
 offsets equal) with the balancer off and on (exact: `balance_min_tokens` 0), against the ideal where every rank holds
 the mean load. Also prints the bytes the token exchange moves per
 step next to the gradient all-reduce's bytes.
+
+topk (torchrun, 2 or more processes): capacity routing's group-wide top-k (`parallel/topk.py`) by all_gather and
+by radix selection, per-rank time (the slowest rank's) and bytes received, for growing numbers of scores per rank
+(`--tokens`). The gather's cost grows with world x tokens (what every rank receives and sorts), the selection's with
+the rank's own tokens.
 
 decode (one process): `IncrementalDecoder` tokens/s (KV cache) of the dense model and of each router at batch 1 and 8,
 untrained, or of trained checkpoints (`--checkpoints NAME=DIR,... --data DIR`) next to their validation loss.
@@ -265,12 +271,36 @@ def decode_bench(args) -> dict:
     return result
 
 
+def topk_bench(args) -> dict:
+    from skiptron.parallel.topk import start_top_k
+
+    device, _ = state.init_world("auto")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    result = {"world": world, "device": str(device), "per_rank_tokens": {}}
+    for n in (int(v) for v in args.tokens.split(",")):
+        scores = torch.rand(n, generator=torch.Generator().manual_seed(rank)).to(device)
+        k = n * world // 2
+        systems = {method: (lambda m=method: start_top_k(scores, k, dist.group.WORLD, m).wait())
+                   for method in ("gather", "select")}
+        times = {m: statistics.median(_slowest_rounds(t, device))
+                 for m, t in alternate_timings(systems, device, args.warmup, args.rounds, args.steps).items()}
+        # the other ranks' scores; about 2 (world - 1) / world of the 4 histograms (ring all-reduce) and the counts
+        received = {"gather": (world - 1) * n * 4, "select": 4 * 256 * 8 * 2 * (world - 1) // world + world * 16}
+        result["per_rank_tokens"][n] = {"seconds": times, "bytes_received": received}
+        if rank == 0:
+            print(f"{n:>9d} scores per rank x {world} ranks | gather {times['gather'] * 1e3:8.2f} ms, receives "
+                  f"{received['gather'] / 2**20:8.2f} MiB | select {times['select'] * 1e3:8.2f} ms, receives "
+                  f"{received['select'] / 2**10:5.1f} KiB | gather / select {times['gather'] / times['select']:.2f}")
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="skiptron-bench-routing", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["compute", "balance", "decode"],
+    p.add_argument("mode", choices=["compute", "balance", "topk", "decode"],
                    help="compute: routed vs dense step time in one process; balance: the DP token balancer; "
-                        "decode: IncrementalDecoder tokens/s, dense vs each router")
+                        "topk: capacity routing's group-wide top-k; decode: IncrementalDecoder tokens/s, dense vs "
+                        "each router")
     p.add_argument("--config", default="tiny", help="YAML file or preset name (tiny, 125m, 350m, 1.3b, 6.7b)")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the model (default: %(default)s)")
     p.add_argument("--granularity", default="mlp", choices=["layer", "mlp"], help="balance mode")
@@ -281,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="timed steps per round (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each round (default: %(default)s)")
+    p.add_argument("--tokens", default="2048,32768,262144,2097152",
+                   help="topk: scores per rank, comma-separated (default: %(default)s)")
     p.add_argument("--prompt", type=int, default=64, help="decode: prompt tokens (default: %(default)s)")
     p.add_argument("--new-tokens", type=int, default=64, help="decode: generated tokens (default: %(default)s)")
     p.add_argument("--checkpoints", help="decode: NAME=CHECKPOINT,... trained models to decode instead of the "
@@ -296,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_intermixed_args(argv)
-    result = {"compute": compute, "balance": balance_bench, "decode": decode_bench}[args.mode](args)
+    result = {"compute": compute, "balance": balance_bench, "topk": topk_bench,
+              "decode": decode_bench}[args.mode](args)
     if args.json and (not dist.is_initialized() or dist.get_rank() == 0):
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -9,6 +9,8 @@ converter), and prints one table (and writes `<out>/gpu_check.json`):
     vs llama       skiptron-bench: the 125m step against transformers' Llama + torch's fused AdamW (fp32/TF32), the
                    ratio with its 95% interval; again with train.compile ("vs llama compiled", GPU only)
     fused loss     the chunked output layer + cross entropy against whole logits (loss, gradients, peak memory)
+    capacity top-k capacity routing's top-k by radix selection (as at scale) against the all_gather and sort, on
+                   the device's collectives: the same split, and both times
     decode         skiptron-bench-routing decode: KV-cache decoding tokens/s at batch 1 and 8, dense vs each router
     srupp kernel   skiptron-bench-srupp: the fused kernel (Triton on GPUs) against the reference, outputs and
                    gradients, and its speed-up
@@ -259,6 +261,31 @@ def check_loss(plan: Plan) -> Row:
                f"{tokens} tokens x vocab {vocab}: loss error {errors['loss']:.1e}, gradients "
                f"{max(errors['grad_h'], errors['grad_w']):.1e} (relative to their max); peak {fused_peak / 2**20:.0f} "
                f"vs {whole_peak / 2**20:.0f} MiB with whole logits", numbers)
+
+
+def check_topk(plan: Plan) -> Row:
+    """`parallel/topk.py` on the device and its backend (this process's world): the radix selection (histograms,
+    searchsorted, int64 all-reduces) picks exactly the split the sort does, scores with many ties included."""
+    import torch
+    import torch.distributed as dist
+
+    from skiptron.parallel.topk import start_top_k
+    from skiptron.parallel.timing import synchronized_seconds
+
+    device = torch.device(plan.device if plan.device == "cpu" else f"cuda:{torch.cuda.current_device()}")
+    n = 4096 if plan.quick else 1 << 22
+    gen = torch.Generator(device=device).manual_seed(0)
+    scores = torch.randint(0, 1000, (n,), device=device, generator=gen).float() / 1000  # ties straddle the k-th
+    k = n // 3
+    picked, seconds = {}, {}
+    for method in ("gather", "select"):
+        picked[method] = start_top_k(scores, k, dist.group.WORLD, method).wait()[0]
+        seconds[method] = synchronized_seconds(lambda m=method: start_top_k(scores, k, dist.group.WORLD, m).wait(),
+                                               device)
+    same = torch.equal(picked["gather"], picked["select"]) and int(picked["select"].sum()) == k
+    return Row("capacity top-k", "ok" if same else "FAIL",
+               f"{n} scores, k {k}: selection {'equals' if same else 'DIFFERS FROM'} the sort; "
+               f"{seconds['select'] * 1e3:.2f} ms vs {seconds['gather'] * 1e3:.2f} ms", {"seconds": seconds, "n": n})
 
 
 def check_decode(plan: Plan) -> Row:
@@ -515,6 +542,7 @@ def run_checks(plan: Plan) -> list[Row]:
     attempt("vs llama", check_vs_llama, plan, False)
     attempt("vs llama compiled", check_vs_llama, plan, True)
     attempt("fused loss", check_loss, plan)
+    attempt("capacity top-k", check_topk, plan)
     attempt("decode", check_decode, plan)
     attempt("srupp kernel", check_srupp, plan)
     attempt("resume", check_resume_and_reshard, plan, small_data)

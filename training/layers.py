@@ -315,27 +315,32 @@ class Attention(nn.Module):
         start = cache.length if cache is not None else 0
         b, n, _ = x.shape
         if kv_all:
-            k, v = self._split_heads(self.project(x, "kv"), torch.arange(start, start + n, device=x.device), "kv")
+            k, v = self.keys_values(x, torch.arange(start, start + n, device=x.device))
         else:
             k = x.new_zeros(b, self.local_kv_heads, n, self.head_dim)
             v = torch.zeros_like(k)
         present = torch.full((b, n), kv_all, dtype=torch.bool, device=x.device)
         return KVCache.extended(cache, k, v, present)
 
-    def forward_selected(self, x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, kv_all: bool,
-                         tokenwise=None, norm=None) -> torch.Tensor:
+    def keys_values(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [b, kv heads, s, hd] of tokens x [b, s, hidden] (normed), rotated by their `positions`
+        (default: 0 .. s - 1)."""
+        if positions is None:
+            positions = torch.arange(x.shape[1], device=x.device)
+        return self._split_heads(self.project(x, "kv"), positions, "kv")
+
+    def forward_selected(self, x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, tokenwise=None, norm=None,
+                         keys_values: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Attention context rows [selected tokens, local heads x hd] (before the output projection, `project_out`)
         of the selected tokens only, in row-major order of `valid`: `index` [b, n] holds their positions, ascending
         and left-aligned (`valid` marks real entries; `routing.pack_positions`). Keys and values come from every
-        token (`kv_all`: K and V are projected for every token, Q for the selected ones) or from the selected
-        tokens alone. No s x s mask is built (`training/attention.py`). The selected rows' projection is
-        position-wise: `tokenwise(fn, rows)` runs it (a routed block balances it across DP ranks; default: here).
-        `norm`: the pre-attention norm of x (default: x comes normed), applied only to the tokens that are projected:
-        every token with `kv_all`, else the selected ones, within `tokenwise`."""
+        token (`keys_values`, as `keys_values(x)` gives them: `kv: all`; Q is projected for the selected tokens, and
+        x must come normed) or from the selected tokens alone. No s x s mask is built (`training/attention.py`). The
+        selected rows' projection is position-wise: `tokenwise(fn, rows)` runs it (a routed block balances it
+        across DP ranks; default: here). `norm`: the pre-attention norm of the selected tokens (default: x comes
+        normed), applied within `tokenwise`."""
         tokenwise = tokenwise or (lambda fn, rows: fn(rows))
         norm = norm or (lambda t: t)
-        if kv_all:
-            x = norm(x)
         b, n = valid.shape
         # Index copies, not boolean masks: masked_select/masked_scatter (and their backwards) cost several times as
         # much over the [b, n, width] rows. slots: the valid entries' places in [b * n], row-major.
@@ -346,10 +351,9 @@ class Attention(nn.Module):
         def padded(rows: torch.Tensor) -> torch.Tensor:
             return rows.new_zeros(b * n, rows.shape[-1]).index_copy_(0, slots, rows).view(b, n, rows.shape[-1])
 
-        if kv_all:
+        if keys_values is not None:
             q, = self._split_heads(padded(tokenwise(lambda rows: self.project(rows, "q"), picked)), index, "q")
-            k, v = self._split_heads(self.project(x, "kv"), torch.arange(x.shape[1], device=x.device), "kv")
-            y = kernels.at_positions(q, index, k, v, self.kv_all_kernel)
+            y = kernels.at_positions(q, index, *keys_values, self.kv_all_kernel)
         else:
             projected = tokenwise(lambda rows: self.project(norm(rows[None])).squeeze(0), picked)
             q, k, v = self._split_heads(padded(projected), index)

@@ -9,10 +9,14 @@ tokens) and the rule that picks them. A router is a module with
                                        inference rule (what decoding and the Hugging Face export use)
     decide_step(x) -> (active, gate)   the inference decision for decoding steps (per token, no batch-wide rule)
     update_controller(quantile)        the budget controller's step update (a no-op for rules that need none)
+    propose(x, count_group) -> Proposal
+                                       `decide` in two halves (`RouterBase`): the DP collectives start, and
+                                       `Proposal.decide()` waits for them, so a routed block computes what does
+                                       not depend on the decision in between
 
 `build_router(skip, ...)` makes the one `model.skip.router` configures. Every rank of a TP group must reach the same
 decisions (same seed, same inputs, same noise); a rule that looks across the DP batch (capacity) gathers it in
-`decide`.
+`propose`.
 
 - `sigmoid` (skiptron's own): p = sigmoid(w . rmsnorm(x) + b + offset); p > 0.5 (`threshold`) or a top-k over the
   DP batch (`capacity`); the branch is scaled by p; the budget loss (rate - target)^2 on the straight-through rate
@@ -31,7 +35,8 @@ decisions (same seed, same inputs, same noise); a rule that looks across the DP 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -39,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skiptron.parallel import state
+from skiptron.parallel.topk import start_top_k
 
 from .config import SkipConfig
 from .layers import ScoreLinear, rms_norm
@@ -61,24 +67,38 @@ class Decision:
     rank_counts: torch.Tensor | None = None
 
 
-def capacity_mask(p: torch.Tensor, rate: float, group) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Exactly round(rate x global tokens) tokens execute across the DP group: the highest p, ties to the lower
-    global index. Every rank sees the same gathered scores, so all derive the same split. Returns (this rank's mask,
-    every rank's count of executing tokens [world] on p's device, which the DP balancer then need not gather; None
-    over one rank)."""
-    world = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
-    flat = p.detach().flatten()
-    if world > 1:
-        parts = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(parts, flat.contiguous(), group=group)
-        everything, rank = torch.cat(parts), dist.get_rank(group)
-    else:
-        everything, rank = flat, 0
-    k = round(rate * everything.numel())
-    chosen = torch.zeros_like(everything, dtype=torch.bool)
-    chosen[torch.argsort(-everything, stable=True)[:k]] = True
-    counts = chosen.view(world, -1).sum(1) if world > 1 else None
-    return chosen[rank * flat.numel():(rank + 1) * flat.numel()].view_as(p), counts
+class Proposal:
+    """A decision whose DP collective may still be in flight: the capacity rule's scores, or every rank's count of
+    active tokens for the balancer. A routed block starts it (`propose`), computes what does not depend on the
+    decision (every token's keys and values with `kv: all`), then `decide()`s: a rank that arrives early at the
+    collective works instead of waiting, once per routed layer."""
+
+    def __init__(self, finish: Callable[[], Decision]):
+        self._finish = finish
+
+    def decide(self) -> Decision:
+        return self._finish()
+
+
+class RouterBase(nn.Module):
+    """What every router shares: `propose` over a rule that decides at once (`decide`), its counts gathered
+    asynchronously when the balancer wants them."""
+
+    def decide(self, x: torch.Tensor) -> Decision:
+        raise NotImplementedError
+
+    def propose(self, x: torch.Tensor, count_group=None) -> Proposal:
+        """Start deciding for x; `count_group`: gather every rank's count of active tokens over it (the DP balancer's
+        plan) into `Decision.rank_counts`, overlapped like the rule's own collectives (None: not gathered)."""
+        return with_counts(self.decide(x), count_group)
+
+
+def with_counts(decision: Decision, count_group) -> Proposal:
+    """A decision made, its ranks' counts gathered over `count_group` (None: none) by the time it is `decide()`d."""
+    if count_group is None:
+        return Proposal(lambda: decision)
+    counts = state.all_gather_async(decision.active.sum()[None], count_group)
+    return Proposal(lambda: replace(decision, rank_counts=counts.wait()))
 
 
 def sequence_capacity(capacity: float, seq_len: int) -> int:
@@ -108,7 +128,7 @@ def _zero(x: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=torch.float32, device=x.device)
 
 
-class Router(nn.Module):
+class Router(RouterBase):
     """The sigmoid router: p = sigmoid(w . rmsnorm(x) + b + offset); a token executes when p > 0.5 (`threshold`) or
     when it is among the round(target x tokens) highest p of the DP batch (`capacity`), its branch scaled by p.
     Replicated on TP ranks (same seed, same inputs, same gradients).
@@ -135,13 +155,22 @@ class Router(nn.Module):
         return torch.sigmoid(self.logits(x) + self.offset)
 
     def decide(self, x: torch.Tensor) -> Decision:
+        return self.propose(x).decide()
+
+    def propose(self, x: torch.Tensor, count_group=None) -> Proposal:
+        """Capacity mode starts the DP batch's top-k (`parallel/topk.py`; its collective is the rule, over more than
+        one rank), threshold mode the counts' gather when `count_group` is given; either in flight until `decide()`."""
         logits = self.logits(x)
         p = torch.sigmoid(logits + self.offset)
-        rank_counts = None
-        if self.skip.mode == "capacity":
-            active, rank_counts = capacity_mask(p, self.skip.target_rate, state.dp_group_or_none())
-        else:
-            active = p > 0.5
+        if self.skip.mode == "capacity":  # exactly round(target x DP batch) tokens: the highest p, ties to lower index
+            group = state.dp_group_or_none()
+            world = dist.get_world_size(group) if group is not None else 1
+            chosen = start_top_k(p, round(self.skip.target_rate * p.numel() * world), group)
+            return Proposal(lambda: self._decision(logits, p, *chosen.wait()))
+        return with_counts(self._decision(logits, p, p > 0.5), count_group)
+
+    def _decision(self, logits: torch.Tensor, p: torch.Tensor, active: torch.Tensor,
+                  rank_counts: torch.Tensor | None = None) -> Decision:
         hard = active.float()
         rate = (hard + p - p.detach()).mean()
         return Decision(active=active, gate=p, aux_loss=self.skip.aux_loss_weight * (rate - self.skip.target_rate) ** 2,
@@ -163,7 +192,7 @@ class Router(nn.Module):
             self.offset.lerp_(torch.full_like(self.offset, -logit_quantile), self.skip.controller_rate)
 
 
-class GumbelRouter(nn.Module):
+class GumbelRouter(RouterBase):
     """SkipLayer's router: logits [skip, execute] = W x / rms(x) (bias-free, no gain), straight-through
     Gumbel-softmax in training, argmax at inference. Replicated on TP ranks; the noise is the same on every TP rank
     (`gumbel_noise`).
@@ -227,7 +256,7 @@ class DecisionPredictor(nn.Module):
         return self.out(F.silu(self.hidden(h))).squeeze(-1).float()
 
 
-class MoDRouter(nn.Module):
+class MoDRouter(RouterBase):
     """Mixture-of-Depths: router weight r = w . rmsnorm(x) + b, top-k per sequence in training, the predictor's
     decisions at inference; the branch scaled by sigmoid(r). Replicated on TP ranks."""
 

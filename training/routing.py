@@ -73,8 +73,8 @@ class TokenExchanges:
     """The position-wise computations of one routed forward (`tokenwise`), balanced over the DP group when the
     balancer is on; made per forward and read into its `RoutingRecord` (an explicit context, not module state).
 
-    Every computation of one forward runs on the same active rows, so the ranks' counts are gathered once, at the
-    first, and reused (or taken from the routing rule when it gathered its decisions: `rank_counts`)."""
+    Every computation of one forward runs on the same active rows, so the ranks' counts are gathered once and reused:
+    by the router's proposal (`rank_counts`, overlapped with other work), else here at the first."""
 
     def __init__(self, group, min_tokens: int | None, device: torch.device,
                  rank_counts: torch.Tensor | None = None):
@@ -181,11 +181,11 @@ class RoutedBlock(nn.Module):
         delta = a + self._mlp_rows(x + a, active)
         return x + torch.where(active, gate * delta, 0.0), cache
 
-    def _branch(self, x: torch.Tensor, base: torch.Tensor, active: torch.Tensor, rows: torch.Tensor,
-                tokenwise) -> torch.Tensor:
+    def _branch(self, x: torch.Tensor, base: torch.Tensor, active: torch.Tensor, rows: torch.Tensor, tokenwise,
+                keys_values: tuple | None = None, normed: torch.Tensor | None = None) -> torch.Tensor:
         """The branch the gate multiplies, for the rows of `active` [n, d] (`rows`: their indices in [b * s]): the
         block's F(x) - x, its MLP (granularity mlp, on `base` = x + attention) or its attention output (granularity
-        attention)."""
+        attention). `keys_values`, `normed`: with `kv: all`, every token's keys and values and the normed x."""
         b, s, d = x.shape
         flat = x.reshape(b * s, d)
         if not isinstance(self.block, Block):  # SRU++: the whole layer over each sequence's active tokens, packed
@@ -194,33 +194,43 @@ class RoutedBlock(nn.Module):
         if self.skip.granularity == "mlp":
             return tokenwise(self._mlp, base.reshape(b * s, d).index_select(0, rows))
         index, valid = pack_positions(active)
-        context = self.block.attn.forward_selected(x, index, valid, self.skip.kv == "all", tokenwise,
-                                                   self.block.attn_norm)
+        attn = self.block.attn
+        if keys_values is not None:
+            context = attn.forward_selected(normed, index, valid, tokenwise, keys_values=keys_values)
+        else:
+            context = attn.forward_selected(x, index, valid, tokenwise, self.block.attn_norm)
         if self.skip.granularity == "attention":
-            return tokenwise(self.block.attn.project_out, context)
+            return tokenwise(attn.project_out, context)
         return tokenwise(self._attn_out_and_mlp, context, flat.index_select(0, rows))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, RoutingRecord]:
         b, s, d = x.shape
-        decision: Decision = self.router.decide(x)
-        active = decision.active
         transformer = isinstance(self.block, Block)
-        base = x
+        dp = state.dp_group_or_none()
+        proposal = self.router.propose(x, dp if self.balance is not None else None)
+        # what the decision does not change runs while its DP collective is in flight (`Proposal`)
+        base, normed, keys_values = x, None, None
         if transformer and self.skip.granularity == "mlp":
             base = x + self.block.attn(self.block.attn_norm(x), positions)
+        elif transformer and self.skip.kv == "all":
+            normed = self.block.attn_norm(x)
+            keys_values = self.block.attn.keys_values(normed)
+        decision: Decision = proposal.decide()
+        active = decision.active
         # rows move by index_select: its backward is an index_add, an advanced index's an accumulating index_put
         rows = active.flatten().nonzero().squeeze(1)
         gate = decision.gate.flatten().index_select(0, rows).to(x.dtype)[:, None]
-        tokenwise = TokenExchanges(state.dp_group_or_none(), self.balance, x.device, decision.rank_counts)
-        out = base.reshape(b * s, d).index_add(0, rows, gate * self._branch(x, base, active, rows, tokenwise))
+        tokenwise = TokenExchanges(dp, self.balance, x.device, decision.rank_counts)
+        out = base.reshape(b * s, d).index_add(0, rows, gate * self._branch(x, base, active, rows, tokenwise,
+                                                                           keys_values, normed))
         if decision.skipped_gate is not None:
             # gumbel in training: the soft path's gradient for a skipped token needs its branch, multiplied by a
             # forward value of exactly 0; computed without grad (balanced like the executed work, not recorded)
             skipped = ~active
             others = skipped.flatten().nonzero().squeeze(1)
             with torch.no_grad():
-                branch = self._branch(x, base, skipped, others, TokenExchanges(state.dp_group_or_none(),
-                                                                               self.balance, x.device))
+                branch = self._branch(x, base, skipped, others, TokenExchanges(dp, self.balance, x.device),
+                                      keys_values, normed)
             out = out.index_add(0, others,
                                 decision.skipped_gate.flatten().index_select(0, others).to(x.dtype)[:, None] * branch)
         out = out.view(b, s, d)
