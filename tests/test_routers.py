@@ -85,6 +85,23 @@ def test_gumbel_noise_is_standard_gumbel_and_reproducible():
     assert torch.isfinite(noise).all()
     assert abs(float(noise.mean()) - 0.5772) < 0.05  # Euler-Mascheroni: the Gumbel mean
     assert abs(float(noise.var()) - torch.pi ** 2 / 6) < 0.1
+    for low, high in ((0, 0.1), (0.45, 0.55), (0.9, 1.0)):  # Gumbel's CDF exp(-exp(-g)) is uniform
+        share = float(((low <= torch.exp(-torch.exp(-noise))) & (torch.exp(-torch.exp(-noise)) < high)).float().mean())
+        assert abs(share - 0.1) < 0.02, (low, share)
+
+
+def test_gumbel_noise_of_a_dp_slice_is_that_slice_of_the_whole_batch():
+    """Rank r of a DP=2 batch gets the noise of rows r*b..(r+1)*b of the same batch at DP=1, computing only its own."""
+    from skiptron.training.routers import gumbel_noise_slice
+
+    torch.manual_seed(7)
+    whole = gumbel_noise_slice((8, 16, 2), torch.device("cpu"), 0)
+    halves = []
+    for rank in (0, 1):
+        torch.manual_seed(7)  # every rank's RNG is in the same state
+        halves.append(gumbel_noise_slice((4, 16, 2), torch.device("cpu"), rank))
+    assert torch.equal(torch.cat(halves), whole)
+    assert not torch.equal(halves[0], halves[1])
 
 
 def test_mod_top_k_per_sequence_is_exact_and_the_predictor_learns_stop_gradient():

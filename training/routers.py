@@ -35,6 +35,7 @@ decisions (same seed, same inputs, same noise); a rule that looks across the DP 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -113,15 +114,41 @@ def top_k_per_sequence(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def gumbel_noise(shape: torch.Size, device: torch.device, group) -> torch.Tensor:
-    """Standard Gumbel noise for this rank's [b, s, 2] logits: drawn from torch's RNG for the whole DP batch and
-    sliced, so every rank draws the same numbers (TP replicas make the same decisions), DP ranks get different noise,
-    and a DP=2 batch sees the noise of the same batch at DP=1. The RNG streams are saved in checkpoints, and
-    activation recomputation restores them, so resumed and recomputed forwards draw the same noise."""
+    """Standard Gumbel noise for this rank's [b, s, 2] logits (its slice of the DP batch over `group`)."""
     world = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
-    rank = dist.get_rank(group) if world > 1 else 0
-    uniform = torch.rand((world, *shape), device=device)[rank]
-    tiny = torch.finfo(uniform.dtype).tiny
-    return -torch.log(-torch.log(uniform.clamp(tiny, 1.0 - 1e-7)))
+    return gumbel_noise_slice(shape, device, dist.get_rank(group) if world > 1 else 0)
+
+
+def gumbel_noise_slice(shape: torch.Size, device: torch.device, rank: int) -> torch.Tensor:
+    """Gumbel noise for slice `rank` of a DP batch made of equal slices `shape`: a function of one seed drawn from
+    torch's RNG and of each value's index in the whole batch (splitmix64's sequence). Every rank draws the same seed
+    (TP replicas make the same decisions), DP ranks index different values, a DP=2 batch sees the noise of the same
+    batch at DP=1, and a rank computes its own slice only, so the cost does not grow with the world. The RNG streams
+    are saved in checkpoints and activation recomputation restores them: resumed and recomputed forwards draw the
+    same seed."""
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+    n = math.prod(shape)
+    index = torch.arange(rank * n + 1, (rank + 1) * n + 1, dtype=torch.int64, device=device)
+    bits = _splitmix64(seed + index * _GOLDEN_GAMMA)
+    uniform = (_shift_right(bits, 12).double() + 0.5) / 2.0**52  # in (0, 1), exactly, from 52 random bits
+    return (-torch.log(-torch.log(uniform))).float().view(shape)
+
+
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15 - 2**64  # splitmix64's constants as signed int64 (torch's products wrap mod 2^64)
+_MIX1 = 0xBF58476D1CE4E5B9 - 2**64
+_MIX2 = 0x94D049BB133111EB - 2**64
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _splitmix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's output function on int64 states (Steele et al. 2014): a bijective mix of all 64 bits."""
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    return z ^ _shift_right(z, 31)
 
 
 def _zero(x: torch.Tensor) -> torch.Tensor:
