@@ -206,13 +206,17 @@ class Trainer:
             import resource
 
             mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB on Linux)
-        everyone = [None] * self.layout.world_size
-        dist.all_gather_object(everyone, (self.layout.pp_rank, bubble, mem))
+        # per stage: summed bubbles and rank counts, and the peak; tensors of pp entries, whatever the world
+        sums = torch.zeros(2, self.layout.pp, dtype=torch.float64, device=self.layout.device)
+        peaks = torch.zeros(self.layout.pp, dtype=torch.float64, device=self.layout.device)
+        sums[0, self.layout.pp_rank], sums[1, self.layout.pp_rank], peaks[self.layout.pp_rank] = bubble, 1.0, mem
+        dist.all_reduce(sums)
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+        bubbles, peaks = (sums[0] / sums[1]).tolist(), peaks.tolist()
         out = {}
         for stage in range(self.layout.pp):
-            mine = [(b, m) for s, b, m in everyone if s == stage]
-            out[f"pipe/bubble/S{stage}"] = sum(b for b, _ in mine) / len(mine)
-            out[f"mem/S{stage}_gb"] = max(m for _, m in mine)
+            out[f"pipe/bubble/S{stage}"] = bubbles[stage]
+            out[f"mem/S{stage}_gb"] = peaks[stage]
         out["pipe/bubble"] = sum(out[f"pipe/bubble/S{s}"] for s in range(self.layout.pp)) / self.layout.pp
         return out
 
