@@ -95,7 +95,11 @@ start() {
       [ "$(SLURM_CONF="$CONF" sinfo -h -N -o %T 2>/dev/null | grep -c '^idle')" = "${#NODES[@]}" ] && break
       sleep 0.3
     done
-    SLURM_CONF="$CONF" sinfo -h -N -o %T | grep -q '^idle' || { log "nodes did not come up; see $DIR/*.log"; exit 1; }
+    if [ "$(SLURM_CONF="$CONF" sinfo -h -N -o %T 2>/dev/null | grep -c '^idle')" != "${#NODES[@]}" ]; then
+      log "not every node came up (a port of $PORT-$((PORT + 2)) taken?); see $DIR/*.log"
+      stop >/dev/null
+      exit 1
+    fi
     log "${#NODES[@]} nodes idle ($CONF)"
   fi
   echo "export SLURM_CONF=$CONF"

@@ -165,11 +165,26 @@ def test_missing_rank_and_unreachable_master_fail_fast(tiny_data, tmp_path):
 
 
 # -- a real SLURM cluster ------------------------------------------------------------------------------------
+def _free_port_triple() -> int:
+    """A base port whose next two are free too, below Linux's ephemeral range (32768 up), where gloo's and the
+    stores' sockets of other tests come and go: a daemon that cannot bind its port leaves its node down."""
+    for offset in range(3000):
+        base = 20000 + (os.getpid() + 7 * offset) % 4000 * 3
+        try:
+            for port in range(base, base + 3):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no three consecutive free ports in 20000-32000")
+
+
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     """A 2-node SLURM cluster of its own (own directory, ports and munged), stopped at the end of the module."""
     directory = tmp_path_factory.mktemp("slurm")
-    env = dict(ENV, SKIPTRON_CLUSTER_DIR=str(directory), SKIPTRON_CLUSTER_PORT=str(20000 + os.getpid() % 9000 * 3))
+    env = dict(ENV, SKIPTRON_CLUSTER_DIR=str(directory), SKIPTRON_CLUSTER_PORT=str(_free_port_triple()))
     start = subprocess.run(["bash", "launch/local_cluster.sh", "start"], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=600)
     if start.returncode == 3:
