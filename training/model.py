@@ -293,14 +293,15 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> list[str]:
     and the module tree stay as they are: checkpoints, ZeRO, the step guard and the pipeline see the same model).
     Embedding, head, loss and optimizer stay eager. A routed block stays eager where its shapes follow its decisions
     (selecting, packing and balancing the active tokens: inductor failed on those frames' symbolic sizes, torch
-    2.13); its router and, in a transformer block, the norms and the MLP are compiled, for any number of rows
-    (`dynamic=True`). Returns the compiled modules' names."""
+    2.13); its router's scoring modules and, in a transformer block, the norms and the MLP are compiled, for any
+    number of rows (`dynamic=True`). Returns the compiled modules' names."""
     names, done = [], []
     for name, module in model.named_modules():
         if any(name.startswith(f"{d}.") for d in done):
             continue
         if isinstance(module, RoutedBlock):
-            parts = {"router": module.router}
+            # the router's modules: it is called through `propose`, not its compiled `forward`
+            parts = {f"router.{n}": child for n, child in module.router.named_children()}
             if isinstance(module.block, Block):
                 parts.update({"block.attn_norm": module.block.attn_norm, "block.mlp_norm": module.block.mlp_norm,
                               "block.mlp": module.block.mlp})
