@@ -25,7 +25,10 @@ def test_gpu_check_cpu_quick_passes(tmp_path):
         rounds = routed["overhead_vs_flops_per_round"][name]
         assert 0 < low <= high and len(rounds) == 1 and low == high == rounds[0], name  # --quick: one round
     assert rows["sdpa"]["numbers"]["kernels"]["dense"]  # the dense path always runs an SDPA kernel
-    assert {"vs llama", "decode", "fused loss", "capacity top-k"} <= ran and rows["vs llama compiled"]["status"] == "skip"
+    reads = rows["host reads"]["numbers"]
+    assert reads["dense"]["reads"] == [] and all(len(v["reads"]) == v["routed_layers"] > 0
+                                                 for n, v in reads.items() if n != "dense"), reads
+    assert {"vs llama", "decode", "fused loss", "capacity top-k", "host reads"} <= ran and rows["vs llama compiled"]["status"] == "skip"
     loss = rows["fused loss"]["numbers"]
     assert 0 < loss["fused_peak_bytes"] < loss["whole_peak_bytes"]
     assert rows["vs llama"]["numbers"]["skiptron"]["step_peak_bytes"] > 0

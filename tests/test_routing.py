@@ -134,6 +134,34 @@ def test_a_routed_layer_synchronizes_the_ranks_once_per_forward(pool2):
             assert layers == 2 and gathers == layers and moved > 0, (mode, gathers, layers, moved)
 
 
+def _host_reads_per_forward(skip):
+    """Reads of device values during one forward of a 2-layer routed model on skewed tokens (balancer on, exact)."""
+    from megatron.core import parallel_state as ps
+
+    from skiptron.parallel.syncs import host_reads
+
+    model = _model(1, **skip)
+    if skip.get("router") == "gumbel":  # no sigmoid to skew by; its noise makes the ranks' loads differ
+        tokens = torch.randint(VOCAB, (4, 33), generator=torch.Generator().manual_seed(ps.get_data_parallel_rank()))
+    else:
+        tokens = _skewed_tokens(model, hot=ps.get_data_parallel_rank() == 0)
+    with host_reads() as reads:
+        model(tokens)
+    return reads, len(model.routing_records()), sum(r.balance["tokens_moved"] for r in
+                                                    model.routing_records().values())
+
+
+@pytest.mark.parametrize("skip", [{}, {"kv": "active"}, {"granularity": "mlp"}, {"mode": "capacity"},
+                                  {"router": "gumbel"}])
+def test_a_routed_layer_reads_the_device_once_per_forward(pool2, skip):
+    """Each read of a device value (a count that shapes the next tensors) stalls a GPU's host until the device
+    catches up: a routed layer reads its sequences' and ranks' counts in one transfer and derives its rows and
+    packing from them without another (`training/selection.py`). The old code read three times per layer."""
+    for reads, layers, moved in pool2.run(_host_reads_per_forward, skip):
+        assert layers >= 1 and moved > 0, (skip, layers, moved)
+        assert reads == ["tolist"] * layers, (skip, reads, layers)
+
+
 def _capacity_counts(rate):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -230,17 +258,17 @@ def test_skipped_tokens_are_not_computed(pool2, granularity, kv):
 
 
 def _selected_vs_dense():
-    from skiptron.training.routing import pack_positions
+    from skiptron.training.selection import chosen_tokens, pack_positions
 
     model = _model(1)
     attn = model.blocks[0].block.attn
     x = torch.randn(3, 16, 64, generator=torch.Generator().manual_seed(1))
     dense = attn(x, torch.arange(16))
     active = torch.rand(3, 16, generator=torch.Generator().manual_seed(0)) < 0.5
-    index, valid = pack_positions(active)
-    picked = attn.project_out(attn.forward_selected(x, index, valid, keys_values=attn.keys_values(x)))
+    packed = pack_positions(chosen_tokens(active))
+    picked = attn.project_out(attn.forward_selected(x, packed, keys_values=attn.keys_values(x)))
     everything = attn.project_out(
-        attn.forward_selected(x, *pack_positions(torch.ones(3, 16, dtype=torch.bool))))
+        attn.forward_selected(x, pack_positions(chosen_tokens(torch.ones(3, 16, dtype=torch.bool)))))
     return dense.detach(), active, picked.detach(), everything.detach()
 
 
@@ -314,12 +342,12 @@ def _routed_kernels():
     import torch.nn.functional as F
 
     from skiptron.training import attention
-    from skiptron.training.routing import pack_positions
+    from skiptron.training.selection import chosen_tokens, pack_positions
 
     attn = _model(1).blocks[0].block.attn
     x = torch.randn(3, 16, 64, generator=torch.Generator().manual_seed(1))
     active = torch.rand(3, 16, generator=torch.Generator().manual_seed(0)) < 0.5
-    index, valid = pack_positions(active)
+    packed = pack_positions(chosen_tokens(active))
     calls, sdpa = [], F.scaled_dot_product_attention
 
     def recorded(q, k, v, **kwargs):
@@ -334,15 +362,15 @@ def _routed_kernels():
             out = {}
             for kernel in ("sdpa", "flex"):  # the mask-free ones
                 attn.kv_all_kernel = kernel
-                out[kernel] = attn.project_out(attn.forward_selected(x, index, valid, keys_values=attn.keys_values(x)))
-            out["active"] = attn.project_out(attn.forward_selected(x, index, valid))
+                out[kernel] = attn.project_out(attn.forward_selected(x, packed, keys_values=attn.keys_values(x)))
+            out["active"] = attn.project_out(attn.forward_selected(x, packed))
             kernel_calls = list(calls)
             attn.kv_all_kernel = "mask"
-            out["mask"] = attn.project_out(attn.forward_selected(x, index, valid, keys_values=attn.keys_values(x)))
+            out["mask"] = attn.project_out(attn.forward_selected(x, packed, keys_values=attn.keys_values(x)))
             ref_active = torch.cat([attn(x[i, active[i]][None], active[i].nonzero()[:, 0])[0] for i in range(3)])
     finally:
         F.scaled_dot_product_attention = sdpa
-    return kernel_calls, out, dense[active], ref_active, int(valid.shape[1]), attention.attention_backend_report()
+    return kernel_calls, out, dense[active], ref_active, int(packed.valid.shape[1]), attention.attention_backend_report()
 
 
 def test_routed_attention_builds_no_sequence_mask(pool2):

@@ -18,6 +18,8 @@ converter), and prints one table (and writes `<out>/gpu_check.json`):
     reshard bf16   that bf16 checkpoint resumed under another ZeRO stage follows the run within bf16 tolerance
     hf export      skiptron-convert to-hf, loaded by transformers on the device: logits equal skiptron's
     sdpa           which scaled-dot-product-attention kernel each attention path ran (dense, routed kv all / active)
+    host reads     reads of device values (host stalls) in one forward + backward: one per routed layer, none in the
+                   dense model; on CUDA also torch's count of synchronizing operations
     tp2, dp2, pp2  with two or more devices: TP=2, DP=2 with the token balancer, PP=2 (torchrun)
 
 It exits non-zero when any check fails, naming them. `--device cpu --quick` runs the same pieces at toy sizes on
@@ -27,6 +29,7 @@ GPUs. A check that cannot run here (too little memory, a single device) is `skip
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -450,6 +453,41 @@ def check_sdpa(plan: Plan) -> Row:
     return Row("sdpa", "ok", detail, numbers)
 
 
+def check_host_reads(plan: Plan) -> Row:
+    """How often one forward makes the host read a device value (`parallel/syncs.py`): once per routed layer (its
+    counts), nothing else. On CUDA also torch's own count of synchronizing operations, dense model alongside."""
+    import torch
+
+    from skiptron.parallel.syncs import cuda_synchronizations, host_reads
+    from skiptron.training import model as model_module
+    from skiptron.training.config import load_config
+
+    device = torch.device(plan.device)
+    dtype = torch.float32 if plan.device == "cpu" else torch.bfloat16
+    paths = {"dense": [], "threshold kv=all": ROUTED + ["model.skip.kv=all", "model.skip.mode=threshold"],
+             "threshold kv=active": ROUTED + ["model.skip.kv=active", "model.skip.mode=threshold"],
+             "capacity kv=all": ROUTED + ["model.skip.kv=all", "model.skip.mode=capacity"],
+             "mlp": ROUTED + ["model.skip.granularity=mlp"]}
+    numbers, extra = {}, []
+    for name, overrides in paths.items():
+        cfg = load_config("tiny", plan.small_overrides + overrides)
+        gpt = model_module.GPT(cfg.model, 512, 1, balance=None).to(device, dtype)
+        tokens = torch.randint(0, 512, (2, cfg.model.seq_len + 1), device=device)
+        gpt(tokens).backward()  # warm: lazy initializations may read once
+        syncs = contextlib.nullcontext([]) if plan.device == "cpu" else cuda_synchronizations()
+        with syncs as synchronized, host_reads() as reads:
+            gpt(tokens).backward()
+        routed = len(gpt.routing_records()) if name != "dense" else 0
+        numbers[name] = {"reads": list(reads), "routed_layers": routed, "cuda_synchronizations": list(synchronized)}
+        if len(reads) != routed:
+            extra.append(name)
+    detail = "; ".join(f"{n}: {len(v['reads'])} reads / {v['routed_layers']} routed layers"
+                       + ("" if plan.device == "cpu" else f", torch counts {len(v['cuda_synchronizations'])} syncs")
+                       for n, v in numbers.items())
+    return Row("host reads", "FAIL" if extra else "ok", detail + (f" | not one per layer: {extra}" if extra else ""),
+               numbers)
+
+
 def torchrun(plan: Plan, name: str, nproc: int, overrides: list[str], data: Path, steps: int) -> Row:
     """`skiptron-train` under torchrun on `nproc` devices (processes); ok when it exits 0 with finite losses."""
     from skiptron.training.metrics import read_metrics
@@ -548,6 +586,7 @@ def run_checks(plan: Plan) -> list[Row]:
     attempt("resume", check_resume_and_reshard, plan, small_data)
     attempt("hf export", check_export, plan)
     attempt("sdpa", check_sdpa, plan)
+    attempt("host reads", check_host_reads, plan)
     state.shutdown()
     attempt("multi-process", multi_process_checks, plan, data)
     return rows

@@ -24,6 +24,7 @@ from . import attention as kernels
 from .config import ModelConfig, RopeScaling
 from .fused_projections import heads_rotated, swiglu
 from .norms import RMSNorm
+from .selection import Packed
 
 try:
     from apex.normalization import FusedRMSNorm as _ApexRMSNorm
@@ -329,24 +330,23 @@ class Attention(nn.Module):
             positions = torch.arange(x.shape[1], device=x.device)
         return self._split_heads(self.project(x, "kv"), positions, "kv")
 
-    def forward_selected(self, x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, tokenwise=None, norm=None,
+    def forward_selected(self, x: torch.Tensor, packed: Packed, tokenwise=None, norm=None,
                          keys_values: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Attention context rows [selected tokens, local heads x hd] (before the output projection, `project_out`)
-        of the selected tokens only, in row-major order of `valid`: `index` [b, n] holds their positions, ascending
-        and left-aligned (`valid` marks real entries; `routing.pack_positions`). Keys and values come from every
-        token (`keys_values`, as `keys_values(x)` gives them: `kv: all`; Q is projected for the selected tokens, and
-        x must come normed) or from the selected tokens alone. No s x s mask is built (`training/attention.py`). The
-        selected rows' projection is position-wise: `tokenwise(fn, rows)` runs it (a routed block balances it
-        across DP ranks; default: here). `norm`: the pre-attention norm of the selected tokens (default: x comes
-        normed), applied within `tokenwise`."""
+        of the selected tokens only, in row-major order: `packed` holds their positions per sequence, ascending and
+        left-aligned (`selection.pack_positions`). Keys and values come from every token (`keys_values`, as
+        `keys_values(x)` gives them: `kv: all`; Q is projected for the selected tokens, and x must come normed) or
+        from the selected tokens alone. No s x s mask is built (`training/attention.py`). The selected rows'
+        projection is position-wise: `tokenwise(fn, rows)` runs it (a routed block balances it across DP ranks;
+        default: here). `norm`: the pre-attention norm of the selected tokens (default: x comes normed), applied
+        within `tokenwise`."""
         tokenwise = tokenwise or (lambda fn, rows: fn(rows))
         norm = norm or (lambda t: t)
+        index, valid, slots = packed.index, packed.valid, packed.slots
         b, n = valid.shape
         # Index copies, not boolean masks: masked_select/masked_scatter (and their backwards) cost several times as
-        # much over the [b, n, width] rows. slots: the valid entries' places in [b * n], row-major.
-        slots = valid.flatten().nonzero().squeeze(1)
-        rows = (index + torch.arange(b, device=x.device)[:, None] * x.shape[1]).flatten().index_select(0, slots)
-        picked = x.reshape(b * x.shape[1], x.shape[-1]).index_select(0, rows)
+        # much over the [b, n, width] rows.
+        picked = x.reshape(b * x.shape[1], x.shape[-1]).index_select(0, packed.rows)
 
         def padded(rows: torch.Tensor) -> torch.Tensor:
             return rows.new_zeros(b * n, rows.shape[-1]).index_copy_(0, slots, rows).view(b, n, rows.shape[-1])

@@ -29,6 +29,7 @@ from skiptron.parallel.timing import Stopwatch
 from .config import SkipConfig
 from .layers import Block
 from .routers import Decision, build_router
+from .selection import Tokens, chosen_tokens, pack_positions, read_counts
 
 
 BALANCE_KEYS = ("imbalance_before", "imbalance_after", "shed_tokens", "tokens_moved", "bytes_moved", "exchange_ms")
@@ -59,16 +60,6 @@ class RoutingRecord(NamedTuple):
         return float(self.quantile)
 
 
-def pack_positions(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions of the active tokens per sequence, left-aligned and padded: index [b, n], valid [b, n]. Valid
-    entries in row-major order are the active tokens in `active.nonzero()` order."""
-    counts = active.sum(1)
-    n = int(counts.max()) if active.numel() else 0
-    index = torch.argsort((~active).to(torch.int8), dim=1, stable=True)[:, :n]
-    valid = torch.arange(n, device=active.device)[None, :] < counts[:, None]
-    return index, valid
-
-
 class TokenExchanges:
     """The position-wise computations of one routed forward (`tokenwise`), balanced over the DP group when the
     balancer is on; made per forward and read into its `RoutingRecord` (an explicit context, not module state).
@@ -77,7 +68,7 @@ class TokenExchanges:
     by the router's proposal (`rank_counts`, overlapped with other work), else here at the first."""
 
     def __init__(self, group, min_tokens: int | None, device: torch.device,
-                 rank_counts: torch.Tensor | None = None):
+                 rank_counts: tuple[int, ...] | None = None):
         self.group = group if min_tokens is not None else None
         self.min_tokens = min_tokens
         self.rank_counts = rank_counts
@@ -94,8 +85,6 @@ class TokenExchanges:
         with self.watch.region("exchange"):
             if self.rank_counts is None:
                 self.rank_counts = gather_counts(rows[0].shape[0], self.group, rows[0].device)
-            elif isinstance(self.rank_counts, torch.Tensor):  # read back only when a balance needs them
-                self.rank_counts = tuple(self.rank_counts.tolist())
             work = balance(rows, self.group, self.min_tokens, self.rank_counts)
         y = fn(*work.tokens)
         with self.watch.region("exchange"):
@@ -181,24 +170,23 @@ class RoutedBlock(nn.Module):
         delta = a + self._mlp_rows(x + a, active)
         return x + torch.where(active, gate * delta, 0.0), cache
 
-    def _branch(self, x: torch.Tensor, base: torch.Tensor, active: torch.Tensor, rows: torch.Tensor, tokenwise,
+    def _branch(self, x: torch.Tensor, base: torch.Tensor, tokens: Tokens, tokenwise,
                 keys_values: tuple | None = None, normed: torch.Tensor | None = None) -> torch.Tensor:
-        """The branch the gate multiplies, for the rows of `active` [n, d] (`rows`: their indices in [b * s]): the
-        block's F(x) - x, its MLP (granularity mlp, on `base` = x + attention) or its attention output (granularity
-        attention). `keys_values`, `normed`: with `kv: all`, every token's keys and values and the normed x."""
+        """The branch the gate multiplies, for `tokens` [n, d]: the block's F(x) - x, its MLP (granularity mlp, on
+        `base` = x + attention) or its attention output (granularity attention). `keys_values`, `normed`: with
+        `kv: all`, every token's keys and values and the normed x."""
         b, s, d = x.shape
-        flat = x.reshape(b * s, d)
+        flat, rows = x.reshape(b * s, d), tokens.rows
         if not isinstance(self.block, Block):  # SRU++: the whole layer over each sequence's active tokens, packed
-            index, valid = pack_positions(active)
-            return self.block.forward_selected(x, index, valid) - flat.index_select(0, rows)
+            return self.block.forward_selected(x, pack_positions(tokens)) - flat.index_select(0, rows)
         if self.skip.granularity == "mlp":
             return tokenwise(self._mlp, base.reshape(b * s, d).index_select(0, rows))
-        index, valid = pack_positions(active)
+        packed = pack_positions(tokens)
         attn = self.block.attn
         if keys_values is not None:
-            context = attn.forward_selected(normed, index, valid, tokenwise, keys_values=keys_values)
+            context = attn.forward_selected(normed, packed, tokenwise, keys_values=keys_values)
         else:
-            context = attn.forward_selected(x, index, valid, tokenwise, self.block.attn_norm)
+            context = attn.forward_selected(x, packed, tokenwise, self.block.attn_norm)
         if self.skip.granularity == "attention":
             return tokenwise(attn.project_out, context)
         return tokenwise(self._attn_out_and_mlp, context, flat.index_select(0, rows))
@@ -216,30 +204,30 @@ class RoutedBlock(nn.Module):
             normed = self.block.attn_norm(x)
             keys_values = self.block.attn.keys_values(normed)
         decision: Decision = proposal.decide()
-        active = decision.active
+        counts, rank_counts = read_counts(decision.active, decision.rank_counts)  # the layer's one host read
+        tokens = chosen_tokens(decision.active, counts)
         # rows move by index_select: its backward is an index_add, an advanced index's an accumulating index_put
-        rows = active.flatten().nonzero().squeeze(1)
-        gate = decision.gate.flatten().index_select(0, rows).to(x.dtype)[:, None]
-        tokenwise = TokenExchanges(dp, self.balance, x.device, decision.rank_counts)
-        out = base.reshape(b * s, d).index_add(0, rows, gate * self._branch(x, base, active, rows, tokenwise,
-                                                                           keys_values, normed))
+        gate = decision.gate.flatten().index_select(0, tokens.rows).to(x.dtype)[:, None]
+        tokenwise = TokenExchanges(dp, self.balance, x.device, rank_counts)
+        out = base.reshape(b * s, d).index_add(0, tokens.rows, gate * self._branch(x, base, tokens, tokenwise,
+                                                                                  keys_values, normed))
         if decision.skipped_gate is not None:
             # gumbel in training: the soft path's gradient for a skipped token needs its branch, multiplied by a
             # forward value of exactly 0; computed without grad (balanced like the executed work, not recorded)
-            skipped = ~active
-            others = skipped.flatten().nonzero().squeeze(1)
+            others = chosen_tokens(~decision.active, [s - c for c in counts])
+            other_counts = None if rank_counts is None else tuple(b * s - c for c in rank_counts)
             with torch.no_grad():
-                branch = self._branch(x, base, skipped, others, TokenExchanges(dp, self.balance, x.device),
+                branch = self._branch(x, base, others, TokenExchanges(dp, self.balance, x.device, other_counts),
                                       keys_values, normed)
-            out = out.index_add(0, others,
-                                decision.skipped_gate.flatten().index_select(0, others).to(x.dtype)[:, None] * branch)
+            out = out.index_add(0, others.rows, decision.skipped_gate.flatten().index_select(0, others.rows)
+                                .to(x.dtype)[:, None] * branch)
         out = out.view(b, s, d)
         if transformer and self.skip.granularity == "attention":
             out = out + self.block.mlp(self.block.mlp_norm(out))
         record = RoutingRecord(
             aux_loss=decision.aux_loss, rate=decision.rate, quantile=decision.quantile,
-            active_tokens=int(rows.numel()), computed_tokens=list(tokenwise.computed), balance=tokenwise.metrics(),
-            exchange_time=tokenwise.watch, agreement=decision.agreement)
+            active_tokens=int(tokens.rows.numel()), computed_tokens=list(tokenwise.computed),
+            balance=tokenwise.metrics(), exchange_time=tokenwise.watch, agreement=decision.agreement)
         return out, record
 
 

@@ -47,6 +47,7 @@ from skiptron.parallel.tensor_parallel import gather_tp
 from .config import ModelConfig
 from .kernels import sru_recurrence
 from .layers import NormalLinear, normal_init, rms_norm
+from .selection import Packed
 
 
 def _local_units(t: torch.Tensor) -> torch.Tensor:
@@ -192,14 +193,15 @@ class SRUppBlock(nn.Module):
             c = torch.where(present, c, c0)
         return _GatherUnits.apply(h), SRUppState(c, k, v, seen)
 
-    def forward_selected(self, x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Outputs [selected tokens, d] (row-major order of `valid`) of the layer run over each sequence's selected
-        tokens alone, in order: `index` [b, n] their positions, left-aligned (`valid` marks real entries; the padding
-        comes after them, so the causal recurrence and attention never carry it into a selected token)."""
-        if index.shape[1] == 0:
+    def forward_selected(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:
+        """Outputs [selected tokens, d] (row-major order) of the layer run over each sequence's selected tokens alone,
+        in order: `packed` holds their positions, left-aligned (`selection.pack_positions`; the padding comes after
+        them, so the causal recurrence and attention never carry it into a selected token)."""
+        b, m = packed.index.shape
+        if m == 0:
             return x.new_zeros(0, x.shape[-1])
-        packed = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        return self.step(packed)[0][valid]
+        rows = torch.gather(x, 1, packed.index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return self.step(rows)[0].reshape(b * m, x.shape[-1]).index_select(0, packed.slots)
 
     def step_selected(self, x: torch.Tensor, state: SRUppState | None, present: torch.Tensor
                       ) -> tuple[torch.Tensor, SRUppState]:
