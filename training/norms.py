@@ -38,11 +38,14 @@ class _RMSNorm(torch.autograd.Function):
 
 
 class RMSNorm(nn.RMSNorm):
-    """torch's `nn.RMSNorm` (same parameters and state dict) whose fp32 forward on the CPU runs `_RMSNorm`; other
-    devices and dtypes keep torch's kernels (fused on CUDA)."""
+    """torch's `nn.RMSNorm` (same parameters and state dict) whose fp32 forward on the CPU runs `_RMSNorm` when a
+    backward will follow; without one (decoding, evaluation) torch's forward is the faster (11 vs 22 us for one
+    token, 199 vs 244 us for [8, 256, 256]). Other devices and dtypes keep torch's kernels (fused on CUDA)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight is not None
+        weight_grad = self.weight is not None and self.weight.requires_grad
+        backward = torch.is_grad_enabled() and (x.requires_grad or weight_grad)
+        if (backward and x.device.type == "cpu" and x.dtype == torch.float32 and self.weight is not None
                 and self.weight.dtype == torch.float32 and self.normalized_shape == (x.shape[-1],)):
             eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
             return _RMSNorm.apply(x, self.weight, eps)

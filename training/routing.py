@@ -159,7 +159,8 @@ class RoutedBlock(nn.Module):
             h = x + a
             return h + gate * self._mlp_rows(h, active), cache
         if not bool(active.any()):  # no token runs the attention (batch 1: every skipped token): the cache advances
-            cache = block.attn.step_skipped(block.attn_norm(x), cache, self.skip.kv == "all")
+            kv_all = self.skip.kv == "all"  # else nothing is projected, so nothing is normed
+            cache = block.attn.step_skipped(block.attn_norm(x) if kv_all else x, cache, kv_all)
             return (x + block.mlp(block.mlp_norm(x)) if granularity == "attention" else x), cache
         present = active[..., 0] if self.skip.kv == "active" else torch.ones_like(active[..., 0])
         a, cache = block.attn.step(block.attn_norm(x), cache, present)
