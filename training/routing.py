@@ -127,11 +127,10 @@ class RoutedBlock(nn.Module):
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
         return self.block.mlp(self.block.mlp_norm(h[None])).squeeze(0)  # a squeeze's backward is a view, a select's a copy
 
-    def _mlp_rows(self, h: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        """The MLP of `h` [b, t, d] at the rows `active` [b, t, 1] marks, zero elsewhere: decoding runs it only for
-        the tokens that execute (none: not at all; every TP rank decides alike, so its collectives still match)."""
+    def _mlp_rows(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The MLP of `h` [b, t, d] at the flat `rows` of [b * t], zero elsewhere: decoding runs it only for the
+        tokens that execute (none: not at all; every TP rank decides alike, so its collectives still match)."""
         flat = h.reshape(-1, h.shape[-1])
-        rows = active.flatten().nonzero().squeeze(1)
         out = torch.zeros_like(flat)
         if rows.numel():
             out.index_copy_(0, rows, self._mlp(flat.index_select(0, rows)))
@@ -145,8 +144,9 @@ class RoutedBlock(nn.Module):
     def step(self, x: torch.Tensor, cache):
         """Incremental forward with a KV cache: the same per-token decisions as `forward` in threshold mode (a
         token's router sees only its own hidden state). Skipped tokens' rows are masked rather than gathered (decoding
-        steps are a token per sequence), except in the MLP, which runs only for the executing tokens; with `kv: active`
-        they are cached but invisible. When no token executes, attention computes only what the cache needs."""
+        steps are a token per sequence, and a decoding GEMM's time is its weight's reads, whatever its rows), except in
+        the MLP, which runs only for the executing tokens; with `kv: active` they are cached but invisible. When no
+        token executes, attention computes only what the cache needs."""
         active, p = self.router.decide_step(x)
         active = active[..., None]
         gate = p.to(x.dtype)[..., None]
@@ -154,13 +154,14 @@ class RoutedBlock(nn.Module):
         if not isinstance(block, Block):  # SRU++: its state advances over the active tokens only
             y, cache = block.step_selected(x, cache, active[..., 0])
             return x + torch.where(active, gate * (y - x), 0.0), cache
+        rows = active.flatten().nonzero().squeeze(1)  # the executing tokens: the step's one host read
         if granularity == "mlp":
             a, cache = block.attn.step(block.attn_norm(x), cache, torch.ones_like(active[..., 0]))
             h = x + a
-            return h + gate * self._mlp_rows(h, active), cache
-        if not bool(active.any()):  # no token runs the attention (batch 1: every skipped token): the cache advances
-            kv_all = self.skip.kv == "all"  # else nothing is projected, so nothing is normed
-            cache = block.attn.step_skipped(block.attn_norm(x) if kv_all else x, cache, kv_all)
+            return h + gate * self._mlp_rows(h, rows), cache
+        kv_all = self.skip.kv == "all"
+        if not rows.numel():  # no token runs the attention (batch 1: every skipped token): the cache advances
+            cache = block.attn.step_skipped(block.attn_norm(x) if kv_all else x, cache, kv_all)  # active: no norm
             return (x + block.mlp(block.mlp_norm(x)) if granularity == "attention" else x), cache
         present = active[..., 0] if self.skip.kv == "active" else torch.ones_like(active[..., 0])
         a, cache = block.attn.step(block.attn_norm(x), cache, present)
@@ -168,7 +169,7 @@ class RoutedBlock(nn.Module):
         if granularity == "attention":
             h = x + gate * a
             return h + block.mlp(block.mlp_norm(h)), cache
-        delta = a + self._mlp_rows(x + a, active)
+        delta = a + self._mlp_rows(x + a, rows)
         return x + torch.where(active, gate * delta, 0.0), cache
 
     def _branch(self, x: torch.Tensor, base: torch.Tensor, tokens: Tokens, tokenwise,
@@ -216,6 +217,7 @@ class RoutedBlock(nn.Module):
             # gumbel in training: the soft path's gradient for a skipped token needs its branch, multiplied by a
             # forward value of exactly 0; computed without grad (balanced like the executed work, not recorded)
             others = chosen_tokens(~decision.active, [s - c for c in counts])
+            # every DP rank's skipped tokens: its micro-batch (one shape on every rank) minus its active ones
             other_counts = None if rank_counts is None else tuple(b * s - c for c in rank_counts)
             with torch.no_grad():
                 branch = self._branch(x, base, others, TokenExchanges(dp, self.balance, x.device, other_counts),
