@@ -20,6 +20,8 @@ READING_OPS = frozenset({"nonzero", "_local_scalar_dense", "masked_select", "uni
 
 
 class _Reads(TorchDispatchMode):
+    """Sees every aten op below Python (`torch.utils._python_dispatch` is private: checked against torch 2.13)."""
+
     def __init__(self, reads: list[str]):
         super().__init__()
         self.reads = reads
