@@ -1,15 +1,18 @@
 """Reads of device values by the host: each one makes a GPU's host wait until the device has caught up, so the host
 stops running ahead of the kernels and the device idles while the next ones are launched.
 
-`host_reads()` collects them for the code run inside it, by name: the aten ops that must read a device value to
-return (`nonzero`'s size, `.item()`, ...) and `Tensor.tolist`. The same count on any device, so the CPU test suite
-checks what a GPU would pay; on CUDA, `cuda_synchronizations()` is torch's own account (its sync debug mode).
+`host_reads()` collects them for the code run inside it, by name and caller: the aten ops that must read a device
+value to return (`nonzero`'s size, `.item()`, ...) and `Tensor.tolist`. The same count on any device, so the CPU
+test suite checks what a GPU would pay; on CUDA, `cuda_synchronizations()` is torch's own account (its sync debug
+mode).
 """
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import warnings
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -19,29 +22,42 @@ READING_OPS = frozenset({"nonzero", "_local_scalar_dense", "masked_select", "uni
                          "unique_consecutive", "repeat_interleave"})
 
 
+class Read(NamedTuple):
+    op: str  # the aten op, or "tolist"
+    caller: str  # "path:line" of the innermost frame outside torch
+
+
+def _caller() -> str:
+    frame = sys._getframe(1)
+    torch_dir = f"{os.sep}torch{os.sep}"
+    while frame is not None and (torch_dir in frame.f_code.co_filename or frame.f_code.co_filename == __file__):
+        frame = frame.f_back
+    return "?" if frame is None else f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
 class _Reads(TorchDispatchMode):
     """Sees every aten op below Python (`torch.utils._python_dispatch` is private: checked against torch 2.13)."""
 
-    def __init__(self, reads: list[str]):
+    def __init__(self, reads: list[Read]):
         super().__init__()
         self.reads = reads
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.__name__.split(".")[0]
         if name in READING_OPS:
-            self.reads.append(name)
+            self.reads.append(Read(name, _caller()))
         return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
-def host_reads() -> Iterator[list[str]]:
-    """The reads made inside, in order (op names, `tolist`). `Tensor.tolist` does not pass through torch's
-    dispatcher, so it is wrapped for the duration (not thread-safe: a diagnostic for tests and checks)."""
-    reads: list[str] = []
+def host_reads() -> Iterator[list[Read]]:
+    """The reads made inside, in order. `Tensor.tolist` does not pass through torch's dispatcher, so it is wrapped
+    for the duration (not thread-safe: a diagnostic for tests and checks)."""
+    reads: list[Read] = []
     tolist = torch.Tensor.tolist
 
     def read_list(tensor):
-        reads.append("tolist")
+        reads.append(Read("tolist", _caller()))
         return tolist(tensor)
 
     torch.Tensor.tolist = read_list

@@ -159,7 +159,8 @@ def test_a_routed_layer_reads_the_device_once_per_forward(pool2, skip):
     packing from them without another (`training/selection.py`). The old code read three times per layer."""
     for reads, layers, moved in pool2.run(_host_reads_per_forward, skip):
         assert layers >= 1 and moved > 0, (skip, layers, moved)
-        assert reads == ["tolist"] * layers, (skip, reads, layers)
+        assert [r.op for r in reads] == ["tolist"] * layers, (skip, reads, layers)
+        assert all("training/selection.py" in r.caller for r in reads), reads
 
 
 def _capacity_counts(rate):

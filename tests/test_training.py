@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,3 +169,40 @@ def test_inductor_compiles_a_routed_block_like_eager(pools, kv):
         torch.testing.assert_close(loss_c, loss_e, atol=1e-5, rtol=0)
         for name in grads_e:
             torch.testing.assert_close(grads_c[name], grads_e[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _train_step_reads(overrides):
+    """The host's reads of device values during one train step (DP=2, ZeRO-1, 2 micro-batches), by whose code."""
+    from skiptron.parallel import state
+    from skiptron.parallel.syncs import host_reads
+    from skiptron.training.config import load_config
+    from skiptron.training.engine import build_engine
+    from skiptron.training.trainer import Trainer, build_model, seed_everything
+
+    cfg = load_config("tiny", ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_len=32",
+                               "train.micro_batch_size=2", "train.global_batch_size=8"] + overrides)
+    layout = state.init_model_parallel(1, 1, torch.device("cpu"))
+    seed_everything(0)
+    engine, precision = build_engine(cfg, build_model(cfg, 512, layout.device), layout)
+    trainer = Trainer(cfg, layout, engine, precision, 512, manifest={})
+    batches = [torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(layout.rank * 2 + i))
+               for i in range(2)]
+    trainer.train_step(iter(batches))
+    with host_reads() as reads:
+        trainer.train_step(iter(batches))
+    engine.destroy()
+    root = str(Path(build_model.__code__.co_filename).parents[1])  # skiptron's package directory
+    ours = [r for r in reads if r.caller.startswith(root) and "site-packages" not in r.caller]
+    return [f"{r.op} at {r.caller}" for r in ours], len(reads) - len(ours)
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.skip.enabled=true"],
+                                       ["model.skip.enabled=true", "model.skip.mode=capacity",
+                                        "parallel.balance_min_tokens=0"]], ids=["dense", "threshold", "capacity"])
+def test_a_train_step_reads_the_device_once_per_routed_layer(pool2, overrides):
+    """What makes a GPU's host wait in a train step, in skiptron's code: the step's loss and routing metrics (two
+    reads), and one per routed layer and micro-batch (its counts); nothing per dense layer, micro-batch or
+    parameter. DeepSpeed's ZeRO step reads its gradient norm's validity itself (counted apart, not bounded here)."""
+    for ours, _ in pool2.run(_train_step_reads, overrides):
+        routed = 2 * 2 if overrides else 0  # 2 routed layers x 2 micro-batches
+        assert len(ours) == routed + (2 if overrides else 1), ours

@@ -478,7 +478,8 @@ def check_host_reads(plan: Plan) -> Row:
         with syncs as synchronized, host_reads() as reads:
             gpt(tokens).backward()
         routed = len(gpt.routing_records()) if name != "dense" else 0
-        numbers[name] = {"reads": list(reads), "routed_layers": routed, "cuda_synchronizations": list(synchronized)}
+        numbers[name] = {"reads": [f"{r.op} at {r.caller}" for r in reads], "routed_layers": routed,
+                         "cuda_synchronizations": list(synchronized)}
         if len(reads) != routed:
             extra.append(name)
     detail = "; ".join(f"{n}: {len(v['reads'])} reads / {v['routed_layers']} routed layers"
