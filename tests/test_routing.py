@@ -134,6 +134,53 @@ def test_a_routed_layer_synchronizes_the_ranks_once_per_forward(pool2):
             assert layers == 2 and gathers == layers and moved > 0, (mode, gathers, layers, moved)
 
 
+def _gathers_after_feedback():
+    """Count gathers per forward of a threshold model (balancer at 128 tokens) across steps: even loads, then the
+    feedback of that step, then skewed loads, then their feedback."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from skiptron.training.routing import RoutingMeter
+
+    model = _model(1, balance=128)
+    dp = ps.get_data_parallel_group()
+    even = torch.randint(VOCAB, (4, 33), generator=torch.Generator().manual_seed(7 + ps.get_data_parallel_rank()))
+    skewed = _skewed_tokens(model, hot=ps.get_data_parallel_rank() == 0, n=(8, 65))
+    calls, original = [], dist.all_gather
+    out = []
+
+    def step(tokens):
+        calls.clear()
+        model(tokens)
+        gathers = len(calls)
+        meter = RoutingMeter()
+        meter.add(model.routing_records())
+        _, feedback = meter.reduce(dp)
+        model.update_routing(feedback)
+        out.append((gathers, {i: f.shed_tokens for i, f in feedback.items()},
+                    {i: r.balance.get("shed_tokens") for i, r in model.routing_records().items()}))
+
+    dist.all_gather = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
+    try:
+        for tokens in (even, even, skewed, skewed):
+            step(tokens)
+    finally:
+        dist.all_gather = original
+    return out
+
+
+def test_threshold_layers_gather_counts_only_while_loads_near_the_balancer_threshold(pool2):
+    """Each count gather is a point where every rank waits for the slowest. After a step whose loads stayed below
+    half the balancer's threshold, threshold layers skip it (and the exchange) in the next; a step with skewed loads
+    brings it back. The shed every step feeds back equals what the balancer computes from gathered counts."""
+    for steps in pool2.run(_gathers_after_feedback):
+        (first, shed1, seen1), (second, _, seen2), (third, shed3, _), (fourth, _, seen4) = steps
+        assert first == 2 and all(shed1[i] == seen1[i] < 64 for i in shed1), steps  # gathered, found even
+        assert second == 0 and not any(seen2.values()), steps  # skipped: no gather, no balance stats
+        assert third == 0 and max(shed3.values()) >= 64, steps  # skewed, not yet gathered: the feedback sees it
+        assert fourth >= 1 and any(v is not None and v >= 64 for v in seen4.values()), steps
+
+
 def _host_reads_per_forward(skip):
     """Reads of device values during one forward of a 2-layer routed model on skewed tokens (balancer on, exact)."""
     from megatron.core import parallel_state as ps

@@ -38,6 +38,7 @@ from skiptron.training.config import load_config
 from skiptron.training.engine import build_engine
 from skiptron.training.flops import config_flops_per_token
 from skiptron.training.model import GPT
+from skiptron.training.routing import LayerFeedback
 from skiptron.training.trainer import Trainer, build_model, seed_everything
 from skiptron.training import verbosity
 
@@ -123,7 +124,7 @@ def _skewed_model(cfg, vocab: int, rate: float, balance: bool, tokens: torch.Ten
     with torch.no_grad():
         for _ in range(3):  # each layer's input depends on the layers before it
             model(tokens)
-            model.update_routing({i: r.logit_quantile for i, r in model.routing_records().items()})
+            model.update_routing({i: LayerFeedback(r.logit_quantile) for i, r in model.routing_records().items()})
     return model
 
 

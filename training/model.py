@@ -39,7 +39,7 @@ from skiptron.parallel.tensor_parallel import copy_to_tp_region, reduce_from_tp_
 from .config import ModelConfig
 from .fused_loss import chunked_cross_entropy
 from .layers import Block, megatron_config, normal_init, rms_norm, shard_local
-from .routing import RoutedBlock
+from .routing import LayerFeedback, RoutedBlock
 from .srupp import SRUppBlock
 
 
@@ -236,10 +236,10 @@ class GPT(nn.Module):
         self.head = seq[-1][1]()
         self._inspect = ModelOutput(None, None, {})
 
-    def update_routing(self, logit_quantiles: dict[int, float]) -> None:
-        """Feed each routed layer's budget controller the logit quantile measured over the DP batch."""
-        for i, q in logit_quantiles.items():
-            self.blocks[i].update_controller(q)
+    def update_routing(self, feedback: dict[int, LayerFeedback]) -> None:
+        """Feed each routed layer what the step measured over the DP batch (`RoutingMeter.reduce`)."""
+        for i, layer in feedback.items():
+            self.blocks[i].update_after_step(layer)
 
     @property
     def last_lm_loss(self) -> torch.Tensor | None:

@@ -36,6 +36,7 @@ from skiptron.parallel.tensor_parallel import copy_to_tp_region
 
 from .config import Config
 from .model import head_loss, layer_sequence, run_block, vocab_padding, vocab_start
+from .routing import LayerFeedback
 
 
 class MappingError(RuntimeError):
@@ -280,11 +281,11 @@ class GPTPipe(PipelineModule):
             for target in targets:
                 target.collector = None
 
-    def update_routing(self, logit_quantiles: dict[int, float]) -> None:
+    def update_routing(self, feedback: dict[int, LayerFeedback]) -> None:
         stages = self._routed()
-        for i, q in logit_quantiles.items():
+        for i, layer in feedback.items():
             if i in stages:
-                stages[i].layer.update_controller(q)
+                stages[i].layer.update_after_step(layer)
 
     def tied_embedding(self) -> torch.Tensor | None:
         """This stage's copy of the tied embedding weight (first and last stage), else None."""

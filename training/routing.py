@@ -105,6 +105,15 @@ class TokenExchanges:
                 "bytes_moved": sum(s.bytes_moved for s in self.stats)}
 
 
+class LayerFeedback(NamedTuple):
+    """What a train step measured for one routed layer over the DP batch, fed back before the next step: the
+    (1 - target) quantile of its router logits (the budget controller's signal) and the tokens its most loaded DP
+    rank would have shed to balance the layer's load (the largest over the step's micro-batches; None: unknown)."""
+
+    logit_quantile: float
+    shed_tokens: int | None = None
+
+
 class RoutedBlock(nn.Module):
     """A transformer block (or its MLP, or its attention), or an SRU++ layer, executed only for the tokens its router
     picks. `forward(x, positions) -> (out, RoutingRecord)`; `step(x, cache) -> (out, cache)` for decoding."""
@@ -116,13 +125,22 @@ class RoutedBlock(nn.Module):
         self.router = build_router(skip, hidden, eps, init_std)
         self.skip = skip
         self.balance = balance  # tokens the most loaded DP rank must shed for the exchange to run; None: never
+        self.counts_due = True  # whether this step gathers the DP ranks' counts for the balancer (`update_after_step`)
         # Queries of `kv: all` layers are projected with slices of the fused QKV weight, outside that module's
         # forward: ZeRO-3 must gather it for this block's forward.
         for param in block.attn.projection_parameters() if isinstance(block, Block) else ():
             deepspeed.zero.register_external_parameter(self, param)
 
-    def update_controller(self, logit_quantile: float) -> None:
-        self.router.update_controller(logit_quantile)
+    def update_after_step(self, feedback: LayerFeedback) -> None:
+        """The budget controller's update, and whether the next step gathers the ranks' counts. The gather is a
+        point where every DP rank waits for the slowest, per layer and micro-batch; threshold routing makes it only
+        for the balancer, which exchanges when a rank would shed `balance` tokens. So it is skipped while the last
+        step's loads stayed below half of that (random loads, once the routers are trained, shed a few dozen
+        tokens). Capacity routing's top-k brings the counts anyway. Every rank gets the same feedback, so all skip
+        together; balancing never changes the results, only which rank computes."""
+        self.router.update_controller(feedback.logit_quantile)
+        self.counts_due = (self.balance is not None and
+                           (feedback.shed_tokens is None or 2 * feedback.shed_tokens >= self.balance))
 
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
         return self.block.mlp(self.block.mlp_norm(h[None])).squeeze(0)  # a squeeze's backward is a view, a select's a copy
@@ -197,7 +215,7 @@ class RoutedBlock(nn.Module):
         b, s, d = x.shape
         transformer = isinstance(self.block, Block)
         dp = state.dp_group_or_none()
-        proposal = self.router.propose(x, dp if self.balance is not None else None)
+        proposal = self.router.propose(x, dp if self.balance is not None and self.counts_due else None)
         # what the decision does not change runs while its DP collective is in flight (`Proposal`)
         base, normed, keys_values = x, None, None
         if transformer and self.skip.granularity == "mlp":
@@ -210,7 +228,8 @@ class RoutedBlock(nn.Module):
         tokens = chosen_tokens(decision.active, counts)
         # rows move by index_select: its backward is an index_add, an advanced index's an accumulating index_put
         gate = decision.gate.flatten().index_select(0, tokens.rows).to(x.dtype)[:, None]
-        tokenwise = TokenExchanges(dp, self.balance, x.device, rank_counts)
+        balance = self.balance if rank_counts is not None else None  # the balancer plans from gathered counts only
+        tokenwise = TokenExchanges(dp, balance, x.device, rank_counts)
         out = base.reshape(b * s, d).index_add(0, tokens.rows, gate * self._branch(x, base, tokens, tokenwise,
                                                                                   keys_values, normed))
         if decision.skipped_gate is not None:
@@ -220,7 +239,7 @@ class RoutedBlock(nn.Module):
             # every DP rank's skipped tokens: its micro-batch (one shape on every rank) minus its active ones
             other_counts = None if rank_counts is None else tuple(b * s - c for c in rank_counts)
             with torch.no_grad():
-                branch = self._branch(x, base, others, TokenExchanges(dp, self.balance, x.device, other_counts),
+                branch = self._branch(x, base, others, TokenExchanges(dp, balance, x.device, other_counts),
                                       keys_values, normed)
             out = out.index_add(0, others.rows, decision.skipped_gate.flatten().index_select(0, others.rows)
                                 .to(x.dtype)[:, None] * branch)
@@ -244,11 +263,11 @@ class RoutingMeter:
         if records:
             self.records.append(records)
 
-    def reduce(self, group) -> tuple[dict[str, float], dict[int, float]]:
-        """(metrics, layer -> (1 - target) quantile of router logits), averaged over micro-batches and DP.
+    def reduce(self, group) -> tuple[dict[str, float], dict[int, LayerFeedback]]:
+        """(metrics averaged over micro-batches and DP, layer -> what the next step needs: `LayerFeedback`).
 
-        The per-layer values stay on the device until here: one stack, one all-reduce on the layout's device (what
-        NCCL needs) and one read-back per step."""
+        The per-layer values stay on the device until here: two all-reduces (the mean, and the ranks' largest active
+        counts) on the layout's device (what NCCL needs) and one read-back per step."""
         if not self.records:
             return {}, {}
         layers = sorted(self.records[0])
@@ -268,8 +287,20 @@ class RoutingMeter:
             stats = [{**b, "exchange_ms": 1e3 * watch.take().get("exchange", 0.0)} for b, watch in balanced]
             host = [sum(b[k] for b in stats) / len(stats) for k in BALANCE_KEYS]
             parts.append(torch.tensor(host, dtype=torch.float64, device=device))
-        mean = state.all_reduce_mean(torch.cat(parts), group).tolist()
-        layer_quantiles, mean = dict(zip(layers, mean[:len(layers)])), mean[len(layers):]
+        # each rank's active tokens per (layer, micro-batch): their sum (in the mean's all-reduce) and largest give
+        # `balance.shed_tokens` of every layer and micro-batch
+        active = torch.tensor([[r[i].active_tokens for r in self.records] for i in layers], dtype=torch.float64,
+                              device=device)
+        largest = active.clone()
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
+        world = dist.get_world_size(group)
+        reduced = state.all_reduce_mean(torch.cat(parts + [active.flatten()]), group)
+        mean_load = torch.round(reduced[-active.numel():].view_as(active) * world) / world
+        shed = (largest - torch.ceil(mean_load)).amax(dim=1)
+        host = torch.cat([reduced[:-active.numel()], shed]).tolist()
+        mean, shed = host[:-len(layers)], host[-len(layers):]
+        feedback = {i: LayerFeedback(mean[j], int(shed[j])) for j, i in enumerate(layers)}
+        mean = mean[len(layers):]
         out = {f"skip/rate/L{i}": mean[j] for j, i in enumerate(layers)}
         out["skip/exec_rate"] = sum(mean[:len(layers)]) / len(layers)
         out["skip/aux_loss"] = mean[len(layers)]
@@ -280,4 +311,4 @@ class RoutingMeter:
             mean = mean[len(predicted):]
         if balanced:
             out.update({f"skip/{k}": v for k, v in zip(BALANCE_KEYS, mean)})
-        return out, layer_quantiles
+        return out, feedback

@@ -173,8 +173,8 @@ class Trainer:
             routing.add(out.routing)
             n += 1
         loss = state.all_reduce_mean(total / n, state.dp_group()).item()
-        routing_metrics, logit_quantiles = routing.reduce(state.dp_group())
-        self.engine.module.update_routing(logit_quantiles)
+        routing_metrics, feedback = routing.reduce(state.dp_group())
+        self.engine.module.update_routing(feedback)
         return {"loss": loss, **routing_metrics}
 
     def _pipe_train_step(self, batches) -> dict[str, float]:
@@ -187,8 +187,8 @@ class Trainer:
         routing = RoutingMeter()
         for records in collected.routing_per_micro_batch():
             routing.add(records)
-        routing_metrics, logit_quantiles = routing.reduce(state.dp_group())  # this stage's layers, its DP group
-        module.update_routing(logit_quantiles)
+        routing_metrics, feedback = routing.reduce(state.dp_group())  # this stage's layers, its DP group
+        module.update_routing(feedback)
         return {"loss": loss, **_merge_stage_routing(routing_metrics)}
 
     def _from_last_stage(self, losses: list) -> float:
