@@ -227,7 +227,8 @@ class ParallelConfig(Section):
     balance_tokens: bool = Field(True, description="even out routed tokens across data-parallel ranks")
     balance_min_tokens: int = Field(
         128, ge=0, description="exchange only when the most loaded DP rank would shed at least this many active tokens "
-                               "(an exchange costs four collectives' latency per routed computation); 0: exact balance "
+                               "(an exchange costs four collectives' latency per routed computation); threshold layers "
+                               "whose last step shed less than half of it skip the count gather; 0: exact balance "
                                "at any unevenness")
 
     @property
