@@ -27,6 +27,7 @@ def _train(overrides, data, run_dir, stop_at=None):
     cfg = load_config(None, BASE + CKPT + [f"data.path={data}", f"run.dir={run_dir}"] + overrides)
     trainer = Trainer.setup(cfg)
     start = trainer.progress.step
+    gathers_start = trainer.extra_state["balancer_gathers"].state_dict()
     if stop_at:
         signal_at_step(trainer, stop_at)
     trainer.run()
@@ -34,7 +35,8 @@ def _train(overrides, data, run_dir, stop_at=None):
     dist.barrier()
     losses = {m["step"]: m["loss"] for m in read_metrics(run_dir)} if dist.get_rank() == 0 else None
     return {"losses": losses, "weights": weights, "start": start, "step": trainer.progress.step,
-            "samples": trainer.progress.consumed_samples, "stopped_by": trainer.stopped_by}
+            "samples": trainer.progress.consumed_samples, "stopped_by": trainer.stopped_by,
+            "gathers_start": gathers_start, "gathers_end": trainer.extra_state["balancer_gathers"].state_dict()}
 
 
 def _same_weights(a, b, atol=0.0):
@@ -63,6 +65,10 @@ def test_exact_resume_after_signal(pool2, tiny_data, tmp_path, layout):
     assert second[0]["losses"] == full[0]["losses"]  # steps 1..10 from the first run, 11..20 from the resumed one
     for rank in range(2):
         _same_weights(second[rank]["weights"], full[rank]["weights"])
+        # the balancer's count gathers resume where they stood (even loads: off, where a fresh start gathers)
+        assert second[rank]["gathers_start"] == first[rank]["gathers_end"], (second[rank], first[rank])
+    if "model.skip.enabled=true" in layout:
+        assert first[0]["gathers_end"] and not any(first[0]["gathers_end"].values()), first[0]["gathers_end"]
 
 
 @pytest.mark.parametrize("before, after", [

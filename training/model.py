@@ -236,6 +236,10 @@ class GPT(nn.Module):
         self.head = seq[-1][1]()
         self._inspect = ModelOutput(None, None, {})
 
+    def routed_layers(self) -> dict[int, RoutedBlock]:
+        """Layer index -> routed block."""
+        return {i: b for i, b in enumerate(self.blocks) if isinstance(b, RoutedBlock)}
+
     def update_routing(self, feedback: dict[int, LayerFeedback]) -> None:
         """Feed each routed layer what the step measured over the DP batch (`RoutingMeter.reduce`)."""
         for i, layer in feedback.items():

@@ -281,6 +281,10 @@ class GPTPipe(PipelineModule):
             for target in targets:
                 target.collector = None
 
+    def routed_layers(self) -> dict[int, nn.Module]:
+        """Layer index -> routed block, of this stage's layers."""
+        return {i: stage.layer for i, stage in self._routed().items()}
+
     def update_routing(self, feedback: dict[int, LayerFeedback]) -> None:
         stages = self._routed()
         for i, layer in feedback.items():

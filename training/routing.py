@@ -253,6 +253,23 @@ class RoutedBlock(nn.Module):
         return out, record
 
 
+class BalancerGathers:
+    """Which routed layers gather the ranks' counts in the next step (`RoutedBlock.counts_due`), as a checkpointed
+    object (`Trainer.extra_state`): a resumed run gathers, and so balances, exactly where the uninterrupted run would
+    (an exchange changes which rank computes a token, so the rounding of the sums). A layer without a saved state
+    (an older checkpoint, another pipeline layout) gathers."""
+
+    def __init__(self, layers: dict[int, "RoutedBlock"]):
+        self.layers = layers
+
+    def state_dict(self) -> dict:
+        return {i: block.counts_due for i, block in self.layers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for i, block in self.layers.items():
+            block.counts_due = bool(state.get(i, True))
+
+
 class RoutingMeter:
     """Accumulates routed blocks' records over a step's micro-batches; `metrics()` averages them over DP."""
 

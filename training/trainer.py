@@ -29,7 +29,7 @@ from .loader import BlendedStream, TokenLoader, check_sources
 from .memory import large_blocks_returned
 from .metrics import MetricsLogger
 from .model import GPT, compile_blocks
-from .routing import RoutingMeter
+from .routing import BalancerGathers, RoutingMeter
 from .runlock import RunDirBusy, RunLock
 from .signals import EXIT_PREEMPTED, Preempted, StopSignals
 
@@ -128,6 +128,7 @@ class Trainer:
             save_config(cfg, Path(cfg.run.dir) / "config.yaml")
         trainer = cls(cfg, layout, engine, precision, vocab, manifest, guard=guard, lock=lock)
         trainer.extra_state["step_guard"] = guard
+        trainer.extra_state["balancer_gathers"] = BalancerGathers(engine.module.routed_layers())
         trainer.resume()
         return trainer
 
