@@ -17,9 +17,10 @@ from typing import Iterator, NamedTuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-# ops whose output shape or value the host must read from the device (torch 2.13)
+# ops whose output shape or value the host must read from the device (torch 2.13); bincount reads its input's
+# largest value to size its output (on CUDA: `.item()` inside the op, which the CPU's kernel does not show)
 READING_OPS = frozenset({"nonzero", "_local_scalar_dense", "masked_select", "unique", "_unique2", "unique_dim",
-                         "unique_consecutive", "repeat_interleave"})
+                         "unique_consecutive", "repeat_interleave", "bincount"})
 
 
 class Read(NamedTuple):

@@ -9,7 +9,8 @@ flat index), the same split derived on every rank. Two ways to the same result:
 - `select`: radix selection of the k-th highest value over the scores' order-preserving 32-bit keys, a byte per
   round. Each round all-reduces a 256-bin histogram of the next byte over the tokens still tied with the k-th (4
   rounds of 2 KiB, whatever the world and batch size); then one all_gather of each rank's (above, tied) counts, two
-  integers, splits the ties by rank. Per rank O(n) work, no sort, and no host synchronization.
+  integers, splits the ties by rank. Per rank O(n) work, no sort, and no host synchronization (`tests/test_topk.py`
+  counts the reads).
 
 `auto` gathers while the group's scores number at most `GATHER_MAX`, else selects. The collective that starts first
 is in flight when `start_top_k` returns: the caller computes what does not depend on the split, then `wait()`s.
@@ -75,8 +76,12 @@ def sortable_keys(x: torch.Tensor) -> torch.Tensor:
 
 
 def _histogram(digits: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
-    """Counts [256] (int64) of the candidates' digits (the others counted in a 257th bin, dropped)."""
-    return torch.bincount(torch.where(candidate, digits, 256), minlength=257)[:256]
+    """Counts [256] (int64) of the candidates' digits (the others counted in a 257th bin, dropped). A scatter-add
+    into fixed bins: `bincount` reads its input's largest value to size its output, a host synchronization on CUDA
+    (a scatter-add of a 1-d tensor is deterministic there, and exact for integers anywhere)."""
+    bins = torch.where(candidate, digits, 256)
+    return torch.zeros(257, dtype=torch.int64, device=digits.device).scatter_add_(
+        0, bins, torch.ones((), dtype=torch.int64, device=digits.device).expand_as(bins))[:256]
 
 
 def _start_select(flat, shape, k: int, group, world: int) -> PendingTopK:

@@ -20,6 +20,7 @@ def _reference(everything: torch.Tensor, k: int, world: int):
 def _splits():
     import torch.distributed as dist
 
+    from skiptron.parallel.syncs import host_reads
     from skiptron.parallel.topk import start_top_k
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -28,8 +29,9 @@ def _splits():
         scores = make(torch.Generator().manual_seed(rank))
         for k in ks:
             for method in ("gather", "select"):
-                mask, counts = start_top_k(scores, k, dist.group.WORLD, method).wait()
-                out[name, k, method] = (scores, mask, counts)
+                with host_reads() as reads:  # a GPU's host never waits for the split
+                    mask, counts = start_top_k(scores, k, dist.group.WORLD, method).wait()
+                out[name, k, method] = (scores, mask, counts, list(reads))
     return out, world
 
 
@@ -41,9 +43,10 @@ def test_selection_and_gather_give_the_sorted_split_on_every_rank(pool2):
         everything = torch.stack([r[0][key][0].flatten() for r in results])
         expected = _reference(everything, k, world)
         for rank, (out, _) in enumerate(results):
-            _, mask, counts = out[key]
+            _, mask, counts, reads = out[key]
             assert torch.equal(mask.flatten(), expected[rank]), key
             assert counts.tolist() == expected.sum(1).tolist(), key
+            assert reads == [], (key, reads)
 
 
 def test_sortable_keys_order_floats_as_their_values():
