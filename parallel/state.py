@@ -149,8 +149,8 @@ class PendingGather:
     """An all_gather in flight (`all_gather_async`): the caller computes something else meanwhile and `wait()`s
     for the result only when it needs it, so a rank that arrives early works instead of waiting for the others."""
 
-    def __init__(self, parts: list[torch.Tensor], work=None):
-        self.parts = parts
+    def __init__(self, gathered: torch.Tensor, work=None):
+        self.gathered = gathered
         self.work = work
 
     def wait(self) -> torch.Tensor:
@@ -158,13 +158,14 @@ class PendingGather:
         if self.work is not None:
             self.work.wait()
             self.work = None
-        return self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts)
+        return self.gathered
 
 
 def all_gather_async(value: torch.Tensor, group=None) -> PendingGather:
-    """Start gathering `value` from every rank of `group` (None or one rank: nothing to gather)."""
+    """Start gathering `value` (at least 1-d) from every rank of `group` (None or one rank: nothing to gather) into
+    one tensor: a list of one tensor per rank would cost the host O(world) tensors per call."""
     if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return PendingGather([value])
+        return PendingGather(value)
     value = value.contiguous()
-    parts = [torch.empty_like(value) for _ in range(dist.get_world_size(group))]
-    return PendingGather(parts, dist.all_gather(parts, value, group=group, async_op=True))
+    gathered = value.new_empty((dist.get_world_size(group) * value.shape[0], *value.shape[1:]))
+    return PendingGather(gathered, dist.all_gather_into_tensor(gathered, value, group=group, async_op=True))

@@ -104,23 +104,24 @@ def test_balancing_is_exact_under_zero(pool2, tiny_data, tmp_path, stage):
 
 
 def _all_gathers_per_forward(mode):
-    """all_gather calls during one forward of a 2-layer routed model on skewed tokens (balancer on), and what moved."""
+    """all_gather calls (into one tensor) during one forward of a 2-layer routed model on skewed tokens (balancer
+    on), and what moved."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     model = _model(1, mode=mode)
     tokens = _skewed_tokens(model, hot=ps.get_data_parallel_rank() == 0)
-    calls, original = [], dist.all_gather
+    calls, original = [], dist.all_gather_into_tensor
 
     def counted(*args, **kwargs):
         calls.append(kwargs.get("group"))
         return original(*args, **kwargs)
 
-    dist.all_gather = counted
+    dist.all_gather_into_tensor = counted
     try:
         model(tokens)
     finally:
-        dist.all_gather = original
+        dist.all_gather_into_tensor = original
     return len(calls), len(model.routing_records()), sum(r.balance["tokens_moved"] for r in
                                                          model.routing_records().values())
 
@@ -146,7 +147,7 @@ def _gathers_after_feedback():
     dp = ps.get_data_parallel_group()
     even = torch.randint(VOCAB, (4, 33), generator=torch.Generator().manual_seed(7 + ps.get_data_parallel_rank()))
     skewed = _skewed_tokens(model, hot=ps.get_data_parallel_rank() == 0, n=(8, 65))
-    calls, original = [], dist.all_gather
+    calls, original = [], dist.all_gather_into_tensor
     out = []
 
     def step(tokens):
@@ -160,12 +161,12 @@ def _gathers_after_feedback():
         out.append((gathers, {i: f.shed_tokens for i, f in feedback.items()},
                     {i: r.balance.get("shed_tokens") for i, r in model.routing_records().items()}))
 
-    dist.all_gather = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
+    dist.all_gather_into_tensor = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
     try:
         for tokens in (even, even, skewed, skewed):
             step(tokens)
     finally:
-        dist.all_gather = original
+        dist.all_gather_into_tensor = original
     return out
 
 

@@ -1,4 +1,4 @@
-"""`skiptron-bench-routing compute|balance|topk|decode`: what skip routing saves, what the DP token balancer buys,
+"""`skiptron-bench-routing compute|balance|topk|decode|plan`: what skip routing saves, what the DP token balancer buys,
 what capacity routing's group-wide top-k costs, and decoding speed.
 
 compute (one process, or DP ranks under torchrun with the token balancer as configured): a whole train step
@@ -18,6 +18,9 @@ topk (torchrun, 2 or more processes): capacity routing's group-wide top-k (`para
 by radix selection, per-rank time (the slowest rank's) and bytes received, for growing numbers of scores per rank
 (`--tokens`). The gather's cost grows with world x tokens (what every rank receives and sorts), the selection's with
 the rank's own tokens.
+
+plan (one process, no process group): the balancer's host time per exchange (a rank's sends and receives, and the
+shed that decides), for DP groups of `--worlds` ranks.
 
 decode (one process): `IncrementalDecoder` tokens/s (KV cache) of the dense model and of each router at batch 1 and 8,
 untrained, or of trained checkpoints (`--checkpoints NAME=DIR,... --data DIR`) next to their validation loss.
@@ -295,13 +298,29 @@ def topk_bench(args) -> dict:
     return result
 
 
+def plan_bench(args) -> dict:
+    """Host time per rank of what the balancer does for each exchange besides communicating, for growing DP groups
+    (no process group needed): its own sends and receives from the gathered counts (`rank_splits`) and the shed
+    that decides whether to exchange. It grows with the group only through vector operations."""
+    from skiptron.parallel.balance import rank_splits, shed_tokens
+
+    result = {}
+    for world in (int(v) for v in args.worlds.split(",")):
+        counts = tuple(torch.randint(900, 1100, (world,), generator=torch.Generator().manual_seed(world)).tolist())
+        systems = {"plan": lambda c=counts, w=world: (rank_splits(c, w // 2), shed_tokens(c))}
+        seconds = alternate_timings(systems, torch.device("cpu"), args.warmup, args.rounds, args.steps)["plan"]
+        result[world] = statistics.median(seconds)
+        print(f"DP group of {world:6d} ranks: {result[world] * 1e6:9.1f} us of host time per exchange plan")
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="skiptron-bench-routing", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["compute", "balance", "topk", "decode"],
+    p.add_argument("mode", choices=["compute", "balance", "topk", "decode", "plan"],
                    help="compute: routed vs dense step time in one process; balance: the DP token balancer; "
                         "topk: capacity routing's group-wide top-k; decode: IncrementalDecoder tokens/s, dense vs "
-                        "each router")
+                        "each router; plan: the balancer's host time per exchange for growing DP groups")
     p.add_argument("--config", default="tiny", help="YAML file or preset name (tiny, 125m, 350m, 1.3b, 6.7b)")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the model (default: %(default)s)")
     p.add_argument("--granularity", default="mlp", choices=["layer", "mlp"], help="balance mode")
@@ -314,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each round (default: %(default)s)")
     p.add_argument("--tokens", default="2048,32768,262144,2097152",
                    help="topk: scores per rank, comma-separated (default: %(default)s)")
+    p.add_argument("--worlds", default="8,64,1024,8192",
+                   help="plan: DP group sizes, comma-separated (default: %(default)s)")
     p.add_argument("--prompt", type=int, default=64, help="decode: prompt tokens (default: %(default)s)")
     p.add_argument("--new-tokens", type=int, default=64, help="decode: generated tokens (default: %(default)s)")
     p.add_argument("--checkpoints", help="decode: NAME=CHECKPOINT,... trained models to decode instead of the "
@@ -330,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     result = {"compute": compute, "balance": balance_bench, "topk": topk_bench,
-              "decode": decode_bench}[args.mode](args)
+              "decode": decode_bench, "plan": plan_bench}[args.mode](args)
     if args.json and (not dist.is_initialized() or dist.get_rank() == 0):
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from skiptron.parallel import state
-from skiptron.parallel.balance import BalanceStats, balance, gather_counts, shed_tokens
+from skiptron.parallel.balance import BalanceStats, balance, gather_counts
 from skiptron.parallel.timing import Stopwatch
 
 from .config import SkipConfig
@@ -100,7 +100,7 @@ class TokenExchanges:
             return {}
         first = self.stats[0]
         return {"imbalance_before": first.imbalance_before, "imbalance_after": first.imbalance_after,
-                "shed_tokens": shed_tokens(first.counts),
+                "shed_tokens": first.shed_tokens,
                 "tokens_moved": sum(s.tokens_moved for s in self.stats),
                 "bytes_moved": sum(s.bytes_moved for s in self.stats)}
 
