@@ -243,10 +243,9 @@ def _join(head: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------------ stats
 @dataclass(frozen=True)
 class BalanceStats:
-    """One `balance` call. Loads are per-rank active token counts over the group."""
+    """One `balance` call. Loads are per-rank active token counts over the group; only scalars are kept, so a
+    forward's statistics cost the same at any DP size."""
 
-    counts: tuple[int, ...]          # loads before (all ranks)
-    loads_after: tuple[int, ...]     # loads after (all ranks)
     imbalance_before: float          # max load / mean load (1.0 when all ranks hold 0 tokens)
     imbalance_after: float
     shed_tokens: int                 # what balancing takes off the most loaded rank (`shed_tokens`), moved or not
@@ -364,7 +363,6 @@ def balance(x, group=None, min_tokens: int = 0, counts: tuple[int, ...] | None =
     after = plan.targets if moved else plan.counts
     per_token_bytes = sum(math.prod(t.shape[1:]) * t.element_size() for t in xs)
     stats = BalanceStats(
-        counts=tuple(plan.counts.tolist()), loads_after=tuple(after.tolist()),
         imbalance_before=_imbalance(plan.counts), imbalance_after=_imbalance(after),
         shed_tokens=shed, tokens_moved=int(plan.send_end[-1]) if moved else 0, tokens_sent=sent,
         tokens_received=received,

@@ -150,8 +150,6 @@ def _check_exact(results, counts, tol, rtol=0.0):
         for a, b in zip(gw1, gw0):
             torch.testing.assert_close(a, b, atol=tol, rtol=rtol)
         loads.append(load)
-        assert stats.counts == tuple(counts)
-        assert list(stats.loads_after) == loads_after_from_plan(counts)
     assert sum(loads) == total
     assert all(total // world <= m <= -(-total // world) for m in loads)
     assert loads == loads_after_from_plan(counts)
@@ -272,7 +270,7 @@ def test_stats_and_collectives_known_case(pool4):
         assert stats.imbalance_before == pytest.approx(2.0)
         assert stats.imbalance_after == pytest.approx(1.0)
         assert stats.tokens_moved == 3
-        assert stats.loads_after == (3, 3, 3, 3)
+        assert counts[rank] - stats.tokens_sent + stats.tokens_received == 3
         # rank 0 sends its last 3 tokens (1 to rank 1, 2 to rank 2): 3 * (8 * 4 + 8) bytes
         assert stats.bytes_moved == (3 * 40 if rank == 0 else 0)
         assert stats.tokens_sent == [3, 0, 0, 0][rank]
@@ -382,12 +380,12 @@ def _exchanges_at(min_tokens):
     out = bt.restore(bt.tokens * 2)
     out.sum().backward()
     assert torch.equal(x.grad, torch.full_like(x, 2.0))
-    return bt.stats.tokens_moved, bt.stats.loads_after
+    return bt.stats.tokens_moved, bt.num_tokens
 
 
 def test_min_tokens_exchanges_only_when_the_most_loaded_rank_sheds_that_many(pool4):
     """Counts 6, 2, 1, 3: the most loaded rank sheds 3 tokens; every rank decides alike from the gathered counts."""
-    assert pool4.run(_exchanges_at, 3) == [(3, (3, 3, 3, 3))] * 4
-    assert pool4.run(_exchanges_at, 4) == [(0, (6, 2, 1, 3))] * 4
+    assert pool4.run(_exchanges_at, 3) == [(3, 3)] * 4
+    assert pool4.run(_exchanges_at, 4) == [(0, 6), (0, 2), (0, 1), (0, 3)]
     with pytest.raises(ValueError, match="min_tokens must be >= 0"):
         balance(torch.zeros(3, 2), min_tokens=-1)
