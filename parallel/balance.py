@@ -118,20 +118,23 @@ def plan_targets(counts: Sequence[int]) -> list[int]:
 
 
 def plan_moves(counts: Sequence[int]) -> list[tuple[int, int, int]]:
-    """The plan as a sparse list of (src, dst, n) with n > 0, sorted by src then dst."""
+    """The plan as a sparse list of (src, dst, n) with n > 0, sorted by src then dst: the segments between the two
+    lines' interval ends, each lying in one sender's and one receiver's interval; O(W log W)."""
     plan = _plan(counts)
-    moves: list[tuple[int, int, int]] = []
-    for src in np.flatnonzero(plan.send_end > plan.send_start).tolist():
-        amounts = _overlap(plan.send_start[src], plan.send_end[src], plan.recv_start, plan.recv_end)
-        dsts = np.flatnonzero(amounts)
-        moves += zip([src] * dsts.size, dsts.tolist(), amounts[dsts].tolist())
-    return moves
+    ends = np.union1d(plan.send_end, plan.recv_end)
+    starts = np.concatenate(([0], ends[:-1]))
+    segments = ends > starts
+    starts, lengths = starts[segments], (ends - starts)[segments]
+    src = np.searchsorted(plan.send_end, starts, side="right")
+    dst = np.searchsorted(plan.recv_end, starts, side="right")
+    return list(zip(src.tolist(), dst.tolist(), lengths.tolist()))
 
 
 def plan_transfers(counts: Sequence[int]) -> list[list[int]]:
     """Dense send matrix S: S[i][j] tokens go from rank i to rank j (S[i][i] == 0). See the module notes.
 
-    Pure and deterministic. The matrix is W x W; for very large groups prefer `plan_moves`; `balance` computes only its own rank's row and column.
+    Pure and deterministic. The matrix is W x W; for very large groups prefer `plan_moves`. `balance` computes only
+    its own rank's row and column (`rank_splits`).
     """
     world = len(counts)
     send = [[0] * world for _ in range(world)]
