@@ -122,6 +122,8 @@ def plan_moves(counts: Sequence[int]) -> list[tuple[int, int, int]]:
     lines' interval ends, each lying in one sender's and one receiver's interval; O(W log W)."""
     plan = _plan(counts)
     ends = np.union1d(plan.send_end, plan.recv_end)
+    if not ends.size:
+        return []
     starts = np.concatenate(([0], ends[:-1]))
     segments = ends > starts
     starts, lengths = starts[segments], (ends - starts)[segments]

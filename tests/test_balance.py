@@ -77,6 +77,7 @@ def test_plan_known_cases():
     assert plan_targets([0, 0, 0, 10]) == [3, 2, 2, 3]
     assert plan_transfers([0, 0, 0]) == [[0] * 3] * 3
     assert plan_transfers([5]) == [[0]]
+    assert plan_moves([]) == [] and plan_targets([]) == [] and shed_tokens([]) == 0
     with pytest.raises(ValueError):
         plan_transfers([1, -1])
 
