@@ -11,8 +11,8 @@ rank computed them, so forward results and gradients are those of computing loca
     out = bt.restore(mlp(h) * s)                           # [n, H], rows in the order of `hidden`
     log(bt.stats.imbalance_before, bt.stats.imbalance_after, bt.stats.tokens_moved, bt.stats.bytes_moved)
 
-Communication per call: one all_gather of one int64 per rank into one tensor (the counts), then one all_to_all forward in `balance`
-and one in each `restore` (and one each in backward). Several per-token tensors travel in the same all_to_all,
+Communication per call: one all_gather of one int64 per rank into one tensor (the counts), then one all_to_all
+forward in `balance` and one in each `restore` (and one each in backward). Several per-token tensors travel in the same all_to_all,
 packed as bytes. When the counts are already balanced (no moves), no all_to_all happens; a group of size 1 makes no
 collective at all.
 
