@@ -12,8 +12,8 @@ rank computed them, so forward results and gradients are those of computing loca
     log(bt.stats.imbalance_before, bt.stats.imbalance_after, bt.stats.tokens_moved, bt.stats.bytes_moved)
 
 Communication per call: one all_gather of one int64 per rank into one tensor (the counts), then one all_to_all
-forward in `balance` and one in each `restore` (and one each in backward). Several per-token tensors travel in the same all_to_all,
-packed as bytes. When the counts are already balanced (no moves), no all_to_all happens; a group of size 1 makes no
+forward in `balance` and one in each `restore` (and one each in backward). Several per-token tensors travel in the
+same all_to_all, packed as bytes. When the counts are already balanced (no moves), no all_to_all happens; a group of size 1 makes no
 collective at all.
 
 When to exchange (`min_tokens`): an exchange shortens the step by the tokens the most loaded rank sheds (its load
@@ -56,8 +56,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["plan_targets", "plan_moves", "plan_transfers", "rank_splits", "shed_tokens", "BalanceStats", "BalancedTokens", "balance",
-           "gather_counts"]
+__all__ = ["plan_targets", "plan_moves", "plan_transfers", "rank_splits", "shed_tokens", "BalanceStats",
+           "BalancedTokens", "balance", "gather_counts"]
 
 
 # --------------------------------------------------------------------------------------------------------- planning
