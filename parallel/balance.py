@@ -13,8 +13,8 @@ rank computed them, so forward results and gradients are those of computing loca
 
 Communication per call: one all_gather of one int64 per rank into one tensor (the counts), then one all_to_all
 forward in `balance` and one in each `restore` (and one each in backward). Several per-token tensors travel in the
-same all_to_all, packed as bytes. When the counts are already balanced (no moves), no all_to_all happens; a group of size 1 makes no
-collective at all.
+same all_to_all, packed as bytes. When the counts are already balanced (no moves), no all_to_all happens; a group
+of size 1 makes no collective at all.
 
 When to exchange (`min_tokens`): an exchange shortens the step by the tokens the most loaded rank sheds (its load
 minus the highest target), and costs a fixed latency per collective (two there and back in the forward, two in the
