@@ -56,6 +56,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .state import all_gather_tensor
+
 __all__ = ["plan_targets", "plan_moves", "plan_transfers", "rank_splits", "shed_tokens", "BalanceStats",
            "BalancedTokens", "balance", "gather_counts"]
 
@@ -313,7 +315,7 @@ def gather_counts(n: int, group, device: torch.device) -> tuple[int, ...]:
         return (int(n),)
     local = torch.tensor([n], dtype=torch.int64, device=device)
     gathered = local.new_empty(world)
-    dist.all_gather_into_tensor(gathered, local, group=group)
+    all_gather_tensor(gathered, local, group=group)
     return tuple(gathered.tolist())
 
 

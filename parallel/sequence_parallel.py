@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from .state import all_gather_tensor
+
 SEQ_DIM = 1
-_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
@@ -46,7 +47,7 @@ def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
         return x
     if _native(group):
         out = x.new_empty((world * x.shape[SEQ_DIM],) + x.shape[:SEQ_DIM] + x.shape[SEQ_DIM + 1:])
-        _ALL_GATHER(out, x.movedim(SEQ_DIM, 0).contiguous(), group=group)
+        all_gather_tensor(out, x.movedim(SEQ_DIM, 0).contiguous(), group=group)
         return out.movedim(0, SEQ_DIM).contiguous()
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.contiguous(), group=group)

@@ -161,6 +161,14 @@ class PendingGather:
         return self.gathered
 
 
+def all_gather_tensor(output: torch.Tensor, value: torch.Tensor, group=None, async_op: bool = False):
+    """All-gather `value` from every rank of `group` into the one tensor `output`, in rank order. torch 2.13 calls
+    this `all_gather_single` and deprecates `all_gather_into_tensor` (a FutureWarning); older torch has only the
+    latter. Resolved at each call, so a test can count the calls by patching the name `dist` has."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(output, value, group=group, async_op=async_op)
+
+
 def all_gather_async(value: torch.Tensor, group=None) -> PendingGather:
     """Start gathering `value` (at least 1-d) from every rank of `group` (None or one rank: nothing to gather) into
     one tensor: a list of one tensor per rank would cost the host O(world) tensors per call."""
@@ -168,4 +176,4 @@ def all_gather_async(value: torch.Tensor, group=None) -> PendingGather:
         return PendingGather(value)
     value = value.contiguous()
     gathered = value.new_empty((dist.get_world_size(group) * value.shape[0], *value.shape[1:]))
-    return PendingGather(gathered, dist.all_gather_into_tensor(gathered, value, group=group, async_op=True))
+    return PendingGather(gathered, all_gather_tensor(gathered, value, group=group, async_op=True))

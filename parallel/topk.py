@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .state import all_gather_async
+from .state import all_gather_async, all_gather_tensor
 
 GATHER_MAX = 1 << 16  # scores in the whole group up to which one all_gather (and a sort) is cheaper than selection
 METHODS = ("auto", "gather", "select")
@@ -113,7 +113,7 @@ def _start_select(flat, shape, k: int, group, world: int) -> PendingTopK:
         above = keys > threshold
         counts = torch.stack([above.sum(), candidate.sum()])[None]  # candidate: now exactly the ties at the threshold
         everyone = torch.empty(world, 2, dtype=torch.int64, device=device)
-        dist.all_gather_into_tensor(everyone, counts, group=group)
+        all_gather_tensor(everyone, counts, group=group)
         tied_before = everyone[:, 1].cumsum(0) - everyone[:, 1]
         taken = (needed - tied_before).clamp(min=0).minimum(everyone[:, 1])  # ties each rank takes, lower ranks first
         rank = dist.get_rank(group) if world > 1 else 0

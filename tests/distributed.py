@@ -47,6 +47,14 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
     shutdown()
 
 
+def one_tensor_gather() -> str:
+    """The name of torch's all-gather into one tensor, as `skiptron.parallel.state.all_gather_tensor` resolves it:
+    tests patch that name to count the calls."""
+    import torch.distributed as dist
+
+    return "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+
+
 class DistPool:
     def __init__(self, world_size: int):
         self.world_size = world_size

@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from distributed import one_tensor_gather
 from skiptron.parallel.balance import balance, plan_moves, plan_targets, plan_transfers, rank_splits, shed_tokens
 
 COUNTS = st.lists(st.integers(0, 10**5), min_size=1, max_size=64)
@@ -234,7 +235,7 @@ def _count_collectives(counts):
 
     calls = []
     originals = {name: getattr(dist, name) for name in ("all_gather", "all_to_all_single", "all_reduce",
-                                                         "all_gather_into_tensor", "broadcast", "barrier")}
+                                                         one_tensor_gather(), "broadcast", "barrier")}
 
     def wrap(name):
         def fn(*a, **k):
@@ -265,7 +266,7 @@ def test_stats_and_collectives_known_case(pool4):
     counts = [6, 2, 1, 3]
     results = pool4.run(_count_collectives, counts)
     for rank, (stats, after_balance, after_restore, after_backward) in enumerate(results):
-        assert after_balance == ["all_gather_into_tensor", "all_to_all_single"]
+        assert after_balance == [one_tensor_gather(), "all_to_all_single"]
         assert after_restore == after_balance + ["all_to_all_single"]
         assert after_backward == after_restore + ["all_to_all_single"] * 2
         assert stats.imbalance_before == pytest.approx(2.0)
@@ -280,7 +281,7 @@ def test_stats_and_collectives_known_case(pool4):
 
 def test_balanced_counts_make_no_exchange(pool4):
     for stats, after_balance, after_restore, after_backward in pool4.run(_count_collectives, [2, 3, 2, 3]):
-        assert after_backward == ["all_gather_into_tensor"]
+        assert after_backward == [one_tensor_gather()]
         assert stats.tokens_moved == 0 and stats.imbalance_before == pytest.approx(1.2)
         assert stats.imbalance_after == stats.imbalance_before
     for stats, *_ in pool4.run(_count_collectives, [0, 0, 0, 0]):
@@ -292,7 +293,7 @@ def _singleton_group():
 
     rank = dist.get_rank()
     groups = [dist.new_group([r]) for r in range(dist.get_world_size())]  # collective: every rank makes every group
-    originals = {name: getattr(dist, name) for name in ("all_gather", "all_gather_into_tensor", "all_to_all_single")}
+    originals = {name: getattr(dist, name) for name in ("all_gather", one_tensor_gather(), "all_to_all_single")}
 
     def forbidden(*a, **k):
         raise AssertionError("a group of size 1 must not communicate")

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from distributed import one_tensor_gather
 from runs import train_run
 
 VOCAB = 64
@@ -111,17 +112,18 @@ def _all_gathers_per_forward(mode):
 
     model = _model(1, mode=mode)
     tokens = _skewed_tokens(model, hot=ps.get_data_parallel_rank() == 0)
-    calls, original = [], dist.all_gather_into_tensor
+    calls, gather = [], one_tensor_gather()
+    original = getattr(dist, gather)
 
     def counted(*args, **kwargs):
         calls.append(kwargs.get("group"))
         return original(*args, **kwargs)
 
-    dist.all_gather_into_tensor = counted
+    setattr(dist, gather, counted)
     try:
         model(tokens)
     finally:
-        dist.all_gather_into_tensor = original
+        setattr(dist, gather, original)
     return len(calls), len(model.routing_records()), sum(r.balance["tokens_moved"] for r in
                                                          model.routing_records().values())
 
@@ -147,7 +149,8 @@ def _gathers_after_feedback():
     dp = ps.get_data_parallel_group()
     even = torch.randint(VOCAB, (4, 33), generator=torch.Generator().manual_seed(7 + ps.get_data_parallel_rank()))
     skewed = _skewed_tokens(model, hot=ps.get_data_parallel_rank() == 0, n=(8, 65))
-    calls, original = [], dist.all_gather_into_tensor
+    calls, gather = [], one_tensor_gather()
+    original = getattr(dist, gather)
     out = []
 
     def step(tokens):
@@ -161,12 +164,12 @@ def _gathers_after_feedback():
         out.append((gathers, {i: f.shed_tokens for i, f in feedback.items()},
                     {i: r.balance.get("shed_tokens") for i, r in model.routing_records().items()}))
 
-    dist.all_gather_into_tensor = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
+    setattr(dist, gather, lambda *a, **k: (calls.append(1), original(*a, **k))[1])
     try:
         for tokens in (even, even, skewed, skewed):
             step(tokens)
     finally:
-        dist.all_gather_into_tensor = original
+        setattr(dist, gather, original)
     return out
 
 
