@@ -30,8 +30,9 @@ def _train_and_score(data, run_dir, tokens, docs, overrides=()):
     model, vocab = trainer.engine.module.eval(), trainer.vocab_size  # inference decisions (gumbel: greedy)
     tok = load_tokenizer(Path(data) / "tokenizer.json")
     with torch.no_grad():
-        logits = gather_tp(model.logits(tokens), dim=-1)[..., :vocab]
-        rates = {i: r.exec_rate for i, r in model.routing_records().items()}
+        logits, routing = model.logits_and_routing(tokens)
+        logits = gather_tp(logits, dim=-1)[..., :vocab]
+        rates = {i: r.exec_rate for i, r in routing.items()}
         nll = []
         for doc in docs:
             ids = [eot_id(tok)] + tok.encode(doc).ids

@@ -223,7 +223,7 @@ def _balanced_run(balance, skip, train):
     torch.manual_seed(1)  # the same Gumbel noise with the balancer on and off
     dp = ps.get_data_parallel_group()
     if train:
-        loss = model(tokens)
+        loss, _, records = model(tokens, return_output=True)
         loss.backward()
         out = {}
         for name, p in model.named_parameters():
@@ -233,10 +233,10 @@ def _balanced_run(balance, skip, train):
     else:
         with torch.no_grad():
             loss = model(tokens)
-            out = {"logits": model.logits(tokens[:, :-1])}
+            logits, records = model.logits_and_routing(tokens[:, :-1])
+            out = {"logits": logits}
     total = loss.detach().clone()
     dist.all_reduce(total, group=dp)
-    records = model.routing_records()
     return total, out, records[0].balance, {i: r.active_tokens for i, r in records.items()}
 
 
@@ -296,10 +296,10 @@ def _same_input_run(tp, skip):
     model = _model(tp, None, **skip)
     tokens = torch.randint(0, VOCAB, (4, 33), generator=torch.Generator().manual_seed(7))
     torch.manual_seed(1)
-    loss = model(tokens)
+    loss, _, routing = model(tokens, return_output=True)
     loss.backward()
     grads = {n: full_tensor(p, p.grad) for n, p in model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads, {i: r.active_tokens for i, r in model.routing_records().items()}
+    return loss.detach(), grads, {i: r.active_tokens for i, r in routing.items()}
 
 
 @pytest.mark.parametrize("skip", [GUMBEL, MOD], ids=["gumbel", "mod"])
@@ -323,11 +323,10 @@ def _decode_vs_full(skip):
     tokens = torch.randint(0, VOCAB, (3, 14), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         model.train()
-        model.logits(tokens)
-        top_k = {i: r.active_tokens for i, r in model.routing_records().items()}
+        top_k = {i: r.active_tokens for i, r in model.logits_and_routing(tokens)[1].items()}
         model.eval()
-        full = gather_tp(model.logits(tokens), dim=-1)
-        records = model.routing_records()
+        logits, records = model.logits_and_routing(tokens)
+        full = gather_tp(logits, dim=-1)
         decoder = IncrementalDecoder(model)
         parts = [decoder(tokens[:, :5])] + [decoder(tokens[:, i:i + 1]) for i in range(5, 14)]
     return (full[..., :VOCAB], gather_tp(torch.cat(parts, dim=1), dim=-1)[..., :VOCAB],

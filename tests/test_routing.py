@@ -46,7 +46,7 @@ def _loss_and_grads(tp, balance, granularity, kv, mode="threshold"):
 
     model = _model(tp, balance, granularity=granularity, kv=kv, mode=mode)
     tokens = _skewed_tokens(model, hot=ps.get_data_parallel_rank() == 0)
-    loss = model(tokens)
+    loss, _, routing = model(tokens, return_output=True)
     loss.backward()
     dp = ps.get_data_parallel_group()
     grads = {}
@@ -56,11 +56,11 @@ def _loss_and_grads(tp, balance, granularity, kv, mode="threshold"):
         grads[name] = g
     total = loss.detach().clone()
     dist.all_reduce(total, group=dp)
-    active = [r.active_tokens for r in model.routing_records().values()]
+    active = [r.active_tokens for r in routing.values()]
     tp_active = [None] * ps.get_tensor_model_parallel_world_size()
     dist.all_gather_object(tp_active, active, group=ps.get_tensor_model_parallel_group())
     assert all(a == active for a in tp_active), f"routing decisions differ across TP ranks: {tp_active}"
-    return total, grads, model.routing_records()[0].balance
+    return total, grads, routing[0].balance
 
 
 @pytest.mark.parametrize("granularity,kv", [("layer", "all"), ("layer", "active"), ("mlp", "all"),
@@ -121,11 +121,10 @@ def _all_gathers_per_forward(mode):
 
     setattr(dist, gather, counted)
     try:
-        model(tokens)
+        routing = model(tokens, return_output=True).routing
     finally:
         setattr(dist, gather, original)
-    return len(calls), len(model.routing_records()), sum(r.balance["tokens_moved"] for r in
-                                                         model.routing_records().values())
+    return len(calls), len(routing), sum(r.balance["tokens_moved"] for r in routing.values())
 
 
 def test_a_routed_layer_synchronizes_the_ranks_once_per_forward(pool2):
@@ -155,14 +154,14 @@ def _gathers_after_feedback():
 
     def step(tokens):
         calls.clear()
-        model(tokens)
+        routing = model(tokens, return_output=True).routing
         gathers = len(calls)
         meter = RoutingMeter()
-        meter.add(model.routing_records())
+        meter.add(routing)
         _, feedback = meter.reduce(dp)
         model.update_routing(feedback)
         out.append((gathers, {i: f.shed_tokens for i, f in feedback.items()},
-                    {i: r.balance.get("shed_tokens") for i, r in model.routing_records().items()}))
+                    {i: r.balance.get("shed_tokens") for i, r in routing.items()}))
 
     setattr(dist, gather, lambda *a, **k: (calls.append(1), original(*a, **k))[1])
     try:
@@ -197,9 +196,8 @@ def _host_reads_per_forward(skip):
     else:
         tokens = _skewed_tokens(model, hot=ps.get_data_parallel_rank() == 0)
     with host_reads() as reads:
-        model(tokens)
-    return reads, len(model.routing_records()), sum(r.balance["tokens_moved"] for r in
-                                                    model.routing_records().values())
+        routing = model(tokens, return_output=True).routing
+    return reads, len(routing), sum(r.balance["tokens_moved"] for r in routing.values())
 
 
 @pytest.mark.parametrize("skip", [{}, {"kv": "active"}, {"granularity": "mlp"}, {"mode": "capacity"},
@@ -220,8 +218,8 @@ def _capacity_counts(rate):
 
     model = _model(1, mode="capacity", target_rate=rate)
     tokens = _skewed_tokens(model, hot=ps.get_data_parallel_rank() == 0)
-    model(tokens)
-    counts = torch.tensor([r.active_tokens for r in model.routing_records().values()])
+    routing = model(tokens, return_output=True).routing
+    counts = torch.tensor([r.active_tokens for r in routing.values()])
     local = counts.clone()
     dist.all_reduce(counts)
     return counts.tolist(), local.tolist(), tokens[:, :-1].numel() * dist.get_world_size()
@@ -283,8 +281,8 @@ def _rows_seen(granularity, kv, balance):
     block.mlp.gate_up.register_forward_pre_hook(counter("mlp"))
     g = torch.Generator().manual_seed(dist.get_rank())
     tokens = torch.randint(0, VOCAB, (4, 33), generator=g)
-    model(tokens)
-    return seen, model.routing_records()[0].active_tokens, tokens[:, :-1].numel()
+    routing = model(tokens, return_output=True).routing
+    return seen, routing[0].active_tokens, tokens[:, :-1].numel()
 
 
 @pytest.mark.parametrize("granularity,kv", [("layer", "all"), ("layer", "active"), ("mlp", "all"),
@@ -365,8 +363,9 @@ def _decode_vs_full(granularity, kv, enabled=True):
     model = _model(2, granularity=granularity, kv=kv) if enabled else _model(2, layers=[0], enabled=False)
     tokens = torch.randint(0, VOCAB, (3, 14), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        full = gather_tp(model.logits(tokens), dim=-1)
-        rates = [r.exec_rate for r in model.routing_records().values()]
+        logits, routing = model.logits_and_routing(tokens)
+        full = gather_tp(logits, dim=-1)
+        rates = [r.exec_rate for r in routing.values()]
         decoder = IncrementalDecoder(model)
         parts = [decoder(tokens[:, :5])] + [decoder(tokens[:, i:i + 1]) for i in range(5, 14)]
         single = IncrementalDecoder(model)  # batch 1: a step whose one token skips a layer takes the skipped path

@@ -182,8 +182,8 @@ def _decode_matches_full(tp: int, routed: bool = False):
             if _layer(block).has_attention:
                 _layer(block).alpha.fill_(0.7)
         tokens = torch.randint(0, 50, (3, 12), generator=torch.Generator().manual_seed(3))
-        full = model.logits(tokens)
-        rates = [r.exec_rate for r in model.routing_records().values()]
+        full, routing = model.logits_and_routing(tokens)
+        rates = [r.exec_rate for r in routing.values()]
         decoder = IncrementalDecoder(model)
         chunks = [decoder(tokens[:, :5])] + [decoder(tokens[:, i:i + 1]) for i in range(5, 12)]  # prefill, then 1 by 1
         stepped = torch.cat(chunks, dim=1)

@@ -105,14 +105,14 @@ def agreement(args) -> dict:
                 if tokens is None:
                     break
                 model.eval()  # the predictor decides (causal: evaluation, decoding, the HF export)
-                losses["predictor"].append(float(model(tokens)))
-                for i, r in model.routing_records().items():
+                out = model(tokens, return_output=True)
+                losses["predictor"].append(float(out.lm_loss))
+                for i, r in out.routing.items():
                     row = per_layer.setdefault(i, {"agreement": [], "predictor_rate": []})
                     row["agreement"].append(float(r.agreement))
                     row["predictor_rate"].append(r.exec_rate)
                 model.train()  # the top-k of each sequence decides (training's rule; not causal)
-                losses["top_k"].append(float(model(tokens)) - sum(
-                    float(r.aux_loss) for r in model.routing_records().values()))
+                losses["top_k"].append(float(model(tokens, return_output=True).lm_loss))
     result = {"layers": {i: {k: statistics.mean(v) for k, v in row.items()} for i, row in per_layer.items()},
               "val_loss": {k: statistics.mean(v) for k, v in losses.items()}, "batches": len(losses["top_k"]),
               "capacity": cfg.model.skip.target_rate}

@@ -126,8 +126,8 @@ def _skewed_model(cfg, vocab: int, rate: float, balance: bool, tokens: torch.Ten
         update={"target_rate": rate, "controller_rate": 1.0})}), vocab, 1, balance=0 if balance else None)
     with torch.no_grad():
         for _ in range(3):  # each layer's input depends on the layers before it
-            model(tokens)
-            model.update_routing({i: LayerFeedback(r.logit_quantile) for i, r in model.routing_records().items()})
+            routing = model(tokens, return_output=True).routing
+            model.update_routing({i: LayerFeedback(r.logit_quantile) for i, r in routing.items()})
     return model
 
 
@@ -149,23 +149,25 @@ def balance_bench(args) -> dict:
     models = {"unbalanced": _skewed_model(cfg, args.vocab_size, rate, False, tokens),
               "balanced": _skewed_model(cfg, args.vocab_size, rate, True, tokens),
               "ideal": _skewed_model(cfg, args.vocab_size, mean_rate, False, tokens)}
-    exchange_bytes = {}
+    exchange_bytes, routing = {}, {}
 
     def step(name):
         model = models[name]
         model.zero_grad(set_to_none=True)
-        model(tokens).backward()
+        out = model(tokens, return_output=True)
+        out.loss.backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         dist.all_reduce(grads)
-        exchange_bytes[name] = 2 * sum(r.balance.get("bytes_moved", 0) for r in model.routing_records().values())
+        routing[name] = out.routing
+        exchange_bytes[name] = 2 * sum(r.balance.get("bytes_moved", 0) for r in out.routing.values())
 
     times = alternate_timings({n: (lambda n=n: step(n)) for n in models}, device, args.warmup, args.rounds,
                               args.steps)
     step_s = {}
     for name, t in times.items():
         step_s[name] = statistics.median(_slowest_rounds(t, device))
-    rates = {i: r.exec_rate for i, r in models["unbalanced"].routing_records().items()}
-    shed = [r.balance["shed_tokens"] for r in models["balanced"].routing_records().values() if r.balance]
+    rates = {i: r.exec_rate for i, r in routing["unbalanced"].items()}
+    shed = [r.balance["shed_tokens"] for r in routing["balanced"].values() if r.balance]
     params = sum(p.numel() * p.element_size() for p in models["ideal"].parameters())
     grad_bytes = 2 * (layout.world_size - 1) / layout.world_size * params
     result = {"granularity": args.granularity, "world": layout.world_size, "step_s": step_s,
@@ -255,8 +257,7 @@ def decode_bench(args) -> dict:
         systems, rates = {}, {}
         for name, (model, _) in models.items():
             with torch.no_grad():
-                model.logits(torch.cat([prompt, steps], dim=1))
-            records = model.routing_records()
+                _, records = model.logits_and_routing(torch.cat([prompt, steps], dim=1))
             rates[name] = (sum(float(r.exec_rate) for r in records.values()) / len(records)) if records else 1.0
 
             def generate(m=model):

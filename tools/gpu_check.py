@@ -476,8 +476,9 @@ def check_host_reads(plan: Plan) -> Row:
         gpt(tokens).backward()  # warm: lazy initializations may read once
         syncs = contextlib.nullcontext([]) if plan.device == "cpu" else cuda_synchronizations()
         with syncs as synchronized, host_reads() as reads:
-            gpt(tokens).backward()
-        routed = len(gpt.routing_records()) if name != "dense" else 0
+            out = gpt(tokens, return_output=True)
+            out.loss.backward()
+        routed = len(out.routing)
         numbers[name] = {"reads": [f"{r.op} at {r.caller}" for r in reads], "routed_layers": routed,
                          "cuda_synchronizations": list(synchronized)}
         if len(reads) != routed:

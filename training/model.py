@@ -216,10 +216,8 @@ class GPT(nn.Module):
     """Embedding -> blocks -> head. `forward(tokens)` takes [b, s+1] token ids and returns the mean LM loss plus,
     when layers are routed, the routers' weighted auxiliary losses; `forward(tokens, return_output=True)` returns the
     `ModelOutput` (what the trainer uses). With `sequence_parallel` the embedding output is split into TP sequence
-    shards and the head gathers them again.
-
-    `last_lm_loss` and `routing_records()` show the latest forward's (or `logits` call's) outputs for interactive
-    inspection and tests; nothing in training reads them."""
+    shards and the head gathers them again. Every call returns what it computed (`ModelOutput`, or logits with
+    `logits_and_routing`); nothing of a forward is kept in the module."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, tp: int, balance: int | None = 0,
                  checkpoint_blocks: set[int] | frozenset = frozenset(), sequence_parallel: bool = False,
@@ -234,7 +232,6 @@ class GPT(nn.Module):
         self.embedding = seq[0][1]()
         self.blocks = nn.ModuleList(build() for _, build in seq[1:-1])
         self.head = seq[-1][1]()
-        self._inspect = ModelOutput(None, None, {})
 
     def routed_layers(self) -> dict[int, RoutedBlock]:
         """Layer index -> routed block."""
@@ -244,15 +241,6 @@ class GPT(nn.Module):
         """Feed each routed layer what the step measured over the DP batch (`RoutingMeter.reduce`)."""
         for i, layer in feedback.items():
             self.blocks[i].update_after_step(layer)
-
-    @property
-    def last_lm_loss(self) -> torch.Tensor | None:
-        """The LM loss of the latest forward (inspection only)."""
-        return self._inspect.lm_loss
-
-    def routing_records(self) -> dict[int, object]:
-        """Layer index -> RoutingRecord of the latest forward or `logits` call (inspection only)."""
-        return self._inspect.routing
 
     def _tied_weight(self):
         return self.embedding.output_weight() if self.cfg.tie_embeddings else None
@@ -271,11 +259,14 @@ class GPT(nn.Module):
                 routing[i] = record
         return h, routing
 
+    def logits_and_routing(self, inputs: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(this TP rank's vocabulary slice of the logits for [b, s] inputs, layer -> RoutingRecord)."""
+        h, routing = self.hidden_states(inputs)
+        return self.head.logits(h, self._tied_weight()), routing
+
     def logits(self, inputs: torch.Tensor) -> torch.Tensor:
         """This TP rank's vocabulary slice of the logits for [b, s] inputs."""
-        h, routing = self.hidden_states(inputs)
-        self._inspect = ModelOutput(None, None, routing)
-        return self.head.logits(h, self._tied_weight())
+        return self.logits_and_routing(inputs)[0]
 
     def forward(self, tokens: torch.Tensor, return_output: bool = False):
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
@@ -284,9 +275,7 @@ class GPT(nn.Module):
         loss = lm_loss
         if routing:
             loss = loss + sum(r.aux_loss for r in routing.values())  # each router weights its own
-        out = ModelOutput(loss, lm_loss.detach(), routing)
-        self._inspect = out._replace(loss=None)
-        return out if return_output else loss
+        return ModelOutput(loss, lm_loss.detach(), routing) if return_output else loss
 
 
 BLOCK_TYPES = (Block, RoutedBlock, SRUppBlock)
