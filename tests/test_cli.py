@@ -5,6 +5,7 @@ import importlib
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -161,3 +162,49 @@ def test_bench_times_skiptron_against_transformers_llama(tmp_path):
     assert low <= result["ratio_llama_median_of_rounds"] <= high
     assert result["skiptron"]["tokens_per_s"] > 0 and result["llama"]["tokens_per_s"] > 0
     assert "95% bootstrap interval" in run.stdout
+
+
+TOY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=2", "model.seq_len=32",
+       "train.micro_batch_size=2", "train.global_batch_size=2"]
+
+
+def _bench_routing(tmp_path, mode: str, *args: str) -> tuple[dict, str]:
+    out = tmp_path / f"{mode}.json"
+    run = subprocess.run([sys.executable, "-m", "skiptron.tools.bench_routing", mode, *args, "--json", str(out)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    import json
+
+    return json.loads(out.read_text()), run.stdout
+
+
+def test_bench_routing_compute_prices_routed_steps_by_their_flops(tmp_path):
+    """`skiptron-bench-routing compute` on a toy shape: every routed variant runs fewer FLOPs than the dense model
+    (rate 0.5), and each time / FLOP ratio comes with the rounds' median inside its interval."""
+    result, stdout = _bench_routing(tmp_path, "compute", "--modes", "capacity", "--rounds", "2", "--steps", "1",
+                                    "--warmup", "1", "--vocab-size", "256", *TOY)
+    assert set(result["step_s"]) == {"dense", "routed kv=all", "routed kv=active"}
+    assert result["flop_ratio_vs_dense"]["dense"] == 1.0
+    for name, ratio in result["flop_ratio_vs_dense"].items():
+        assert result["step_s"][name] > 0
+        if name != "dense":
+            assert 0.5 < ratio < 1.0, (name, ratio)
+            low, high = result["overhead_vs_flops_median_of_rounds_95"][name]
+            assert low <= statistics.median(result["overhead_vs_flops_per_round"][name]) <= high
+    assert "target: time / FLOP ratio <= 1.15" in stdout
+
+
+def test_bench_routing_decode_and_plan_report(tmp_path):
+    """`decode`: tokens/s at batch 1 and 8 for the dense model and every router, with the routed models' execution
+    rates; `plan`: the balancer's host time for each DP group size asked for."""
+    result, _ = _bench_routing(tmp_path, "decode", "--rounds", "1", "--warmup", "0", "--prompt", "4",
+                               "--new-tokens", "3", "--vocab-size", "256", *TOY)
+    for batch in ("batch1", "batch8"):
+        rates, per_s = result[batch]["exec_rate"], result[batch]["tokens_per_s"]
+        assert rates["dense"] == 1.0 and len(rates) >= 4, rates
+        assert all(0.0 <= r <= 1.0 for r in rates.values()) and all(v > 0 for v in per_s.values())
+    plan, stdout = _bench_routing(tmp_path, "plan", "--worlds", "8,64", "--rounds", "1", "--steps", "2",
+                                  "--warmup", "0")
+    assert set(plan) == {"8", "64"} and all(v > 0 for v in plan.values()), plan
+    assert "DP group of     64 ranks" in stdout
