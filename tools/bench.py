@@ -13,7 +13,6 @@ what lives between steps). `--profile` adds a torch.profiler table per system.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import statistics
@@ -26,6 +25,7 @@ from torch import nn
 
 from skiptron.parallel import state
 from skiptron.parallel.timing import synchronized_seconds
+from skiptron.tools.results import write_json
 from skiptron.training import numerics, verbosity
 from skiptron.training.config import Config, load_config
 from skiptron.training.engine import build_engine, param_groups
@@ -321,9 +321,7 @@ def run(args: argparse.Namespace) -> dict:
             if name != "matmul":
                 print(f"\n--- profile: {name}, {args.profile} steps ---")
                 print(profile_table(run, args.profile, args.profile_rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result)
     return result
 
 

@@ -17,7 +17,6 @@ said in the output.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -31,6 +30,7 @@ import torch
 from skiptron.parallel import state
 from skiptron.parallel.timing import synchronized_seconds
 from skiptron.tools.bench import alternate_timings
+from skiptron.tools.results import write_json
 from skiptron.training import checkpoint as ckpt
 from skiptron.training.config import load_config
 from skiptron.training.engine import build_engine
@@ -167,8 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     result = run(args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return 0
 
 

@@ -12,7 +12,6 @@ token shards written by the same shard writer as `prepare`:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from skiptron.tools.results import write_json
 from skiptron.training import verbosity
 from skiptron.training.loader import BlendedStream, TokenLoader, _RankBatches, as_sources, num_samples, read_manifest
 from skiptron.training.shards import (FORMAT, FORMAT_VERSION, MANIFEST, ShardWriter, TOKENIZER_FILE, UNIGRAM_FILE,
@@ -185,8 +185,7 @@ def main(argv=None) -> int:
     for name, r in results.items():
         if name != "tiny_step":
             print(f"  {name} loader / tiny consumption: {r['loader_samples_per_s'] / tiny['samples_per_s']:.0f} x")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    write_json(args.json, results)
     return 0
 
 

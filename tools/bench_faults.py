@@ -13,7 +13,6 @@ A checkpoint is saved every `--kill-step - 1` steps so the restart resumes one s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import subprocess
@@ -23,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+from skiptron.tools.results import write_json
 from skiptron.training import verbosity
 
 
@@ -112,8 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     result = run(args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return 0
 
 

@@ -17,7 +17,6 @@ stages time-share the cores: compare measured bubbles with the model, not raw st
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import socket
@@ -25,6 +24,7 @@ import statistics
 import sys
 import time
 
+from skiptron.tools.results import write_json
 from skiptron.training import verbosity
 
 PER_STAGE = ("peak_mib", "added_mib", "params_m")
@@ -157,9 +157,7 @@ def main(argv=None) -> int:
             print(f"pp={pp} m={m}: step {rows[-1]['step_s'] * 1e3:.0f} ms, bubble {rows[-1]['bubble']:.2f} "
                   f"(model {rows[-1]['model']:.2f}) [{time.perf_counter() - start:.0f}s]", flush=True)
     print(table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    write_json(args.json, rows)
     return 0
 
 

@@ -22,6 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from skiptron.tools.results import write_json
 from skiptron.training.config import load_config
 from skiptron.training import verbosity
 from skiptron.training.metrics import read_metrics
@@ -113,10 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     rows = run(args)
-    if args.json:
-        import json
-
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    write_json(args.json, rows)
     return 0
 
 

@@ -15,7 +15,6 @@ tokens on which the predictor's decision (what evaluation and decoding use) equa
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 
@@ -23,6 +22,7 @@ import torch
 
 from skiptron.parallel import state
 from skiptron.tools.bench import alternate_timings
+from skiptron.tools.results import write_json
 from skiptron.training import verbosity
 from skiptron.training.config import load_config
 from skiptron.training.engine import build_engine
@@ -154,9 +154,7 @@ def main(argv=None) -> int:
     if args.mode == "agreement" and not (args.checkpoint and args.data):
         raise SystemExit("skiptron-bench-routers agreement: --checkpoint and --data are required")
     result = cost(args) if args.mode == "cost" else agreement(args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result)
     state.shutdown()
     return 0
 

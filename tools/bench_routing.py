@@ -28,7 +28,6 @@ untrained, or of trained checkpoints (`--checkpoints NAME=DIR,... --data DIR`) n
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 
@@ -37,6 +36,7 @@ import torch.distributed as dist
 
 from skiptron.parallel import state
 from skiptron.tools.bench import alternate_timings, median_interval
+from skiptron.tools.results import write_json
 from skiptron.training.config import load_config
 from skiptron.training.engine import build_engine
 from skiptron.training.flops import config_flops_per_token
@@ -353,9 +353,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     result = {"compute": compute, "balance": balance_bench, "topk": topk_bench,
               "decode": decode_bench, "plan": plan_bench}[args.mode](args)
-    if args.json and (not dist.is_initialized() or dist.get_rank() == 0):
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        write_json(args.json, result)
     state.shutdown()
     return 0
 

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from skiptron.tools.results import write_json
+
 EMBEDDING = "embedding.tokens.weight"
 CODES, DECODER = "embedding.codes", "embedding.decoder"
 COS_WEIGHT, MAGNITUDE_WEIGHT = 0.9975 / 5, 0.0025  # the paper's code: cos_dist coeff / scaler_div, l1_norm coeff
@@ -247,8 +249,7 @@ def main(argv=None) -> int:
     except ckpt.CheckpointError as err:
         print(f"skiptron-compress: {err}", file=sys.stderr)
         return 1
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    write_json(args.json, rows)
     print(table(rows))
     return 0
 
