@@ -163,23 +163,11 @@ def test_router_flops():
 
 
 # -- routed models on real process groups ----------------------------------------------------------------------------
+from routed import VOCAB, routed_model  # noqa: E402
 from runs import train_run  # noqa: E402
 
-VOCAB = 64
 GUMBEL = {"router": "gumbel"}
 MOD = {"router": "mod", "layers": "all", "target_rate": 0.25}  # both layers routed (the paper's every:2 is the default)
-
-
-def _model(tp, balance=0, **skip):
-    from skiptron.parallel.state import init_model_parallel
-    from skiptron.training.config import ModelConfig
-    from skiptron.training.model import GPT
-
-    init_model_parallel(tp, 1, torch.device("cpu"))
-    torch.manual_seed(0)
-    cfg = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, ffn_hidden_size=128, seq_len=32,
-                      make_vocab_size_divisible_by=8, skip={"enabled": True, **skip})
-    return GPT(cfg, VOCAB, tp, balance=balance)
 
 
 def _greedy_first_layer(model) -> torch.Tensor:
@@ -217,7 +205,7 @@ def _balanced_run(balance, skip, train):
 
     from skiptron.parallel.tensor_parallel import full_tensor
 
-    model = _model(1, balance, **skip)
+    model = routed_model(1, balance, **skip)
     tokens = _skewed_tokens(_greedy_first_layer(model), hot=ps.get_data_parallel_rank() == 0)
     model.train(train)
     torch.manual_seed(1)  # the same Gumbel noise with the balancer on and off
@@ -293,7 +281,7 @@ def _same_input_run(tp, skip):
     """The same tokens on every rank, one forward + backward: loss, whole gradients, active tokens per layer."""
     from skiptron.parallel.tensor_parallel import full_tensor
 
-    model = _model(tp, None, **skip)
+    model = routed_model(tp, None, **skip)
     tokens = torch.randint(0, VOCAB, (4, 33), generator=torch.Generator().manual_seed(7))
     torch.manual_seed(1)
     loss, _, routing = model(tokens, return_output=True)
@@ -319,7 +307,7 @@ def _decode_vs_full(skip):
     from skiptron.parallel.tensor_parallel import gather_tp
     from skiptron.training.model import IncrementalDecoder
 
-    model = _model(2, **skip)
+    model = routed_model(2, **skip)
     tokens = torch.randint(0, VOCAB, (3, 14), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         model.train()

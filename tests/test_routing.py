@@ -3,21 +3,8 @@ import pytest
 import torch
 
 from distributed import one_tensor_gather
+from routed import VOCAB, routed_model
 from runs import train_run
-
-VOCAB = 64
-
-
-def _model(tp, balance=0, **skip):
-    from skiptron.parallel.state import init_model_parallel
-    from skiptron.training.config import ModelConfig
-    from skiptron.training.model import GPT
-
-    init_model_parallel(tp, 1, torch.device("cpu"))
-    torch.manual_seed(0)
-    cfg = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, ffn_hidden_size=128, seq_len=32,
-                      make_vocab_size_divisible_by=8, skip={"enabled": True, **skip})
-    return GPT(cfg, VOCAB, tp, balance=balance)
 
 
 def _skewed_tokens(model, hot: bool, n=(4, 33), share=0.9):
@@ -44,7 +31,7 @@ def _loss_and_grads(tp, balance, granularity, kv, mode="threshold"):
 
     from skiptron.parallel.tensor_parallel import full_tensor
 
-    model = _model(tp, balance, granularity=granularity, kv=kv, mode=mode)
+    model = routed_model(tp, balance, granularity=granularity, kv=kv, mode=mode)
     tokens = _skewed_tokens(model, hot=ps.get_data_parallel_rank() == 0)
     loss, _, routing = model(tokens, return_output=True)
     loss.backward()
@@ -110,7 +97,7 @@ def _all_gathers_per_forward(mode):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    model = _model(1, mode=mode)
+    model = routed_model(1, mode=mode)
     tokens = _skewed_tokens(model, hot=ps.get_data_parallel_rank() == 0)
     calls, gather = [], one_tensor_gather()
     original = getattr(dist, gather)
@@ -144,7 +131,7 @@ def _gathers_after_feedback():
 
     from skiptron.training.routing import RoutingMeter
 
-    model = _model(1, balance=128)
+    model = routed_model(1, balance=128)
     dp = ps.get_data_parallel_group()
     even = torch.randint(VOCAB, (4, 33), generator=torch.Generator().manual_seed(7 + ps.get_data_parallel_rank()))
     skewed = _skewed_tokens(model, hot=ps.get_data_parallel_rank() == 0, n=(8, 65))
@@ -190,7 +177,7 @@ def _host_reads_per_forward(skip):
 
     from skiptron.parallel.syncs import host_reads
 
-    model = _model(1, **skip)
+    model = routed_model(1, **skip)
     if skip.get("router") == "gumbel":  # no sigmoid to skew by; its noise makes the ranks' loads differ
         tokens = torch.randint(VOCAB, (4, 33), generator=torch.Generator().manual_seed(ps.get_data_parallel_rank()))
     else:
@@ -216,7 +203,7 @@ def _capacity_counts(rate):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    model = _model(1, mode="capacity", target_rate=rate)
+    model = routed_model(1, mode="capacity", target_rate=rate)
     tokens = _skewed_tokens(model, hot=ps.get_data_parallel_rank() == 0)
     routing = model(tokens, return_output=True).routing
     counts = torch.tensor([r.active_tokens for r in routing.values()])
@@ -262,7 +249,7 @@ def _rows_seen(granularity, kv, balance):
     """Rows that reached each of the routed block's projections and its MLP, next to the active-token count."""
     import torch.distributed as dist
 
-    model = _model(1, balance, granularity=granularity, kv=kv, mode="capacity", target_rate=0.25)
+    model = routed_model(1, balance, granularity=granularity, kv=kv, mode="capacity", target_rate=0.25)
     block = model.blocks[0].block
     seen = {"qkv": 0, "q": 0, "kv": 0, "out": 0, "mlp": 0}
     project = block.attn.project
@@ -310,7 +297,7 @@ def test_skipped_tokens_are_not_computed(pool2, granularity, kv):
 def _selected_vs_dense():
     from skiptron.training.selection import chosen_tokens, pack_positions
 
-    model = _model(1)
+    model = routed_model(1)
     attn = model.blocks[0].block.attn
     x = torch.randn(3, 16, 64, generator=torch.Generator().manual_seed(1))
     dense = attn(x, torch.arange(16))
@@ -360,7 +347,7 @@ def _decode_vs_full(granularity, kv, enabled=True):
     from skiptron.parallel.tensor_parallel import gather_tp
     from skiptron.training.model import IncrementalDecoder
 
-    model = _model(2, granularity=granularity, kv=kv) if enabled else _model(2, layers=[0], enabled=False)
+    model = routed_model(2, granularity=granularity, kv=kv) if enabled else routed_model(2, layers=[0], enabled=False)
     tokens = torch.randint(0, VOCAB, (3, 14), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         logits, routing = model.logits_and_routing(tokens)
@@ -395,7 +382,7 @@ def _routed_kernels():
     from skiptron.training import attention
     from skiptron.training.selection import chosen_tokens, pack_positions
 
-    attn = _model(1).blocks[0].block.attn
+    attn = routed_model(1).blocks[0].block.attn
     x = torch.randn(3, 16, 64, generator=torch.Generator().manual_seed(1))
     active = torch.rand(3, 16, generator=torch.Generator().manual_seed(0)) < 0.5
     packed = pack_positions(chosen_tokens(active))
