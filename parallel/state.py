@@ -121,6 +121,11 @@ def pp_group():
     return ps.get_pipeline_model_parallel_group()
 
 
+def model_parallel_group():
+    """The ranks that hold one copy of the model between them (TP x PP)."""
+    return ps.get_model_parallel_group()
+
+
 class MegatronMpu:
     """DeepSpeed's `mpu` interface over megatron-core's groups (model parallel = TP x PP)."""
 

@@ -9,6 +9,8 @@ LAYOUTS = {  # (tp, pp, dp) -> extra overrides
     (1, 1, 1): [], (2, 1, 1): [], (1, 2, 1): [], (1, 1, 2): [], (2, 2, 1): [], (1, 2, 2): [], (2, 1, 2): [],
     (2, 2, 2): [],  # 8 processes on the test machine's cores: the model stays tiny (BASE: 2 layers, hidden 64)
 }
+LAYOUTS[(2, 2, 1)] = ["zero.stage=0"]  # the pipeline without ZeRO: the optimizer step clips (training/clipping.py)
+METRICS = ("loss", "grad_norm")
 
 
 def _train(overrides, data, run_dir, metrics=("loss",), stop_at=None):
@@ -55,7 +57,7 @@ def _layout(tp, pp, dp):
 
 @pytest.fixture(scope="module")
 def reference(pools, tiny_data, tmp_path_factory):
-    return pools(1).run(_train, _layout(1, 1, 1), tiny_data, tmp_path_factory.mktemp("ref"))[0]
+    return pools(1).run(_train, _layout(1, 1, 1), tiny_data, tmp_path_factory.mktemp("ref"), METRICS)[0]
 
 
 def _same_weights(a, b, atol=1e-4):  # Adam amplifies float noise on tiny gradients
@@ -68,12 +70,18 @@ def _same_weights(a, b, atol=1e-4):  # Adam amplifies float noise on tiny gradie
 @pytest.mark.parametrize("tp,pp,dp", list(LAYOUTS), ids=[f"tp{t}-pp{p}-dp{d}" for t, p, d in LAYOUTS])
 def test_layout_trains_like_one_process(pools, tiny_data, tmp_path, reference, tp, pp, dp):
     """Losses over 5 steps equal (1,1,1)'s to 1e-4, whole weights to 1e-5; megatron-core and DeepSpeed agree on
-    every rank's (pp, dp, tp); the tied embedding is identical on the first and last stage after training."""
+    every rank's (pp, dp, tp); the tied embedding is identical on the first and last stage after training. The
+    gradient norm, clipped to 1 (it starts above), is the same whether DeepSpeed's ZeRO optimizer or the stage-0
+    optimizer step (the reference, TP=2 and TP=2 x PP=2) computes it: tensor-parallel replicas and the second stage's
+    copy of the tied embedding count once."""
     ov = _layout(tp, pp, dp) + LAYOUTS[(tp, pp, dp)]
-    runs = pools(tp * pp * dp).run(_train, ov, tiny_data, tmp_path / "run")
+    runs = pools(tp * pp * dp).run(_train, ov, tiny_data, tmp_path / "run", METRICS)
     losses = runs[0]["metrics"]["loss"]
     assert len(losses) == 5
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference["metrics"]["loss"]), atol=1e-4, rtol=0)
+    norms = torch.tensor(reference["metrics"]["grad_norm"])
+    assert norms[0] > 1, norms
+    torch.testing.assert_close(torch.tensor(runs[0]["metrics"]["grad_norm"]), norms, atol=0, rtol=1e-4)
     _same_weights(runs[0]["weights"], reference["weights"])
     _check_ranks(runs, tp, pp, dp)
 

@@ -8,9 +8,10 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from skiptron.parallel.state import Layout, MegatronMpu
+from skiptron.parallel.state import Layout, MegatronMpu, model_parallel_group
 from skiptron.parallel.timing import Stopwatch
 
+from .clipping import clip_in_step, owns_clipping
 from .config import Config
 from .model import no_weight_decay
 from .verbosity import third_party_stdout
@@ -115,11 +116,12 @@ def zero_stage(cfg: Config, world_size: int, precision: str) -> int:
 def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
     t = cfg.train
     stage = zero_stage(cfg, world_size, precision)
+    clip = 0.0 if owns_clipping(cfg.optimizer.grad_clip, stage, precision) else cfg.optimizer.grad_clip
     return {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps(world_size),
-        "gradient_clipping": cfg.optimizer.grad_clip,
+        "gradient_clipping": clip,  # 0 at stage 0 in fp32: the optimizer step clips (training/clipping.py)
         "zero_optimization": {
             "stage": stage,
             "overlap_comm": cfg.zero.overlap_comm,
@@ -149,6 +151,8 @@ def build_engine(cfg: Config, model: torch.nn.Module, layout: Layout, guard=None
     optimizer = make_optimizer(cfg, model, layout.device)
     if guard is not None:
         guard.gate(optimizer)  # before the scheduler, which wraps `optimizer.step` to count its calls
+    if owns_clipping(cfg.optimizer.grad_clip, zero_stage(cfg, layout.world_size, precision), precision):
+        clip_in_step(optimizer, cfg.optimizer.grad_clip, model_parallel_group(), layout.device)
     scheduler = HoldableLambdaLR(optimizer, lr_lambda(cfg), guard.schedule_may_advance if guard else None)
     ds_config = deepspeed_config(cfg, layout.world_size, precision)
     pipelined = isinstance(model, PipelineModule)
