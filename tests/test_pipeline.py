@@ -5,11 +5,11 @@ import torch
 
 from runs import BASE, signal_at_step
 
-LAYOUTS = {  # (tp, pp, dp) -> extra overrides
-    (1, 1, 1): [], (2, 1, 1): [], (1, 2, 1): [], (1, 1, 2): [], (2, 2, 1): [], (1, 2, 2): [], (2, 1, 2): [],
-    (2, 2, 2): [],  # 8 processes on the test machine's cores: the model stays tiny (BASE: 2 layers, hidden 64)
-}
-LAYOUTS[(2, 2, 1)] = ["zero.stage=0"]  # the pipeline without ZeRO: the optimizer step clips (training/clipping.py)
+LAYOUTS = [  # (tp, pp, dp, extra overrides)
+    (1, 1, 1, []), (2, 1, 1, []), (1, 2, 1, []), (1, 1, 2, []), (2, 2, 1, []), (1, 2, 2, []), (2, 1, 2, []),
+    (2, 2, 2, []),  # 8 processes on the test machine's cores: the model stays tiny (BASE: 2 layers, hidden 64)
+    (2, 2, 1, ["zero.stage=0"]),  # the pipeline without ZeRO: the optimizer step clips (training/clipping.py)
+]
 METRICS = ("loss", "grad_norm")
 
 
@@ -67,15 +67,15 @@ def _same_weights(a, b, atol=1e-4):  # Adam amplifies float noise on tiny gradie
         assert torch.all(diff <= atol + 1e-4 * b[name].abs()), f"{name}: max difference {diff.max().item():.3g}"
 
 
-@pytest.mark.parametrize("tp,pp,dp", list(LAYOUTS), ids=[f"tp{t}-pp{p}-dp{d}" for t, p, d in LAYOUTS])
-def test_layout_trains_like_one_process(pools, tiny_data, tmp_path, reference, tp, pp, dp):
+@pytest.mark.parametrize("tp,pp,dp,extra", LAYOUTS,
+                         ids=[f"tp{t}-pp{p}-dp{d}" + "".join(f"-{o}" for o in e) for t, p, d, e in LAYOUTS])
+def test_layout_trains_like_one_process(pools, tiny_data, tmp_path, reference, tp, pp, dp, extra):
     """Losses over 5 steps equal (1,1,1)'s to 1e-4, whole weights to 1e-5; megatron-core and DeepSpeed agree on
     every rank's (pp, dp, tp); the tied embedding is identical on the first and last stage after training. The
-    gradient norm, clipped to 1 (it starts above), is the same whether DeepSpeed's ZeRO optimizer or the stage-0
-    optimizer step (the reference, TP=2 and TP=2 x PP=2) computes it: tensor-parallel replicas and the second stage's
-    copy of the tied embedding count once."""
-    ov = _layout(tp, pp, dp) + LAYOUTS[(tp, pp, dp)]
-    runs = pools(tp * pp * dp).run(_train, ov, tiny_data, tmp_path / "run", METRICS)
+    gradient norm, clipped to 1 (it starts above), is the same whether DeepSpeed's ZeRO optimizer or the optimizer
+    step at stage 0 (the reference, TP=2, TP=2 x PP=2 with zero.stage=0) computes it: tensor-parallel replicas and
+    the second stage's copy of the tied embedding count once."""
+    runs = pools(tp * pp * dp).run(_train, _layout(tp, pp, dp) + extra, tiny_data, tmp_path / "run", METRICS)
     losses = runs[0]["metrics"]["loss"]
     assert len(losses) == 5
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference["metrics"]["loss"]), atol=1e-4, rtol=0)
